@@ -1,0 +1,34 @@
+"""Shared test fixtures: the reference data copied from ../shared/reference into tests/fixtures."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+REFERENCE = FIXTURES / "reference"
+REAL_FACES = FIXTURES / "real_faces"
+
+
+@pytest.fixture(scope="session")
+def ref_dir() -> pathlib.Path:
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def real_faces_dir() -> pathlib.Path:
+    return REAL_FACES
+
+
+@pytest.fixture(scope="session")
+def ref_outputs() -> dict[str, np.ndarray]:
+    with np.load(REFERENCE / "tiny_reference_outputs.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="session")
+def eval_ref() -> dict[str, np.ndarray]:
+    with np.load(REFERENCE / "eval_and_transform_reference.npz") as f:
+        return {k: f[k] for k in f.files}
