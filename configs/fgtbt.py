@@ -70,7 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = model_config("b4" if preset == "release" else preset)
         c.img_size = 480
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose release, reference_tiny, tiny or b0-b5")
+        raise ValueError(
+            f"unknown preset {preset!r}; choose release, reference_tiny, tiny or b0-b5"
+        )
     c.heatmap_size = c.img_size // 2
 
     # Data (SPEC §4). source "demo" = the bundled synthetic set (prepared on first use);

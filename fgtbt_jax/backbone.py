@@ -85,8 +85,9 @@ class Attention(nn.Module):
         if self.sr_ratio > 1:
             kv_in = x.reshape(b, h, w, c)
             s = self.sr_ratio
-            kv_in = nn.Conv(c, (s, s), strides=(s, s), padding="VALID", dtype=self.dtype,
-                            name="sr")(kv_in)
+            kv_in = nn.Conv(
+                c, (s, s), strides=(s, s), padding="VALID", dtype=self.dtype, name="sr"
+            )(kv_in)
             kv_in = kv_in.reshape(b, -1, c)
             kv_in = layer_norm(1e-5, self.dtype, name="norm")(kv_in)
         else:
@@ -132,8 +133,10 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, h: int, w: int, train: bool) -> jax.Array:
         dp = DropPath(self.drop_path)
         y = layer_norm(1e-6, self.dtype, name="norm1")(x)
-        x = x + dp(Attention(self.dim, self.num_heads, self.sr_ratio, self.dtype, name="attn")(
-            y, h, w), train)
+        x = x + dp(
+            Attention(self.dim, self.num_heads, self.sr_ratio, self.dtype, name="attn")(y, h, w),
+            train,
+        )
         y = layer_norm(1e-6, self.dtype, name="norm2")(x)
         return x + dp(Mlp(self.dim * self.mlp_ratio, self.dtype, name="mlp")(y, h, w), train)
 
@@ -209,23 +212,32 @@ class PromptGenerator(nn.Module):
         dims = [e // self.scale_factor for e in self.embed_dims]
         groups, dt = self.stat_groups, self.dtype
         self.handcrafted = [
-            OverlapPatchEmbed(d, 7 if s == 0 else 3, 4 if s == 0 else 2, groups, dt,
-                              name=f"handcrafted_generator{s + 1}")
+            OverlapPatchEmbed(
+                d,
+                7 if s == 0 else 3,
+                4 if s == 0 else 2,
+                groups,
+                dt,
+                name=f"handcrafted_generator{s + 1}",
+            )
             for s, d in enumerate(dims)
         ]
         self.embedding = [
             nn.Dense(d, dtype=dt, name=f"embedding_generator{s + 1}") for s, d in enumerate(dims)
         ]
         self.lightweight = [
-            [nn.Dense(d, dtype=dt, name=f"lightweight_mlp{s + 1}_{i}_0")
-             for i in range(self.depths[s])]
+            [
+                nn.Dense(d, dtype=dt, name=f"lightweight_mlp{s + 1}_{i}_0")
+                for i in range(self.depths[s])
+            ]
             for s, d in enumerate(dims)
         ]
         self.shared_mlp = [
             nn.Dense(e, dtype=dt, name=f"shared_mlp{s + 1}") for s, e in enumerate(self.embed_dims)
         ]
-        self.bn = [BatchNorm(stat_groups=groups, dtype=dt, name=f"bn{s + 1}")
-                   for s in range(len(dims))]
+        self.bn = [
+            BatchNorm(stat_groups=groups, dtype=dt, name=f"bn{s + 1}") for s in range(len(dims))
+        ]
         self.conv = [
             conv(e + 2 * d, 1, dtype=dt, name=f"conv{s + 1}")
             for s, (e, d) in enumerate(zip(self.embed_dims, dims, strict=True))
@@ -282,8 +294,14 @@ class MixVisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, image: jax.Array, train: bool) -> list[jax.Array]:
         prompt = PromptGenerator(
-            self.embed_dims, self.depths, self.prompt_scale_factor, self.hpf_sigma,
-            self.csam_reduction, self.stat_groups, self.dtype, name="prompt_generator",
+            self.embed_dims,
+            self.depths,
+            self.prompt_scale_factor,
+            self.hpf_sigma,
+            self.csam_reduction,
+            self.stat_groups,
+            self.dtype,
+            name="prompt_generator",
         )
         hcs = prompt.handcrafted_prompts(image, train)
         total = sum(self.depths)
@@ -293,7 +311,11 @@ class MixVisionTransformer(nn.Module):
         outs, cur = [], 0
         for s, dim in enumerate(self.embed_dims):
             embed = OverlapPatchEmbed(
-                dim, 7 if s == 0 else 3, 4 if s == 0 else 2, self.stat_groups, self.dtype,
+                dim,
+                7 if s == 0 else 3,
+                4 if s == 0 else 2,
+                self.stat_groups,
+                self.dtype,
                 name=f"patch_embed{s + 1}",
             )
             tokens, h, w = embed(x, train)
@@ -301,8 +323,13 @@ class MixVisionTransformer(nn.Module):
             for i in range(self.depths[s]):
                 tokens = prompt(s, i, tokens, hcs[s], emb, train)
                 tokens = block_cls(
-                    dim, self.num_heads[s], self.mlp_ratio, self.sr_ratios[s], rates[cur + i],
-                    self.dtype, name=f"block{s + 1}_{i}",
+                    dim,
+                    self.num_heads[s],
+                    self.mlp_ratio,
+                    self.sr_ratios[s],
+                    rates[cur + i],
+                    self.dtype,
+                    name=f"block{s + 1}_{i}",
                 )(tokens, h, w, train)
             cur += self.depths[s]
             tokens = layer_norm(1e-6, self.dtype, name=f"norm{s + 1}")(tokens)

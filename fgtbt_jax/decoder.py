@@ -54,16 +54,24 @@ class DecodeHead(nn.Module):
             maps.append(y if s == 0 else resize_bilinear(y, h, w))
         x = jnp.concatenate(maps[::-1], axis=-1)  # [c4, c3, c2, c1]
         x = conv(self.decoder_dim, 1, bias=False, dtype=dt, name="linear_fuse_conv")(x)
-        x = nn.relu(BatchNorm(stat_groups=self.stat_groups, dtype=dt, name="linear_fuse_bn")(
-            x, train))
+        x = nn.relu(
+            BatchNorm(stat_groups=self.stat_groups, dtype=dt, name="linear_fuse_bn")(x, train)
+        )
         # Dropout2d: whole channels, i.e. the mask is shared over H and W.
         x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)
         x = conv(256, 1, dtype=dt, name="linear_pred")(x)
         x = Bottleneck(128, 64, self.stat_groups, dt, name="conv1")(x, train)
         # ConvTranspose2d(k=4, s=2, p=1): gradient-of-conv semantics (flipped, in/out swapped
         # kernel) with padding k - 1 - p = 2 on each side of the dilated input.
-        x = nn.ConvTranspose(128, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                             transpose_kernel=True, dtype=dt, name="upSample")(x)
+        x = nn.ConvTranspose(
+            128,
+            (4, 4),
+            strides=(2, 2),
+            padding=((2, 2), (2, 2)),
+            transpose_kernel=True,
+            dtype=dt,
+            name="upSample",
+        )(x)
         out = conv(self.num_landmarks, 3, 1, 1, bias=False, dtype=dt, name="conv2")(x)
         if self.is_initializing():
             # ``conv_seg`` is in the release checkpoint but unused; keep it for strict export.

@@ -52,13 +52,28 @@ class FGTBT(nn.Module):
         if images.dtype != jnp.float32:
             raise ValueError(f"images must be float32 (normalized), got {images.dtype}")
         feats = MixVisionTransformer(
-            self.embed_dims, self.num_heads, self.depths, self.sr_ratios, self.mlp_ratio,
-            self.drop_path_rate, self.hpf_sigma, self.prompt_scale_factor, self.csam_reduction,
-            self.stat_groups, self.remat, self.dtype, name="backbone",
+            self.embed_dims,
+            self.num_heads,
+            self.depths,
+            self.sr_ratios,
+            self.mlp_ratio,
+            self.drop_path_rate,
+            self.hpf_sigma,
+            self.prompt_scale_factor,
+            self.csam_reduction,
+            self.stat_groups,
+            self.remat,
+            self.dtype,
+            name="backbone",
         )(images, train)
         return DecodeHead(
-            self.embed_dims, self.decoder_dim, self.num_landmarks, self.decoder_dropout,
-            self.stat_groups, self.dtype, name="decode_head",
+            self.embed_dims,
+            self.decoder_dim,
+            self.num_landmarks,
+            self.decoder_dropout,
+            self.stat_groups,
+            self.dtype,
+            name="decode_head",
         )(feats, train)
 
 

@@ -60,6 +60,80 @@ LEAF_NAMES = {
 }
 
 
+# Order of the PyTorch state dict (module registration order of the release), as sort keys.
+_LOCAL_ORDER = (
+    "norm1",
+    "attn",
+    "norm2",
+    "mlp",
+    "q",
+    "kv",
+    "bn1",
+    "conv1",
+    "bn2",
+    "proj",
+    "conv2",
+    "bn3",
+    "conv3",
+    "sr",
+    "norm",
+    "downsample",
+    "fc1",
+    "dwconv",
+    "fc2",
+    "conv",
+    "bn",
+    "semantic_att",
+    "linear",
+    "upsample",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+)
+_PARENT_ORDER = (  # (regex on the child name, sort key from its numbers), per parent module
+    ("backbone", r"patch_embed(\d)", lambda s: (0, s)),
+    ("backbone", r"block(\d)", lambda s: (1, s, 0)),
+    ("backbone", r"norm(\d)", lambda s: (1, s, 1)),
+    ("backbone", r"prompt_generator", lambda: (2,)),
+    ("prompt_generator", r"handcrafted_generator(\d)", lambda s: (0, s)),
+    ("prompt_generator", r"embedding_generator(\d)", lambda s: (1, s)),
+    ("prompt_generator", r"lightweight_mlp(\d)_(\d+)", lambda s, i: (2, s, 0, i)),
+    ("prompt_generator", r"shared_mlp(\d)", lambda s: (2, s, 1)),
+    ("prompt_generator", r"bn(\d)", lambda s: (2, s, 2)),
+    ("prompt_generator", r"conv(\d)", lambda s: (2, s, 3)),
+    ("prompt_generator", r"shared_csam(\d)", lambda s: (2, s, 4)),
+    ("decode_head", r"conv_seg", lambda: (0,)),
+    ("decode_head", r"linear_c(\d)", lambda s: (1, -s)),
+    ("decode_head", r"linear_fuse", lambda: (2,)),
+    ("decode_head", r"linear_pred", lambda: (3,)),
+    ("decode_head", r"conv1", lambda: (4,)),
+    ("decode_head", r"upSample", lambda: (5,)),
+    ("decode_head", r"conv2", lambda: (6,)),
+)
+
+
+def release_sort_key(torch_key: str) -> tuple:
+    """Sort key that puts state-dict keys in the order PyTorch writes the release's modules."""
+    parts = torch_key.split(".")
+    key = []
+    for parent, name in zip(["", *parts[:-1]], parts, strict=True):
+        for p, pattern, rank in _PARENT_ORDER:
+            m = re.fullmatch(pattern, name)
+            if p == parent and m:
+                key.append(rank(*map(int, m.groups())))
+                break
+        else:
+            if name.isdigit():
+                key.append((int(name),))
+            elif name in _LOCAL_ORDER:
+                key.append((_LOCAL_ORDER.index(name),))
+            else:
+                key.append((len(_LOCAL_ORDER), name))
+    return tuple(key)
+
+
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not fit the architecture of the config."""
 
@@ -118,7 +192,7 @@ def abstract_variables(model: FGTBT, img_size: int) -> dict:
 
 
 def mapping(model: FGTBT, img_size: int) -> list[Entry]:
-    """Every tensor of the model, in the PyTorch state-dict order of the tree walk."""
+    """Every tensor of the model, in the order of the release's PyTorch state dict."""
     entries = []
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_variables(model, img_size)))
     for (collection, *path), leaf in flat.items():
@@ -130,7 +204,7 @@ def mapping(model: FGTBT, img_size: int) -> list[Entry]:
         else:
             kind = "copy"
         entries.append(Entry(torch_name(path), collection, path, kind, tuple(leaf.shape)))
-    return entries
+    return sorted(entries, key=lambda e: release_sort_key(e.torch_key))
 
 
 def _describe(shape: tuple[int, ...]) -> str:
@@ -140,7 +214,9 @@ def _describe(shape: tuple[int, ...]) -> str:
 def _check_dtype(key: str, x: np.ndarray, kind: str, source: str) -> np.ndarray:
     if kind == "counter":
         if not np.issubdtype(x.dtype, np.integer):
-            raise CheckpointMismatchError(f"{source}: {key} should be an integer counter, got {x.dtype}")
+            raise CheckpointMismatchError(
+                f"{source}: {key} should be an integer counter, got {x.dtype}"
+            )
         return x
     if x.dtype == np.float32:
         return x
@@ -161,19 +237,26 @@ def variables_from_state_dict(
     missing = [e for e in entries if e.torch_key not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
-        e for e in entries
+        e
+        for e in entries
         if e.torch_key in state_dict and tuple(np.shape(state_dict[e.torch_key])) != e.torch_shape
     ]
     if missing or unexpected or mismatched:
         lines = [f"{source} does not match the architecture of the config:"]
         for e in mismatched[:10]:
             got = _describe(tuple(np.shape(state_dict[e.torch_key])))
-            lines.append(f"  shape {e.torch_key}: checkpoint {got}, model {_describe(e.torch_shape)}")
+            lines.append(
+                f"  shape {e.torch_key}: checkpoint {got}, model {_describe(e.torch_shape)}"
+            )
         lines += [f"  missing {e.torch_key} ({_describe(e.torch_shape)})" for e in missing[:10]]
-        lines += [f"  unexpected {k} ({_describe(tuple(np.shape(state_dict[k])))})"
-                  for k in unexpected[:10]]
-        lines.append(f"  ({len(mismatched)} shape mismatches, {len(missing)} missing, "
-                     f"{len(unexpected)} unexpected keys in all)")
+        lines += [
+            f"  unexpected {k} ({_describe(tuple(np.shape(state_dict[k])))})"
+            for k in unexpected[:10]
+        ]
+        lines.append(
+            f"  ({len(mismatched)} shape mismatches, {len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys in all)"
+        )
         raise CheckpointMismatchError("\n".join(lines))
     flat = {}
     for e in entries:
@@ -201,14 +284,23 @@ def release_args(config: ml_collections.ConfigDict) -> dict:
         "loss": "AWingLoss",
         "num_points": int(m.num_landmarks),
         "encoder_mode": {
-            "name": "evp", "scale_factor": int(m.prompt_scale_factor), "input_type": "hpf",
-            "freq_nums": 0.25, "prompt_type": "highpass", "tuning_stage": 1234,
-            "handcrafted_tune": True, "embedding_tune": True, "adaptor": "adaptor",
+            "name": "evp",
+            "scale_factor": int(m.prompt_scale_factor),
+            "input_type": "hpf",
+            "freq_nums": 0.25,
+            "prompt_type": "highpass",
+            "tuning_stage": 1234,
+            "handcrafted_tune": True,
+            "embedding_tune": True,
+            "adaptor": "adaptor",
         },
         "fgtbt_jax": {
-            "img_size": int(config.img_size), "embed_dims": list(m.embed_dims),
-            "num_heads": list(m.num_heads), "depths": list(m.depths),
-            "sr_ratios": list(m.sr_ratios), "decoder_dim": int(m.decoder_dim),
+            "img_size": int(config.img_size),
+            "embed_dims": list(m.embed_dims),
+            "num_heads": list(m.num_heads),
+            "depths": list(m.depths),
+            "sr_ratios": list(m.sr_ratios),
+            "decoder_dim": int(m.decoder_dim),
         },
     }
 
@@ -227,7 +319,10 @@ def state_dict_from_release(obj: object, source: str = "checkpoint") -> Mapping[
 
 
 def export_pth(
-    variables: Mapping, path: str | os.PathLike, config: ml_collections.ConfigDict, *,
+    variables: Mapping,
+    path: str | os.PathLike,
+    config: ml_collections.ConfigDict,
+    *,
     epoch: int = 0,
 ) -> None:
     """Writes ``variables`` as a release-layout ``.pth`` that the original code loads strictly."""
@@ -267,7 +362,7 @@ def restore_variables(directory: str | os.PathLike, model: FGTBT, img_size: int)
 def load_pretrained(
     path: str | os.PathLike, config: ml_collections.ConfigDict
 ) -> tuple[FGTBT, dict]:
-    """``(model, variables)`` from a release-layout ``.pth`` / bare state dict or orbax directory."""
+    """``(model, variables)`` from a release-layout ``.pth``, a bare state dict or orbax dir."""
     model = build_model(config.model)
     path = pathlib.Path(path)
     if not path.exists():
@@ -286,10 +381,12 @@ class ImportReport:
     mismatched: list[tuple[str, str, str]]  # (key, checkpoint shape, model shape)
 
     def table(self) -> str:
-        rows = [f"loaded      {len(self.loaded):5d}",
-                f"missing     {len(self.missing):5d}  (keep their initialisation)",
-                f"unexpected  {len(self.unexpected):5d}  (ignored)",
-                f"mismatched  {len(self.mismatched):5d}  (shape differs; not loaded)"]
+        rows = [
+            f"loaded      {len(self.loaded):5d}",
+            f"missing     {len(self.missing):5d}  (keep their initialisation)",
+            f"unexpected  {len(self.unexpected):5d}  (ignored)",
+            f"mismatched  {len(self.mismatched):5d}  (shape differs; not loaded)",
+        ]
         for title, names in (("missing", self.missing), ("unexpected", self.unexpected)):
             rows += [f"  {title:10s} {n}" for n in names]
         rows += [f"  mismatched {k}: checkpoint {a}, model {b}" for k, a, b in self.mismatched]
@@ -297,7 +394,11 @@ class ImportReport:
 
 
 def import_partial(
-    variables: Mapping, state_dict: Mapping[str, np.ndarray], model: FGTBT, img_size: int, *,
+    variables: Mapping,
+    state_dict: Mapping[str, np.ndarray],
+    model: FGTBT,
+    img_size: int,
+    *,
     prefix: str = "encoder.backbone.",
 ) -> tuple[dict, ImportReport]:
     """Non-strict import (e.g. SegFormer's ImageNet ``mit_b4.pth`` into the backbone).

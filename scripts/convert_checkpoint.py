@@ -1,0 +1,68 @@
+r"""Converts FGTBT checkpoints between the PyTorch release layout and orbax.
+
+  python scripts/convert_checkpoint.py --config configs/fgtbt.py:release \
+      --input fgtbt_b4.pth --output /tmp/fgtbt_b4_orbax
+
+The direction follows the paths: a ``.pth`` input is written as an orbax directory, an orbax
+directory (or a training workdir: its latest EMA weights) as a release-layout ``.pth``.
+``--report`` imports a partial checkpoint (e.g. SegFormer's ImageNet ``mit_b4.pth``) into a freshly
+initialised model non-strictly and prints what loaded and what did not.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+
+from fgtbt_jax import porting, pth  # noqa: E402
+from fgtbt_jax.model import build_model, init_variables  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/fgtbt.py:release"
+)
+_INPUT = flags.DEFINE_string("input", None, "A .pth file or an orbax directory.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Output .pth file or orbax directory.", required=True)
+_REPORT = flags.DEFINE_bool(
+    "report", False, "Partial (non-strict) import of --input; print the load table."
+)
+_PREFIX = flags.DEFINE_string(
+    "prefix", "encoder.backbone.", "With --report: prefix added to keys that lack it."
+)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    src, dst = pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value)
+    if _REPORT.value:
+        model = build_model(config.model)
+        variables = jax.jit(lambda k: init_variables(model, k, config.img_size))(
+            jax.random.key(config.seed)
+        )
+        sd = porting.state_dict_from_release(pth.load_pth(src), str(src))
+        variables, report = porting.import_partial(
+            variables, sd, model, config.img_size, prefix=_PREFIX.value
+        )
+        print(report.table())
+    else:
+        _, variables = porting.load_pretrained(src, config)
+    if dst.suffix in (".pth", ".pt"):
+        porting.export_pth(variables, dst, config)
+    else:
+        porting.save_variables(variables, dst)
+    print(f"wrote {dst}")
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except (porting.CheckpointMismatchError, pth.PthFormatError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
