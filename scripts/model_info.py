@@ -8,19 +8,24 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fgtbt_jax import porting  # noqa: E402
-from fgtbt_jax.model import build_model  # noqa: E402
+from fgtbt_jax.model import build_model, init_variables  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fgtbt.py:release"
+)
+_FORWARD = flags.DEFINE_integer(
+    "forward", 0, "Also run one eval-mode forward pass on a batch of this many random images."
 )
 
 
@@ -38,6 +43,19 @@ def main(argv: list[str]) -> None:
     print(f"BatchNorm running statistics: {n_stats:,}")
     print(f"state-dict floating values: {n_params + n_stats:,}")
     print(f"state-dict tensors: {len(entries)}")
+    if _FORWARD.value:
+        b, s = _FORWARD.value, config.img_size
+        variables = jax.jit(lambda k: init_variables(model, k, s))(jax.random.key(config.seed))
+        images = jax.random.normal(jax.random.key(1), (b, s, s, 3), jax.numpy.float32)
+        apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(apply(variables, images))
+        t1 = time.perf_counter()
+        out = jax.block_until_ready(apply(variables, images))
+        t2 = time.perf_counter()
+        finite = bool(jax.numpy.isfinite(out).all())
+        print(f"forward: input {images.shape} -> heatmaps {out.shape} {out.dtype}, finite={finite}")
+        print(f"first call (compile + run) {t1 - t0:.1f} s, second call {t2 - t1:.2f} s")
 
 
 if __name__ == "__main__":

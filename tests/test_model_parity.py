@@ -166,3 +166,32 @@ def test_model_rejects_bad_input(tiny):
         model.apply(variables, jnp.zeros((1, 3, 96, 96)))
     with pytest.raises(ValueError, match="float32"):
         model.apply(variables, jnp.zeros((1, 96, 96, 3), jnp.uint8))
+
+
+def test_release_configuration_shapes():
+    """The full 480² network, checked by shapes only (a real forward pass is scripted:
+    ``python scripts/model_info.py --config configs/fgtbt.py:release --forward 1``)."""
+    from fgtbt_jax import porting
+    from fgtbt_jax.model import build_model
+
+    config = fgtbt.get_config("release")
+    model = build_model(config.model)
+    variables = porting.abstract_variables(model, config.img_size)
+    images = jax.ShapeDtypeStruct((2, 480, 480, 3), jnp.float32)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+    assert out.shape == (2, 240, 240, 124) and out.dtype == jnp.float32
+    out, updates = jax.eval_shape(
+        lambda v, x: model.apply(
+            v,
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(0), "drop_path": jax.random.key(1)},
+        ),
+        variables,
+        images,
+    )
+    assert out.shape == (2, 240, 240, 124)
+    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+        variables["batch_stats"]
+    )
