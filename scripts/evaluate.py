@@ -60,6 +60,8 @@ def main(argv: list[str]) -> None:
     for ds in datasets:
         if ds not in landmarks.DATASETS:
             raise app.UsageError(f"unknown dataset {ds!r}; choose from {landmarks.DATASETS}")
+    if config.data.source == "demo":
+        pipeline.ensure_demo_data(config)
     model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
     predict = evaluation.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
     acc = evaluation.Accumulator(protocols)
