@@ -76,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.heatmap_size = c.img_size // 2
 
     # Data (SPEC §4). source "demo" = the bundled synthetic set (prepared on first use);
-    # "official" = TFDS datasets prepared from the official files with scripts/prepare_data.py.
+    # "official" = TFDS datasets prepared from the official files with scripts/prepare_data.py;
+    # "synthetic" = in-memory generated batches (fgtbt_jax/synthetic.py; no files, no TF).
     c.data = ml_collections.ConfigDict()
     c.data.source = "demo"
     c.data.data_dir = "data/tfds"  # TFDS data_dir (relative to the working directory)
@@ -92,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.shuffle_buffer = 1000
     c.data.prefetch = 2
     c.data.demo_num_images = 64  # per dataset, for the bundled synthetic set
+    c.data.synthetic_eval_images = 16  # per dataset, evaluation set of source "synthetic"
 
     # Loss (SPEC §3).
     c.loss = ml_collections.ConfigDict()
@@ -119,11 +121,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.total_steps = 100_000
     c.ema = True  # decay 0.5 ** (4 * batch_per_dataset / 10_000) per step (SPEC §6)
+    # EMA half-life in optimizer updates; 0 = the release formula above (10 000 / (4·BATCH)
+    # updates, far longer than a short run: its EMA would still be mostly the initialisation).
+    c.ema_half_life = 0
 
     # Parallelism: data-parallel over a "data" mesh axis; fsdp also shards params/opt state.
     c.sharding = ml_collections.ConfigDict()
     c.sharding.fsdp = False
     c.sharding.cross_device_stats = False  # BatchNorm/CSAM statistics over the whole data axis
+    c.sharding.num_devices = 0  # devices of the "data" mesh axis; 0 = all
+
+    # Initialisation: a release-layout .pth of the whole model, or SegFormer's ImageNet mit_*.pth
+    # loaded non-strictly into the backbone (SPEC §2.3). Empty = random initialisation.
+    c.init_checkpoint = ""
+    c.init_backbone = ""
+    # EMA weights exported to WORKDIR/<export_pth> (release .pth layout) at the end; "" = off.
+    c.export_pth = "fgtbt_ema.pth"
 
     c.log_every = 50
     c.checkpoint_every = 1000
@@ -140,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.lr = 1e-3
         c.optim.milestones = (150, 250)
         c.total_steps = 300
+        c.ema_half_life = 25
         c.log_every = 10
         c.checkpoint_every = 100
         c.eval_every = 100

@@ -1,0 +1,103 @@
+"""A tiny stand-in for FGTBT in training-loop tests (compiles in about a second on CPU).
+
+Same interface as ``fgtbt_jax.model.build_model``: (B, S, S, 3) NHWC images → (B, S/2, S/2,
+124) heatmaps, ``batch_stats`` from the project's PyTorch-style BatchNorm, per-group batch
+statistics (``stat_groups``) in BatchNorm and in a CSAM-like channel attention, and dropout.
+The real network's train step is checked against the reference in test_train_step.py; these
+tests are about sharding, multi-process, checkpoints and resumption, which do not depend on
+the architecture.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from fgtbt_jax.layers import BatchNorm, expand_groups, group_mean
+
+
+class ToyNet(nn.Module):
+    num_landmarks: int = 124
+    width: int = 8
+    stat_groups: int = 1
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Conv(self.width, (3, 3), (2, 2), padding=1, use_bias=False, name="conv1")(images)
+        x = nn.relu(BatchNorm(stat_groups=self.stat_groups, name="bn1")(x, train))
+        # CSAM-like attention from batch statistics (over the statistic group).
+        pooled = group_mean(x, (0, 1, 2), self.stat_groups)  # (groups, C)
+        att = nn.sigmoid(nn.Dense(self.width, name="att")(pooled))
+        x = x * expand_groups(att, x, self.stat_groups)
+        x = nn.Dropout(0.1, broadcast_dims=(1, 2))(x, deterministic=not train)
+        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="conv2")(x)
+        x = nn.relu(BatchNorm(stat_groups=self.stat_groups, name="bn2")(x, train))
+        return nn.Conv(self.num_landmarks, (1, 1), name="head")(x)
+
+
+def build_toy(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1) -> ToyNet:
+    return ToyNet(
+        num_landmarks=int(model_config.num_landmarks),
+        width=int(model_config.get("toy_width", 8)),
+        stat_groups=stat_groups,
+    )
+
+
+def toy_config(**overrides: object) -> ml_collections.ConfigDict:
+    """The tiny preset on synthetic 32² data, batch 1 per dataset, ready for the toy model."""
+    from configs import fgtbt
+
+    c = fgtbt.get_config("tiny")
+    c.img_size, c.heatmap_size = 32, 16
+    c.model.toy_width = 8
+    c.data.source = "synthetic"
+    c.data.batch_per_dataset = 1
+    c.total_steps = 6
+    c.optim.milestones = (3,)
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.eval_every = 0
+    c.export_pth = ""
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+# ``python -c RUNNER '{"workdir": ..., "overrides": {...}, "pause_at": k, "go": path}'`` runs
+# scripts/train.py's training loop with the toy network (cwd = repository root). With
+# ``pause_at`` it prints ``AT_STEP k`` before step k and waits for the file ``go``.
+RUNNER = textwrap.dedent(
+    """
+    import importlib.util, json, os, sys, time
+    spec = importlib.util.spec_from_file_location("train_script", "scripts/train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from toy_model import build_toy, toy_config
+
+    from fgtbt_jax import sharding
+
+    sharding.maybe_initialize_distributed()  # JAX_COORDINATOR_ADDRESS etc., if set
+    args = json.loads(sys.argv[1])
+    config = toy_config(**args.get("overrides", {}))
+    if args.get("pause_at"):
+        batches = script.train_batches
+
+        def paused(config, start):  # stops before step `pause_at` until the parent says go
+            for step, batch in enumerate(batches(config, start), start=start + 1):
+                if step == args["pause_at"]:
+                    print(f"AT_STEP {step}", flush=True)
+                    while not os.path.exists(args["go"]):
+                        time.sleep(0.02)
+                yield batch
+
+        script.train_batches = paused
+    sys.exit(script.train_and_evaluate(config, args["workdir"], build=build_toy))
+    """
+)
