@@ -15,6 +15,7 @@ from fgtbt_jax.layers import (
     BatchNorm,
     DropPath,
     Dtype,
+    KernelBias,
     conv,
     expand_groups,
     gelu,
@@ -85,9 +86,7 @@ class Attention(nn.Module):
         if self.sr_ratio > 1:
             kv_in = x.reshape(b, h, w, c)
             s = self.sr_ratio
-            kv_in = nn.Conv(
-                c, (s, s), strides=(s, s), padding="VALID", dtype=self.dtype, name="sr"
-            )(kv_in)
+            kv_in = conv(c, s, s, 0, dtype=self.dtype, name="sr")(kv_in)
             kv_in = kv_in.reshape(b, -1, c)
             kv_in = layer_norm(1e-5, self.dtype, name="norm")(kv_in)
         else:
@@ -144,31 +143,35 @@ class Block(nn.Module):
 class CSAM(nn.Module):
     """Channel attention of the prompt branch (``shared_csam{s}.semantic_att``).
 
-    x: (B, A, A, C′) — the NHWC form of the reference's (B, C′, A, A) view. ``reduction``
-    "batch" pools over (batch, A, A) like the reference (per statistic group), "sample" over
-    (A, A) only.
+    x: the reference's (B, C′, A, A) view with its channels on ``axis`` (any layout of the
+    spatial axes). ``reduction`` "batch" pools over (batch, A, A) like the reference (per
+    statistic group), "sample" over (A, A) only.
     """
 
     reduction: str = "batch"
     stat_groups: int = 1
     dtype: Dtype = jnp.float32
+    axis: int = -1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
+        axis = self.axis % x.ndim
+        c = x.shape[axis]
         fc1 = nn.Dense(c // 16, dtype=self.dtype, name="linear_0")
         fc2 = nn.Dense(c, dtype=self.dtype, name="linear_2")
 
         def mlp(v):
             return fc2(nn.relu(fc1(v)))
 
+        spatial = tuple(a for a in range(1, x.ndim) if a != axis)
         if self.reduction == "batch":
             g = self.stat_groups
-            mx, mean = group_max(x, (0, 1, 2), g), group_mean(x, (0, 1, 2), g)  # (g, C′)
-            att = expand_groups(nn.sigmoid(mlp(mx) + mlp(mean)), x, g)
+            mx = group_max(x, (0,) + spatial, g)  # (g, C′)
+            mean = group_mean(x, (0,) + spatial, g)
+            att = expand_groups(nn.sigmoid(mlp(mx) + mlp(mean)), x, g, axis)
         elif self.reduction == "sample":
-            mx, mean = jnp.max(x, axis=(1, 2)), jnp.mean(x, axis=(1, 2))  # (B, C′)
-            att = nn.sigmoid(mlp(mx) + mlp(mean))[:, None, None, :]
+            mx, mean = jnp.max(x, axis=spatial), jnp.mean(x, axis=spatial)  # (B, C′)
+            att = expand_groups(nn.sigmoid(mlp(mx) + mlp(mean)), x, x.shape[0], axis)
         else:
             raise ValueError(f"csam_reduction must be 'batch' or 'sample', got {self.reduction!r}")
         return x * att
@@ -235,15 +238,18 @@ class PromptGenerator(nn.Module):
         self.shared_mlp = [
             nn.Dense(e, dtype=dt, name=f"shared_mlp{s + 1}") for s, e in enumerate(self.embed_dims)
         ]
+        # The prompt map is processed in the reference's (B, C′, A·A) memory layout (channels on
+        # axis 1), which is a free reshape of the (B, N, C′) tokens both ways.
         self.bn = [
-            BatchNorm(stat_groups=groups, dtype=dt, name=f"bn{s + 1}") for s in range(len(dims))
+            BatchNorm(stat_groups=groups, dtype=dt, axis=1, name=f"bn{s + 1}")
+            for s in range(len(dims))
         ]
-        self.conv = [
-            conv(e + 2 * d, 1, dtype=dt, name=f"conv{s + 1}")
+        self.conv = [  # 1×1 convolutions, applied as matmuls over axis 1
+            KernelBias((1, 1, e + 2 * d, e + 2 * d), name=f"conv{s + 1}")
             for s, (e, d) in enumerate(zip(self.embed_dims, dims, strict=True))
         ]
         self.csam = [
-            CSAM(self.csam_reduction, groups, dt, name=f"shared_csam{s + 1}")
+            CSAM(self.csam_reduction, groups, dt, axis=1, name=f"shared_csam{s + 1}")
             for s in range(len(dims))
         ]
 
@@ -265,13 +271,20 @@ class PromptGenerator(nn.Module):
     ) -> jax.Array:
         """Returns the prompt-updated tokens x + prompt (B, N, E_s)."""
         f = jnp.concatenate([x, hc, emb], axis=-1)
-        g = tokens_as_view(f)
+        b, n, c = f.shape
+        a = int(round(n**0.5))
+        if a * a != n:
+            raise ValueError(f"the prompt reshape needs a square token grid, got {n} tokens")
+        # The reference's .view(B, C′, A, A) of the token memory (see tokens_as_view), with the
+        # A×A grid kept flat: g[b, c, i·A + j].
+        g = f.reshape(b, c, n)
         r = g
         g = self.csam[stage](g)
         g = nn.relu(self.bn[stage](g, train))
-        g = self.conv[stage](g) + r
-        f = view_as_tokens(g)
-        f = gelu(self.lightweight[stage][block](f))
+        kernel, bias = self.conv[stage]()
+        g = jnp.einsum("bcn,co->bon", g, kernel[0, 0].astype(self.dtype))
+        g = g + bias.astype(self.dtype)[:, None] + r
+        f = gelu(self.lightweight[stage][block](g.reshape(b, n, c)))
         return x + self.shared_mlp[stage](f)
 
 

@@ -32,3 +32,13 @@ def ref_outputs() -> dict[str, np.ndarray]:
 def eval_ref() -> dict[str, np.ndarray]:
     with np.load(REFERENCE / "eval_and_transform_reference.npz") as f:
         return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def torch_two_threads():
+    """PyTorch on two threads for a module's tests (the CI machine has two cores)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,587 @@
+r"""Compiled throughput of FGTBT in JAX, side by side with PyTorch (eager / torch.compile).
+
+  python scripts/benchmark.py --config configs/fgtbt.py:release --batch 4 --steps 3 \
+      --compare-torch --json benchmarks/release_cpu.json
+
+Cases (one row each): framework ``jax`` | ``torch-eager`` | ``torch-compile`` × mode
+``train`` (forward in train mode, FMB loss, backward, AdamW, EMA: the real training step of
+:mod:`fgtbt_jax.train_step`, and the same step written in PyTorch in
+:mod:`fgtbt_jax.torch_loss`), ``eval`` (forward + arg-max decoding, :mod:`fgtbt_jax.evaluation`)
+and ``eval_flip`` (the same with the test-time flip: two forward passes). Synthetic data of the
+configured shapes; parameters are random (the speed does not depend on their values).
+
+Every case runs in a fresh subprocess, so that the frameworks neither share thread pools nor
+each other's memory high-water mark. Timing: ``--warmup`` untimed steps after compilation, then
+``--steps`` steps each synchronised (``block_until_ready`` / ``cuda.synchronize``);
+``images_per_sec`` = batch / median step time. The machine's float32 matmul peak is measured in
+the same run (best of several square GEMMs in JAX) and gives the JAX cases' MFU from XLA's
+FLOP count (``compiled.cost_analysis()``).
+
+Output: ``--json`` writes a list of case dicts (see ``_case`` for the fields) and a markdown
+table is printed, with the JAX / PyTorch-eager throughput ratio per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FRAMEWORKS = ("jax", "torch-eager", "torch-compile")
+MODES = ("train", "eval", "eval_flip")
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """``path/to/config.py:arg`` → ``get_config(arg)`` of that file, then ``key=value``
+    overrides (dotted keys, Python literals: ``model.depths=(1,1,1,1)``)."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_absolute() and not file.exists():
+        file = ROOT / path
+    if not file.exists():
+        raise FileNotFoundError(f"--config: no such file {path!r}")
+    module_spec = importlib.util.spec_from_file_location("_benchmark_config", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"config override expects key=value, got {item!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.strip().split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"--config.{item}: the config has no field {key!r}")
+        node[leaf] = value
+    return config
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def synthetic_batch(batch: int, img_size: int, heatmap_size: int, seed: int = 0) -> dict:
+    """NumPy batch: image (B, S, S, 3) float32 NHWC, coords (B, 124, 2) int32, mask (B, 124)
+    bool (the dataset's annotated slots), dataset_id (B,) int32 cycling over the 4 datasets."""
+    import numpy as np
+
+    from fgtbt_jax import landmarks
+
+    rng = np.random.default_rng(seed)
+    k = landmarks.NUM_UNIFIED
+    dataset_id = (np.arange(batch) % len(landmarks.DATASETS)).astype(np.int32)
+    return {
+        "image": rng.standard_normal((batch, img_size, img_size, 3), dtype=np.float32),
+        "coords": rng.integers(0, heatmap_size, (batch, k, 2), dtype=np.int32),
+        "mask": landmarks.annotation_mask()[dataset_id].astype(bool),
+        "dataset_id": dataset_id,
+    }
+
+
+def _timed_loop(run_step, sync, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        sync(run_step())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sync(run_step())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _case(spec: dict, **fields: Any) -> dict:
+    """One result row: the spec's identity fields plus the measured ones."""
+    step_seconds = fields.get("step_seconds") or []
+    row = {
+        "framework": spec["framework"],
+        "mode": spec["mode"],
+        "preset": spec["preset"],
+        "img_size": spec["img_size"],
+        "batch": spec["batch"],
+        "dtype": spec["dtype"],
+        "devices": spec.get("devices", 1),
+        "threads": spec["threads"],
+        "images_per_sec": None,
+        "images_per_sec_mean": None,
+        "compile_seconds": None,
+        "peak_memory_bytes": None,
+        "memory_source": None,
+        "peak_rss_delta_bytes": None,
+        "step_seconds": step_seconds,
+        "warmup": spec["warmup"],
+    }
+    row.update(fields)
+    if step_seconds:
+        row["images_per_sec"] = spec["batch"] / statistics.median(step_seconds)
+        row["images_per_sec_mean"] = spec["batch"] * len(step_seconds) / sum(step_seconds)
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# JAX
+# --------------------------------------------------------------------------------------------
+
+
+def _jax_flops(compiled: Any) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def _jax_memory(compiled: Any, device: Any) -> tuple[int | None, str | None]:
+    stats = None
+    with contextlib.suppress(Exception):
+        stats = device.memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device.memory_stats:peak_bytes_in_use"
+    with contextlib.suppress(Exception):
+        m = compiled.memory_analysis()
+        if m is not None:
+            total = (
+                m.temp_size_in_bytes
+                + m.argument_size_in_bytes
+                + m.output_size_in_bytes
+                - m.alias_size_in_bytes
+            )
+            return int(total), "xla.memory_analysis:temp+argument+output-alias"
+    return None, None
+
+
+def run_jax_case(spec: dict) -> dict:
+    import jax
+    import numpy as np
+
+    from fgtbt_jax import evaluation, sharding, train_state, train_step
+    from fgtbt_jax.model import build_model
+
+    rss0 = _current_rss()
+    config = load_config(spec["config"], spec.get("overrides", ()))
+    config.model.dtype = spec["dtype"]
+    config.model.remat = bool(spec.get("remat", False))
+    mesh = sharding.make_mesh(spec.get("devices") or None)
+    model = build_model(config.model)
+    batch_np = synthetic_batch(spec["batch"], config.img_size, config.heatmap_size)
+    device = mesh.devices.flat[0]
+
+    t0 = time.perf_counter()
+    if spec["mode"] == "train":
+        tx, schedule = train_state.make_optimizer(config)
+        state, shardings = train_state.create_train_state(config, model, tx, mesh)
+        batch = jax.device_put(batch_np, train_step.batch_sharding(mesh))
+        step = train_step.jit_train_step(
+            train_step.make_train_step(model, tx, schedule, config), shardings, mesh
+        )
+        t1 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_seconds = time.perf_counter() - t1
+        holder = {"state": state}
+
+        def run_step():
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return holder["state"], metrics
+
+    else:
+        from fgtbt_jax.model import init_variables
+
+        variables = jax.jit(lambda k: init_variables(model, k, config.img_size))(
+            jax.random.PRNGKey(0)
+        )
+        rep = sharding.replicated(mesh)
+        variables = jax.device_put(variables, rep)
+        images = jax.device_put(batch_np["image"], sharding.data_sharding(mesh))
+        fn = evaluation.make_eval_step(model, flip_test=spec["mode"] == "eval_flip")
+        jitted = jax.jit(fn, in_shardings=(rep, sharding.data_sharding(mesh)))
+        t1 = time.perf_counter()
+        compiled = jitted.lower(variables, {"image": images}).compile()
+        compile_seconds = time.perf_counter() - t1
+
+        def run_step():
+            return compiled(variables, {"image": images})
+
+    setup_seconds = t1 - t0
+    times = _timed_loop(run_step, jax.block_until_ready, spec["warmup"], spec["steps"])
+    flops = _jax_flops(compiled)
+    mem, source = _jax_memory(compiled, device)
+    row = _case(
+        spec,
+        step_seconds=times,
+        compile_seconds=compile_seconds,
+        setup_seconds=setup_seconds,
+        peak_memory_bytes=mem,
+        memory_source=source,
+        peak_rss_delta_bytes=_peak_rss() - rss0,
+        device=f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        flops_per_image=None if flops is None else flops / spec["batch"],
+        backend_versions={"jax": jax.__version__},
+    )
+    del np
+    return row
+
+
+def measure_jax_matmul_peak(size: int = 4096, repeats: int = 5) -> dict:
+    """Best float32 GEMM rate (FLOP/s) of ``size``² × ``size``² in JAX on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(k1, (size, size), jnp.float32)
+    b = jax.random.normal(k2, (size, size), jnp.float32)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    device = jax.devices()[0]
+    return {
+        "size": size,
+        "repeats": repeats,
+        "best_seconds": best,
+        "flops_per_sec": 2.0 * size**3 / best,
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch
+# --------------------------------------------------------------------------------------------
+
+
+def run_torch_case(spec: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from fgtbt_jax import landmarks, torch_loss
+    from fgtbt_jax.torch_fgtbt import build_torch_model_from_config
+    from fgtbt_jax.train_state import ema_decay
+
+    torch.set_num_threads(spec["threads"])
+    rss0 = _current_rss()
+    config = load_config(spec["config"], spec.get("overrides", ()))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = build_torch_model_from_config(config.model).to(dev)
+    batch_np = synthetic_batch(spec["batch"], config.img_size, config.heatmap_size)
+    batch = {
+        "image": torch.from_numpy(batch_np["image"].transpose(0, 3, 1, 2).copy()).to(dev),
+        "coords": torch.from_numpy(batch_np["coords"]).to(dev),
+        "mask": torch.from_numpy(batch_np["mask"]).to(dev),
+        "dataset_id": torch.from_numpy(batch_np["dataset_id"]).to(dev),
+    }
+    autocast_dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else None
+    compiled = spec["framework"] == "torch-compile"
+
+    def sync(_):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if spec["mode"] == "train":
+        weights = torch.from_numpy(landmarks.fmb_weights(float(config.loss.get("beta", 0.9)))).to(
+            dev
+        )
+        fwd = torch.compile(model) if compiled else None
+        step = torch_loss.make_train_step(
+            model,
+            weights,
+            lr=float(config.optim.lr),
+            betas=(float(config.optim.b1), float(config.optim.b2)),
+            eps=float(config.optim.eps),
+            weight_decay=float(config.optim.weight_decay),
+            ema_decay=ema_decay(config) if config.get("ema", True) else None,
+            loss_cfg=config.loss,
+            autocast_dtype=autocast_dtype,
+            forward=fwd,
+        )
+
+        def run_step():
+            return step(batch)
+
+    else:
+        model.eval()
+        fwd = torch.compile(model) if compiled else model
+        perm = torch.from_numpy(landmarks.unified_flip_permutation()).to(dev)
+        flip = spec["mode"] == "eval_flip"
+
+        @torch.inference_mode()
+        def run_step():
+            ctx = (
+                torch.autocast(dev.type, autocast_dtype)
+                if autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                x = batch["image"]
+                heat = fwd(x).float()
+                if flip:
+                    mirrored = fwd(torch.flip(x, dims=(3,))).float()
+                    heat = (heat + torch.flip(mirrored, dims=(3,))[:, perm]) / 2
+            b, k, h, w = heat.shape
+            idx = heat.reshape(b, k, h * w).argmax(-1)
+            return torch.stack([idx % w, idx // w], -1).float()
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    compile_seconds = None
+    if compiled:  # the first call compiles (forward, and backward for train)
+        t0 = time.perf_counter()
+        sync(run_step())
+        compile_seconds = time.perf_counter() - t0
+    times = _timed_loop(run_step, sync, spec["warmup"], spec["steps"])
+    if dev.type == "cuda":
+        mem, source = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+        name = torch.cuda.get_device_name()
+    else:
+        mem, source = _peak_rss() - rss0, "process peak RSS minus RSS before model creation"
+        name = platform.processor() or platform.machine()
+    del np
+    return _case(
+        spec,
+        step_seconds=times,
+        compile_seconds=compile_seconds,
+        peak_memory_bytes=mem,
+        memory_source=source,
+        peak_rss_delta_bytes=_peak_rss() - rss0,
+        device=f"{dev.type}:{name}",
+        backend_versions={"torch": torch.__version__},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def _worker(spec: dict) -> dict:
+    if spec["framework"] == "matmul":
+        return measure_jax_matmul_peak(spec.get("size", 4096))
+    if spec["framework"] == "jax":
+        return run_jax_case(spec)
+    return run_torch_case(spec)
+
+
+def _run_subprocess(spec: dict, timeout: float | None) -> dict:
+    """Runs one case in a fresh Python process; returns its row (or an ``error`` row)."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return _case(spec, error=f"timed out after {timeout:.0f} s")
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCHMARK_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        return _case(spec, error=f"exit {proc.returncode}: {tail}")
+    row = json.loads(lines[-1][len("BENCHMARK_RESULT ") :])
+    if isinstance(row, dict) and "framework" in row:
+        row["wall_seconds"] = wall
+    return row
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict], peak: dict | None) -> str:
+    eager = {
+        (r["mode"], r["batch"], r["dtype"]): r for r in rows if r["framework"] == "torch-eager"
+    }
+    lines = [
+        "| framework | mode | batch | dtype | images/s | JAX / torch-eager | compile s "
+        "| peak memory MiB | GFLOP/image | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("error"):
+            lines.append(
+                f"| {r['framework']} | {r['mode']} | {r['batch']} | {r['dtype']} "
+                f"| error: {r['error'].splitlines()[0][:60]} | | | | | |"
+            )
+            continue
+        ratio = "—"
+        ref = eager.get((r["mode"], r["batch"], r["dtype"]))
+        if r["framework"] == "jax" and ref and ref.get("images_per_sec"):
+            ratio = f"{r['images_per_sec'] / ref['images_per_sec']:.2f}×"
+        mem = r.get("peak_memory_bytes")
+        gflop = r.get("flops_per_image")
+        mfu = r.get("mfu")
+        lines.append(
+            f"| {r['framework']} | {r['mode']} | {r['batch']} | {r['dtype']} "
+            f"| {_fmt(r['images_per_sec'], '.3f')} | {ratio} "
+            f"| {_fmt(r.get('compile_seconds'), '.1f')} "
+            f"| {_fmt(None if mem is None else mem / 2**20, '.0f')} "
+            f"| {_fmt(None if gflop is None else gflop / 1e9, '.1f')} "
+            f"| {_fmt(mfu, '.1%')} |"
+        )
+    if peak:
+        lines.append("")
+        lines.append(
+            f"Measured float32 matmul peak ({peak['size']}² GEMM, best of {peak['repeats']}, "
+            f"{peak['device']}): {peak['flops_per_sec'] / 1e9:.1f} GFLOP/s."
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", default="configs/fgtbt.py:release", help="path.py:preset")
+    p.add_argument("--batch", type=int, default=None, help="default: 4 × data.batch_per_dataset")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    p.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES)
+    )
+    p.add_argument("--devices", type=int, default=None, help="JAX devices (default: all)")
+    p.add_argument("--remat", action="store_true", help="JAX: rematerialize transformer blocks")
+    p.add_argument(
+        "--frameworks",
+        default=None,
+        help="comma-separated subset of " + ",".join(FRAMEWORKS) + " (overrides the flags below)",
+    )
+    p.add_argument("--compare-torch", action="store_true", help="also time PyTorch eager")
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    p.add_argument(
+        "--torch-compile-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds allowed per torch.compile case (compilation included)",
+    )
+    p.add_argument("--matmul-size", type=int, default=4096, help="side of the peak-GEMM probe")
+    p.add_argument("--no-matmul-peak", action="store_true", help="skip the peak-GEMM probe")
+    p.add_argument("--json", default=None, help="write the result rows here")
+    p.add_argument("--report", default=None, help="only print the table of a saved --json file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args, rest = p.parse_known_args(argv)
+    # Config overrides in the other scripts' form: --config.model.remat=True (repeatable).
+    args.overrides = []
+    for item in rest:
+        if not (item.startswith("--config.") and "=" in item):
+            p.error(f"unrecognized argument {item!r} (config overrides: --config.FIELD=VALUE)")
+        args.overrides.append(item[len("--config.") :])
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker is not None:
+        row = _worker(json.loads(args.worker))
+        print("BENCHMARK_RESULT " + json.dumps(row), flush=True)
+        return [row]
+
+    if args.report is not None:
+        rows = json.loads(pathlib.Path(args.report).read_text())
+        print(
+            markdown_table(rows, next((r["matmul_peak"] for r in rows if "matmul_peak" in r), None))
+        )
+        return rows
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"--modes: unknown mode(s) {bad}; choose from {MODES}")
+    config = load_config(args.config, args.overrides)
+    batch = args.batch or 4 * int(config.data.batch_per_dataset)
+    if args.frameworks:
+        frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+        bad = [f for f in frameworks if f not in FRAMEWORKS]
+        if bad:
+            raise SystemExit(f"--frameworks: unknown framework(s) {bad}; choose from {FRAMEWORKS}")
+    else:
+        frameworks = ["jax"]
+        if args.compare_torch:
+            frameworks.append("torch-eager")
+        if args.torch_compile:
+            frameworks.append("torch-compile")
+    base = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "preset": config.preset,
+        "img_size": int(config.img_size),
+        "batch": batch,
+        "dtype": args.dtype,
+        "devices": args.devices,
+        "threads": os.cpu_count(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "remat": args.remat,
+    }
+
+    peak = None
+    if not args.no_matmul_peak:
+        peak = _run_subprocess({"framework": "matmul", "size": args.matmul_size}, None)
+        print(f"matmul peak: {peak}", file=sys.stderr, flush=True)
+        if "flops_per_sec" not in peak:
+            peak = None
+
+    rows = []
+    for mode in modes:
+        for fw in frameworks:
+            spec = dict(base, framework=fw, mode=mode)
+            timeout = args.torch_compile_timeout if fw == "torch-compile" else None
+            row = _run_subprocess(spec, timeout)
+            if fw == "jax" and row.get("flops_per_image") and peak and row.get("images_per_sec"):
+                row["matmul_peak_flops_per_sec"] = peak["flops_per_sec"]
+                row["mfu"] = row["flops_per_image"] * row["images_per_sec"] / peak["flops_per_sec"]
+            else:
+                row.setdefault("mfu", None)
+            if peak:
+                row["matmul_peak"] = peak
+            rows.append(row)
+            keys = ("framework", "mode", "images_per_sec", "compile_seconds", "error")
+            summary = {k: row.get(k) for k in keys}
+            print(f"case: {summary}", file=sys.stderr, flush=True)
+            if args.json:  # keep partial results of long runs
+                _write_json(args.json, rows)
+
+    print(markdown_table(rows, peak))
+    if args.json:
+        _write_json(args.json, rows)
+    return rows
+
+
+def _write_json(path: str, rows: list[dict]) -> None:
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
