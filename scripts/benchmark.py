@@ -1,7 +1,7 @@
 r"""Compiled throughput of FGTBT in JAX, side by side with PyTorch (eager / torch.compile).
 
-  python scripts/benchmark.py --config configs/fgtbt.py:release --batch 4 --steps 3 \
-      --compare-torch --json benchmarks/release_cpu.json
+  python scripts/benchmark.py --config configs/fgtbt.py:release --steps 5 --warmup 2 \
+      --compare-torch --torch-compile --json benchmarks/release_cpu.json
 
 Cases (one row each): framework ``jax`` | ``torch-eager`` | ``torch-compile`` × mode
 ``train`` (forward in train mode, FMB loss, backward, AdamW, EMA: the real training step of
@@ -418,35 +418,37 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict], peak: dict | None) -> str:
-    eager = {
-        (r["mode"], r["batch"], r["dtype"]): r for r in rows if r["framework"] == "torch-eager"
-    }
+    """The rows as a markdown table, with the JAX / PyTorch throughput ratios per case."""
+
+    def by_framework(name: str) -> dict:
+        return {(r["mode"], r["batch"], r["dtype"]): r for r in rows if r["framework"] == name}
+
+    eager, compiled = by_framework("torch-eager"), by_framework("torch-compile")
+
+    def ratio(r: dict, others: dict) -> str:
+        ref = others.get((r["mode"], r["batch"], r["dtype"]))
+        if r["framework"] != "jax" or not ref or not ref.get("images_per_sec"):
+            return "—"
+        return f"{r['images_per_sec'] / ref['images_per_sec']:.2f}×"
+
     lines = [
-        "| framework | mode | batch | dtype | images/s | JAX / torch-eager | compile s "
-        "| peak memory MiB | GFLOP/image | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| framework | mode | batch | dtype | images/s | JAX / torch-eager | JAX / torch-compile "
+        "| compile s | peak memory MiB | GFLOP/image | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        head = f"| {r['framework']} | {r['mode']} | {r['batch']} | {r['dtype']} "
         if r.get("error"):
-            lines.append(
-                f"| {r['framework']} | {r['mode']} | {r['batch']} | {r['dtype']} "
-                f"| error: {r['error'].splitlines()[0][:60]} | | | | | |"
-            )
+            lines.append(head + f"| error: {r['error'].splitlines()[0][:60]} | | | | | | |")
             continue
-        ratio = "—"
-        ref = eager.get((r["mode"], r["batch"], r["dtype"]))
-        if r["framework"] == "jax" and ref and ref.get("images_per_sec"):
-            ratio = f"{r['images_per_sec'] / ref['images_per_sec']:.2f}×"
         mem = r.get("peak_memory_bytes")
         gflop = r.get("flops_per_image")
-        mfu = r.get("mfu")
         lines.append(
-            f"| {r['framework']} | {r['mode']} | {r['batch']} | {r['dtype']} "
-            f"| {_fmt(r['images_per_sec'], '.3f')} | {ratio} "
-            f"| {_fmt(r.get('compile_seconds'), '.1f')} "
+            head + f"| {_fmt(r['images_per_sec'], '.3f')} | {ratio(r, eager)} "
+            f"| {ratio(r, compiled)} | {_fmt(r.get('compile_seconds'), '.1f')} "
             f"| {_fmt(None if mem is None else mem / 2**20, '.0f')} "
             f"| {_fmt(None if gflop is None else gflop / 1e9, '.1f')} "
-            f"| {_fmt(mfu, '.1%')} |"
+            f"| {_fmt(r.get('mfu'), '.1%')} |"
         )
     if peak:
         lines.append("")
