@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import reference_batch
 
 from fgtbt_jax import landmarks
 from fgtbt_jax.decoder import conv_transpose_4x4_s2, upsample_conv3x3
@@ -32,20 +33,11 @@ def _load_benchmark():
 pytestmark = pytest.mark.usefixtures("torch_two_threads")
 
 
-def _reference_batch(ref_outputs: dict) -> dict:
-    """The reference train batch (COFW, WFLW, 300W, AFLW) with unified targets, as torch."""
-    coords = np.zeros((4, landmarks.NUM_UNIFIED, 2), np.int32)
-    mask = np.zeros((4, landmarks.NUM_UNIFIED), bool)
-    for b, name in enumerate(landmarks.DATASETS):
-        idx = landmarks.unified_index(name)
-        coords[b, idx] = ref_outputs[f"train_target_coords_{name}"][0]
-        mask[b, idx] = True
-    return {
-        "image": torch.from_numpy(ref_outputs["input_nchw"]),
-        "coords": torch.from_numpy(coords),
-        "mask": torch.from_numpy(mask),
-        "dataset_id": torch.arange(4),
-    }
+def _torch_reference_batch(ref_outputs: dict) -> dict:
+    """The reference train batch as torch tensors, image NCHW."""
+    batch = {k: torch.from_numpy(v) for k, v in reference_batch(ref_outputs).items()}
+    batch["image"] = torch.from_numpy(ref_outputs["input_nchw"])
+    return batch
 
 
 # ------------------------------------------------------------------------------------------
@@ -56,7 +48,7 @@ def _reference_batch(ref_outputs: dict) -> dict:
 def test_torch_fmb_loss_matches_reference(ref_outputs):
     from fgtbt_jax import torch_loss
 
-    batch = _reference_batch(ref_outputs)
+    batch = _torch_reference_batch(ref_outputs)
     pred = torch.from_numpy(ref_outputs["train_heatmaps_nchw"])
     weights = torch.from_numpy(ref_outputs["fmb_weights_124"])
     total, per_dataset = torch_loss.fmb_loss(
@@ -93,7 +85,7 @@ def test_torch_train_step_matches_reference_adamw_step(ref_dir, ref_outputs):
     model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     weights = torch.from_numpy(ref_outputs["fmb_weights_124"])
     step = torch_loss.make_train_step(model, weights, ema_decay=0.5)
-    loss = step(_reference_batch(ref_outputs))
+    loss = step(_torch_reference_batch(ref_outputs))
     np.testing.assert_allclose(float(loss), float(ref_outputs["train_loss_total"]), rtol=1e-5)
 
     with np.load(ref_dir / "tiny_reference_grads.npz") as f:

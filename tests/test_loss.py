@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import reference_batch
 
 from fgtbt_jax import landmarks, loss
 
@@ -17,15 +18,10 @@ DATASETS = landmarks.DATASETS
 
 
 def _unified_batch(ref_outputs: dict[str, np.ndarray]):
-    """The reference train batch (COFW, WFLW, 300W, AFLW) in unified NHWC form."""
+    """The reference train batch's heatmaps (NHWC), coords, mask and dataset ids."""
+    batch = reference_batch(ref_outputs)
     pred = ref_outputs["train_heatmaps_nchw"].transpose(0, 2, 3, 1)
-    coords = np.zeros((4, landmarks.NUM_UNIFIED, 2), np.int32)
-    mask = np.zeros((4, landmarks.NUM_UNIFIED), bool)
-    for b, name in enumerate(DATASETS):
-        idx = landmarks.unified_index(name)
-        coords[b, idx] = ref_outputs[f"train_target_coords_{name}"][0]
-        mask[b, idx] = True
-    return pred, coords, mask, np.arange(4, dtype=np.int32)
+    return pred, batch["coords"], batch["mask"], batch["dataset_id"]
 
 
 _loss = jax.jit(loss.fmb_loss)

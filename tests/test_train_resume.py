@@ -8,7 +8,6 @@ checkpointing, data position and RNG handling are the script's own.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import subprocess_env
 from toy_model import RUNNER
 
 from fgtbt_jax import checkpointing, sharding, train_state
@@ -26,20 +26,11 @@ from fgtbt_jax import checkpointing, sharding, train_state
 ROOT = pathlib.Path(__file__).parents[1]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])
-    )
-    return env
-
-
 def _start(args: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", RUNNER, json.dumps(args)],
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -151,7 +142,7 @@ def test_killed_save_keeps_last_good_checkpoint(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", SAVER, str(tmp_path)],
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=240,

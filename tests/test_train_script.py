@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import subprocess_env
 from toy_model import RUNNER
 
 from configs import fgtbt
@@ -18,15 +18,6 @@ from fgtbt_jax import checkpointing, landmarks, load_pretrained, porting
 from fgtbt_jax.model import build_model
 
 ROOT = pathlib.Path(__file__).parents[1]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])
-    )
-    return env
 
 
 def _train(workdir: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -39,7 +30,9 @@ def _train(workdir: pathlib.Path, *overrides: str) -> subprocess.CompletedProces
         str(workdir),
         *overrides,
     ]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.slow  # compiles the real network's train step (1-3 min on a 2-core CPU)
@@ -98,7 +91,7 @@ def _toy(workdir: pathlib.Path, overrides: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", RUNNER, args],
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import reference_batch
 
 from configs import fgtbt
 from fgtbt_jax import landmarks, porting, sharding, synthetic, train_state, train_step
@@ -26,21 +27,6 @@ from fgtbt_jax.model import build_model
 from fgtbt_jax.pth import load_pth
 
 DATASETS = landmarks.DATASETS
-
-
-def _reference_batch(ref_outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    coords = np.zeros((4, landmarks.NUM_UNIFIED, 2), np.int32)
-    mask = np.zeros((4, landmarks.NUM_UNIFIED), bool)
-    for b, name in enumerate(DATASETS):
-        idx = landmarks.unified_index(name)
-        coords[b, idx] = ref_outputs[f"train_target_coords_{name}"][0]
-        mask[b, idx] = True
-    return {
-        "image": ref_outputs["input_nchw"].transpose(0, 2, 3, 1),
-        "coords": coords,
-        "mask": mask,
-        "dataset_id": np.arange(4, dtype=np.int32),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +46,7 @@ def one_step(ref_dir, ref_outputs):
         shardings,
         mesh,
     )
-    batch = sharding.shard_batch(_reference_batch(ref_outputs), mesh)
+    batch = sharding.shard_batch(reference_batch(ref_outputs), mesh)
     new_state, metrics = step(state, batch)
     return model, config, sd, jax.device_get(new_state), jax.device_get(metrics)
 
