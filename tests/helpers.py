@@ -11,6 +11,15 @@ from fgtbt_jax import landmarks
 
 ROOT = pathlib.Path(__file__).parents[1]
 
+# The architecture of ../shared/reference/tiny_checkpoint.pth (fgtbt_jax.torch_fgtbt.FGTBTTorch).
+TINY_TORCH = dict(
+    embed_dims=(16, 32, 64, 128),
+    num_heads=(1, 2, 4, 8),
+    depths=(2, 1, 2, 1),
+    sr_ratios=(8, 4, 2, 1),
+    decoder_dim=64,
+)
+
 
 def reference_batch(ref_outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The reference train batch (COFW, WFLW, 300W, AFLW, one each) in unified form: ``image``
@@ -27,6 +36,28 @@ def reference_batch(ref_outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]
         "mask": mask,
         "dataset_id": np.arange(4, dtype=np.int32),
     }
+
+
+def tiny_torch_model(ref_dir: pathlib.Path, **kw):
+    """PyTorch FGTBT with ``tiny_checkpoint.pth`` loaded strictly (``kw``: FGTBTTorch options)."""
+    import torch
+
+    from fgtbt_jax.pth import load_pth
+    from fgtbt_jax.torch_fgtbt import FGTBTTorch
+
+    sd = load_pth(ref_dir / "tiny_checkpoint.pth")["model"]["sd"]
+    model = FGTBTTorch(**TINY_TORCH, **kw)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    return model
+
+
+def torch_reference_batch(ref_outputs: dict[str, np.ndarray]) -> dict:
+    """``reference_batch`` as torch tensors, image NCHW."""
+    import torch
+
+    batch = {k: torch.from_numpy(v) for k, v in reference_batch(ref_outputs).items()}
+    batch["image"] = torch.from_numpy(ref_outputs["input_nchw"])
+    return batch
 
 
 def subprocess_env() -> dict[str, str]:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import reference_batch
+from helpers import tiny_torch_model, torch_reference_batch
 
 from fgtbt_jax import landmarks
 from fgtbt_jax.decoder import conv_transpose_4x4_s2, upsample_conv3x3
@@ -33,13 +33,6 @@ def _load_benchmark():
 pytestmark = pytest.mark.usefixtures("torch_two_threads")
 
 
-def _torch_reference_batch(ref_outputs: dict) -> dict:
-    """The reference train batch as torch tensors, image NCHW."""
-    batch = {k: torch.from_numpy(v) for k, v in reference_batch(ref_outputs).items()}
-    batch["image"] = torch.from_numpy(ref_outputs["input_nchw"])
-    return batch
-
-
 # ------------------------------------------------------------------------------------------
 # PyTorch side: FMB loss and training step against the reference implementation's numbers
 # ------------------------------------------------------------------------------------------
@@ -48,7 +41,7 @@ def _torch_reference_batch(ref_outputs: dict) -> dict:
 def test_torch_fmb_loss_matches_reference(ref_outputs):
     from fgtbt_jax import torch_loss
 
-    batch = _torch_reference_batch(ref_outputs)
+    batch = torch_reference_batch(ref_outputs)
     pred = torch.from_numpy(ref_outputs["train_heatmaps_nchw"])
     weights = torch.from_numpy(ref_outputs["fmb_weights_124"])
     total, per_dataset = torch_loss.fmb_loss(
@@ -69,23 +62,11 @@ def test_torch_train_step_matches_reference_adamw_step(ref_dir, ref_outputs):
     """One step of the benchmark's PyTorch training step from the tiny checkpoint: gradients
     and updated parameters equal the reference's (dropout / drop-path off, as it ran)."""
     from fgtbt_jax import torch_loss
-    from fgtbt_jax.pth import load_pth
-    from fgtbt_jax.torch_fgtbt import FGTBTTorch
 
-    sd = load_pth(ref_dir / "tiny_checkpoint.pth")["model"]["sd"]
-    model = FGTBTTorch(
-        embed_dims=(16, 32, 64, 128),
-        num_heads=(1, 2, 4, 8),
-        depths=(2, 1, 2, 1),
-        sr_ratios=(8, 4, 2, 1),
-        decoder_dim=64,
-        drop_path_rate=0.0,
-        decoder_dropout=0.0,
-    )
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    model = tiny_torch_model(ref_dir, drop_path_rate=0.0, decoder_dropout=0.0)
     weights = torch.from_numpy(ref_outputs["fmb_weights_124"])
     step = torch_loss.make_train_step(model, weights, ema_decay=0.5)
-    loss = step(_torch_reference_batch(ref_outputs))
+    loss = step(torch_reference_batch(ref_outputs))
     np.testing.assert_allclose(float(loss), float(ref_outputs["train_loss_total"]), rtol=1e-5)
 
     with np.load(ref_dir / "tiny_reference_grads.npz") as f:

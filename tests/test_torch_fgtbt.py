@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import TINY_TORCH
 
 torch = pytest.importorskip("torch")
 
@@ -19,13 +20,7 @@ from fgtbt_jax.torch_fgtbt import (  # noqa: E402
     highpass_filter,
 )
 
-TINY = dict(
-    embed_dims=(16, 32, 64, 128),
-    num_heads=(1, 2, 4, 8),
-    depths=(2, 1, 2, 1),
-    sr_ratios=(8, 4, 2, 1),
-    decoder_dim=64,
-)
+TINY = TINY_TORCH
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

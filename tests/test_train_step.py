@@ -1,15 +1,24 @@
 """The train step against the PyTorch reference (one step on tiny_checkpoint.pth), plus units.
 
-Gradient tolerance. The issue asks for 1e-3 relative per tensor; float32 cannot deliver that
-here, for any implementation: the reference's own float32 gradients differ from a float64
-evaluation of the same network (PyTorch, same high-pass input) by up to 5.8e-3
-(``decode_head.linear_pred.weight``) and 3.1e-3 (``conv1.bn1.bias``), and an independent
-PyTorch float32 implementation (``fgtbt_jax.torch_fgtbt``) differs from the reference by
-4e-3. The high-pass image makes it worse: it is an FFT whose float32 rounding differs between
-XLA and PocketFFT (3.8e-7 of its maximum), and LayerNorms over 4 prompt channels of nearly
-constant tokens amplify that ~300×. Measured for this train step: per-tensor max error
-median 3.1e-3, 90th percentile 4.6e-3, worst 2.4e-2 (``conv1.bn1.bias``); relative L2 error
-worst 8.1e-3. A layout or semantics error gives O(1).
+Gradient tolerance. The parameter gradients are ill-conditioned with respect to float32
+rounding on this random tiny checkpoint: LayerNorms over 4 prompt channels of nearly constant
+tokens amplify input rounding a few hundred times. Two consequences, both measured here:
+
+* The high-pass image (an FFT of the input; no parameter gradient flows through it) rounds
+  differently in XLA and in PocketFFT, and an exact float64 one differs from the reference's
+  float32 one by 3.9e-7 of its maximum, which moves some gradients by 2.4e-2
+  (``test_reference_gradients_depend_on_high_pass_rounding``). So the one-step fixture feeds
+  the reference's own high-pass image (``hpf_nchw``); the FFT itself is held to it by the
+  forward parity tests.
+* Even then the reference file is float32-noisy: a float64 evaluation of the same step
+  (``fgtbt_jax.torch_fgtbt``, network in float64) differs from it by up to 5.8e-3 per tensor
+  (``linear_pred.weight``; median 8.6e-4), so no implementation meets "1e-3 for every
+  tensor" against the file. Ours is closer to that float64 evaluation (median 4.0e-4, worst
+  3.1e-3) than the reference file is, and within 5.7e-3 (median 9.0e-4) of the file.
+
+Per-tensor error = max|got - want| / max(max|want|, 1e-4 * largest gradient) (the floor is for
+tensors whose true gradient is ~0, e.g. biases before a BatchNorm). A layout or semantics error
+gives O(1).
 """
 
 from __future__ import annotations
@@ -19,10 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import reference_batch
+from helpers import reference_batch, tiny_torch_model, torch_reference_batch
 
 from configs import fgtbt
-from fgtbt_jax import landmarks, porting, sharding, synthetic, train_state, train_step
+from fgtbt_jax import (
+    backbone,
+    landmarks,
+    porting,
+    sharding,
+    synthetic,
+    train_state,
+    train_step,
+)
 from fgtbt_jax.model import build_model
 from fgtbt_jax.pth import load_pth
 
@@ -47,7 +64,15 @@ def one_step(ref_dir, ref_outputs):
         mesh,
     )
     batch = sharding.shard_batch(reference_batch(ref_outputs), mesh)
-    new_state, metrics = step(state, batch)
+    hpf = jnp.asarray(ref_outputs["hpf_nchw"].transpose(0, 2, 3, 1))
+
+    def reference_high_pass(x: jax.Array, sigma: float) -> jax.Array:
+        assert x.shape == hpf.shape and sigma == 20.0
+        return hpf
+
+    with pytest.MonkeyPatch.context() as mp:  # see the module docstring
+        mp.setattr(backbone, "high_pass", reference_high_pass)
+        new_state, metrics = step(state, batch)
     return model, config, sd, jax.device_get(new_state), jax.device_get(metrics)
 
 
@@ -65,31 +90,107 @@ def test_loss_terms_match_reference(one_step, ref_outputs):
     np.testing.assert_allclose(metrics["lr"], 2.5e-4, rtol=1e-6)
 
 
-@pytest.mark.slow  # shares one compile of the real train step (about 1-2 min)
-def test_gradients_match_reference(one_step, ref_dir):
-    model, config, _, _, metrics = one_step
-    with np.load(ref_dir / "tiny_reference_grads.npz") as f:
-        ref = {k: f[k] for k in f.files}
-    grads = _torch_dict(
-        model, config, {"params": metrics["grads"], "batch_stats": one_step[3].batch_stats}
+def _high_pass_float64(x_nchw: np.ndarray, sigma: float = 20.0) -> np.ndarray:
+    """The high-pass image of SPEC's prompt branch computed in float64 with NumPy (NCHW)."""
+    h, w = x_nchw.shape[-2:]
+    d2 = (np.arange(h)[:, None] - h // 2) ** 2 + (np.arange(w)[None, :] - w // 2) ** 2
+    spec = np.fft.fftshift(np.fft.fft2(x_nchw.astype(np.float64), norm="forward"), axes=(-2, -1))
+    spec *= 1.0 - np.exp(-d2 / (2.0 * sigma**2))
+    return np.abs(np.fft.ifft2(np.fft.ifftshift(spec, axes=(-2, -1)), norm="forward").real)
+
+
+def _float64_grads(ref_dir, ref_outputs, hpf_nchw: np.ndarray) -> dict[str, np.ndarray]:
+    """Parameter gradients of the reference step evaluated by the PyTorch FGTBT in float64, on
+    the given high-pass image (the loss stays float32, which moves them by < 3e-7)."""
+    torch = pytest.importorskip("torch")
+    from fgtbt_jax import torch_fgtbt, torch_loss
+
+    model = tiny_torch_model(ref_dir, drop_path_rate=0.0, decoder_dropout=0.0).double().train()
+    batch = torch_reference_batch(ref_outputs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_fgtbt, "highpass_filter", lambda x, sigma: torch.from_numpy(hpf_nchw))
+        heatmaps = model(batch["image"].double())
+    weights = torch.from_numpy(ref_outputs["fmb_weights_124"])
+    total, _ = torch_loss.fmb_loss(
+        heatmaps, batch["coords"], batch["mask"], batch["dataset_id"], weights
     )
-    scale = max(float(np.abs(g).max()) for g in ref.values())
-    # Parameters feeding a normalisation (e.g. biases before BatchNorm) have a true gradient
-    # of 0 and float noise (~1e-7) in both; measure them against 1e-4 of the largest gradient.
-    floor = 1e-4 * scale
+    total.backward()
+    return {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def float64_grads(ref_dir, ref_outputs, torch_two_threads):
+    """Float64 evaluations of the step: on the reference's high-pass image and on an exact one."""
+    reference_hpf = ref_outputs["hpf_nchw"].astype(np.float64)
+    exact_hpf = _high_pass_float64(ref_outputs["input_nchw"])
+    return {
+        "reference_hpf": _float64_grads(ref_dir, ref_outputs, reference_hpf),
+        "exact_hpf": _float64_grads(ref_dir, ref_outputs, exact_hpf),
+        "hpf_error": float(np.abs(exact_hpf - reference_hpf).max() / np.abs(exact_hpf).max()),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_grads(ref_dir) -> dict[str, np.ndarray]:
+    with np.load(ref_dir / "tiny_reference_grads.npz") as f:
+        return {k: f[k].astype(np.float64) for k in f.files}
+
+
+def _floor(grads: dict[str, np.ndarray]) -> float:
+    return 1e-4 * max(float(np.abs(g).max()) for g in grads.values())
+
+
+def _grad_errors(
+    got: dict[str, np.ndarray], want: dict[str, np.ndarray], floor: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per tensor of ``want``: (max error, L2 error), each relative as in the module docstring."""
     max_err, l2_err = {}, {}
-    for key, want in ref.items():
-        got = grads[key]
-        assert got.shape == want.shape, key
-        max_err[key] = np.abs(got - want).max() / max(np.abs(want).max(), floor)
-        l2_err[key] = np.linalg.norm(got - want) / max(np.linalg.norm(want), floor)
+    for key, w in want.items():
+        g = np.asarray(got[key], np.float64)
+        assert g.shape == w.shape, key
+        max_err[key] = float(np.abs(g - w).max() / max(np.abs(w).max(), floor))
+        l2_err[key] = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), floor))
+    return max_err, l2_err
+
+
+@pytest.mark.slow  # shares one compile of the real train step (about 1-2 min)
+def test_gradients_match_reference(one_step, reference_grads, float64_grads):
+    model, config, _, new_state, metrics = one_step
+    ref = reference_grads
+    variables = {"params": metrics["grads"], "batch_stats": new_state.batch_stats}
+    grads = _torch_dict(model, config, variables)
+    floor = _floor(ref)
+    # Against the reference file (measured: max error median 9.0e-4, worst 5.7e-3; L2 worst
+    # 2.7e-3. The float64 evaluation: median 8.6e-4, worst 5.8e-3).
+    max_err, l2_err = _grad_errors(grads, ref, floor)
     worst = max(max_err, key=max_err.get)
-    assert max_err[worst] < 5e-2, (worst, max_err[worst])
-    assert np.median(list(max_err.values())) < 5e-3
-    assert max(l2_err.values()) < 2e-2, max(l2_err, key=l2_err.get)
+    assert max_err[worst] < 1e-2, (worst, max_err[worst])
+    assert np.median(list(max_err.values())) < 1.5e-3
+    assert max(l2_err.values()) < 5e-3, max(l2_err, key=l2_err.get)
+    # Relative to the largest gradient of all, every tensor is within 1e-3 (measured 2.1e-4;
+    # the float64 evaluation 2.0e-4).
+    assert max(_grad_errors(grads, ref, floor=1e4 * floor)[0].values()) < 1e-3
+    # Against the float64 evaluation of the same step (measured: median 4.0e-4, worst 3.1e-3,
+    # L2 worst 1.4e-3), and closer to it than the reference file is (median 8.6e-4).
+    exact = float64_grads["reference_hpf"]
+    max_err, l2_err = _grad_errors(grads, exact, floor)
+    file_err, _ = _grad_errors(ref, exact, floor)
+    assert max(max_err.values()) < 5e-3, max(max_err, key=max_err.get)
+    assert max(l2_err.values()) < 2e-3, max(l2_err, key=l2_err.get)
+    assert np.median(list(max_err.values())) < min(1e-3, np.median(list(file_err.values())))
     # The unused conv_seg gets no gradient (zeros here, None in PyTorch).
     for key in ("encoder.decode_head.conv_seg.weight", "encoder.decode_head.conv_seg.bias"):
         assert key not in ref and not np.any(grads[key])
+
+
+def test_reference_gradients_depend_on_high_pass_rounding(reference_grads, float64_grads):
+    """Why the one-step fixture feeds the reference's high-pass image: an exact (float64) one,
+    within 1e-6 of it, moves some gradients by > 1e-2 (measured 2.4e-2, conv1.bn1.bias)."""
+    assert float64_grads["hpf_error"] < 1e-6
+    max_err, _ = _grad_errors(
+        float64_grads["exact_hpf"], float64_grads["reference_hpf"], _floor(reference_grads)
+    )
+    assert max(max_err.values()) > 1e-2
 
 
 @pytest.mark.slow  # shares one compile of the real train step (about 1-2 min)
@@ -115,7 +216,7 @@ def test_batchnorm_statistics_after_step(one_step, ref_dir):
 
 
 @pytest.mark.slow  # shares one compile of the real train step (about 1-2 min)
-def test_params_after_adamw_step(one_step, ref_dir):
+def test_params_after_adamw_step(one_step, ref_dir, reference_grads):
     """AdamW's first step is lr·g/(|g| + eps) ≈ lr·sign(g) + decay. Elements whose gradient is
     within the float32 noise of the tensor (see the module docstring) may step differently,
     by at most 2·lr; where |g_ref| > sqrt(4e-7 · max|g_ref|) and the signs agree, a gradient
@@ -123,8 +224,7 @@ def test_params_after_adamw_step(one_step, ref_dir):
     model, config, sd, new_state, metrics = one_step
     with np.load(ref_dir / "tiny_reference_params_after_adamw_step.npz") as f:
         after = {k: f[k] for k in f.files}
-    with np.load(ref_dir / "tiny_reference_grads.npz") as f:
-        ref_grads = {k: f[k] for k in f.files}
+    ref_grads = reference_grads
     got = _torch_dict(model, config, new_state.variables())
     grads = _torch_dict(
         model, config, {"params": metrics["grads"], "batch_stats": new_state.batch_stats}
