@@ -178,21 +178,22 @@ class CSAM(nn.Module):
 
 
 def tokens_as_view(f: jax.Array) -> jax.Array:
-    """The reference's ``.view(B, C′, A, A)`` of row-major tokens (B, N, C′), returned NHWC.
+    """The reference's ``.view(B, C′, A, A)`` of row-major tokens (B, N, C′), with the A×A grid
+    kept flat: (B, C′, N), channels on axis 1.
 
-    The memory is *reinterpreted*, not transposed: view[b, c, i, j] = flat(f[b])[c·N + i·A + j].
+    The memory is *reinterpreted*, not transposed: view[b, c, i·A + j] = flat(f[b])[c·N + i·A + j].
     """
     b, n, c = f.shape
     a = int(round(n**0.5))
     if a * a != n:
         raise ValueError(f"the prompt reshape needs a square token grid, got {n} tokens")
-    return f.reshape(b, c, a, a).transpose(0, 2, 3, 1)
+    return f.reshape(b, c, n)
 
 
 def view_as_tokens(g: jax.Array) -> jax.Array:
-    """Inverse of :func:`tokens_as_view`: NHWC (B, A, A, C′) → tokens (B, N, C′), same memory."""
-    b, a, _, c = g.shape
-    return g.transpose(0, 3, 1, 2).reshape(b, a * a, c)
+    """Inverse of :func:`tokens_as_view`: (B, C′, N) → tokens (B, N, C′), same memory."""
+    b, c, n = g.shape
+    return g.reshape(b, n, c)
 
 
 class PromptGenerator(nn.Module):
@@ -270,21 +271,14 @@ class PromptGenerator(nn.Module):
         self, stage: int, block: int, x: jax.Array, hc: jax.Array, emb: jax.Array, train: bool
     ) -> jax.Array:
         """Returns the prompt-updated tokens x + prompt (B, N, E_s)."""
-        f = jnp.concatenate([x, hc, emb], axis=-1)
-        b, n, c = f.shape
-        a = int(round(n**0.5))
-        if a * a != n:
-            raise ValueError(f"the prompt reshape needs a square token grid, got {n} tokens")
-        # The reference's .view(B, C′, A, A) of the token memory (see tokens_as_view), with the
-        # A×A grid kept flat: g[b, c, i·A + j].
-        g = f.reshape(b, c, n)
+        g = tokens_as_view(jnp.concatenate([x, hc, emb], axis=-1))  # (B, C′, N)
         r = g
         g = self.csam[stage](g)
         g = nn.relu(self.bn[stage](g, train))
         kernel, bias = self.conv[stage]()
         g = jnp.einsum("bcn,co->bon", g, kernel[0, 0].astype(self.dtype))
         g = g + bias.astype(self.dtype)[:, None] + r
-        f = gelu(self.lightweight[stage][block](g.reshape(b, n, c)))
+        f = gelu(self.lightweight[stage][block](view_as_tokens(g)))
         return x + self.shared_mlp[stage](f)
 
 

@@ -91,8 +91,7 @@ class BatchNorm(nn.Module):
                 ra_var.value = (1 - m) * ra_var.value + m * jnp.mean(unbiased, axis=0)
                 tracked.value = tracked.value + 1
             return y
-        shape = [1] * x.ndim
-        shape[axis] = c
+        shape = _channel_shape(x, axis)
         mean, var = ra_mean.value.reshape(shape), ra_var.value.reshape(shape)
         y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
         return (y * scale.reshape(shape) + bias.reshape(shape)).astype(self.dtype)
@@ -378,10 +377,8 @@ def conv2d(
         return depthwise_conv3x3(x, w)
     if groups == 1 and kh == kw == stride and padding == 0 and h % stride == 0 and wd % stride == 0:
         # Non-overlapping patches: a patchify reshape and one matmul.
-        s = stride
-        patches = x.reshape(b, h // s, s, wd // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(b, h // s, wd // s, s * s * c)
-        return jnp.einsum("bhwk,ko->bhwo", patches, w.reshape(s * s * c, cout))
+        patches = _space_to_depth(x, stride)
+        return jnp.einsum("bhwk,ko->bhwo", patches, w.reshape(-1, cout))
     if groups == 1 and stride == 1:
         return conv_s1(x, w, ((padding, padding), (padding, padding)))
     if groups == 1:

@@ -27,7 +27,7 @@ DEFAULT_LOSS_CFG: dict[str, float] = {
 }
 
 
-def _gaussian_table(sigma: float) -> tuple[np.ndarray, int]:
+def gaussian_table(sigma: float) -> tuple[np.ndarray, int]:
     """float32 values of exp(-d / (2σ²)) for squared distances d = 0..2r², and r = ⌊3σ⌋.
 
     Computed in float64 on the host and rounded once to float32, as the reference draws its
@@ -55,7 +55,7 @@ def render_heatmaps(
       elsewhere; a point whose window lies entirely outside the map gives an all-zero map.
     """
     h, w = (size, size) if isinstance(size, int) else size
-    table, radius = _gaussian_table(float(sigma))
+    table, radius = gaussian_table(float(sigma))
     coords = jnp.asarray(coords)
     if coords.ndim != 3 or coords.shape[-1] != 2:
         raise ValueError(f"coords must be (B, K, 2) (x, y) points, got shape {coords.shape}")

@@ -7,15 +7,13 @@ Test / benchmark tooling only; torch is imported here and in :mod:`fgtbt_jax.tor
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fgtbt_jax.loss import DEFAULT_LOSS_CFG
+from fgtbt_jax.loss import DEFAULT_LOSS_CFG, gaussian_table
 
 
 def render_heatmaps(
@@ -26,10 +24,8 @@ def render_heatmaps(
     exp(-d² / 2σ²) inside the (2⌊3σ⌋+1)² window around each point, clipped to the map, zero
     elsewhere; values are float64 exponentials rounded once to float32 (as the reference).
     """
-    radius = int(math.floor(3.0 * sigma))
-    d = np.arange(2 * radius * radius + 1, dtype=np.float64)
-    table = torch.from_numpy(np.exp(-d / (2.0 * sigma * sigma)).astype(np.float32))
-    table = table.to(coords.device)
+    table, radius = gaussian_table(float(sigma))
+    table = torch.from_numpy(table).to(coords.device)
     coords = coords.to(torch.int64)
     x = coords[:, :, 0, None, None]  # (B, K, 1, 1)
     y = coords[:, :, 1, None, None]

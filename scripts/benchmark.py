@@ -183,7 +183,6 @@ def _jax_memory(compiled: Any, device: Any) -> tuple[int | None, str | None]:
 
 def run_jax_case(spec: dict) -> dict:
     import jax
-    import numpy as np
 
     from fgtbt_jax import evaluation, sharding, train_state, train_step
     from fgtbt_jax.model import build_model
@@ -248,7 +247,6 @@ def run_jax_case(spec: dict) -> dict:
         flops_per_image=None if flops is None else flops / spec["batch"],
         backend_versions={"jax": jax.__version__},
     )
-    del np
     return row
 
 
@@ -283,7 +281,6 @@ def measure_jax_matmul_peak(size: int = 4096, repeats: int = 5) -> dict:
 
 
 def run_torch_case(spec: dict) -> dict:
-    import numpy as np
     import torch
 
     from fgtbt_jax import landmarks, torch_loss
@@ -368,7 +365,6 @@ def run_torch_case(spec: dict) -> dict:
     else:
         mem, source = _peak_rss() - rss0, "process peak RSS minus RSS before model creation"
         name = platform.processor() or platform.machine()
-    del np
     return _case(
         spec,
         step_seconds=times,

@@ -104,8 +104,8 @@ def test_prompt_view_reinterprets_memory():
     b, a, c = 2, 3, 5
     tokens = np.arange(b * a * a * c, dtype=np.float32).reshape(b, a * a, c)
     view_nchw = tokens.reshape(b, c, a, a)  # what torch's .view does on contiguous memory
-    got = np.asarray(tokens_as_view(jnp.asarray(tokens)))
-    np.testing.assert_array_equal(got, view_nchw.transpose(0, 2, 3, 1))
+    got = np.asarray(tokens_as_view(jnp.asarray(tokens)))  # (B, C, A·A)
+    np.testing.assert_array_equal(got, view_nchw.reshape(b, c, a * a))
     np.testing.assert_array_equal(np.asarray(view_as_tokens(jnp.asarray(got))), tokens)
 
 

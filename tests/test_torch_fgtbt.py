@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import TINY_TORCH
+from helpers import TINY_TORCH, tiny_torch_model
 
 torch = pytest.importorskip("torch")
 
@@ -20,7 +20,6 @@ from fgtbt_jax.torch_fgtbt import (  # noqa: E402
     highpass_filter,
 )
 
-TINY = TINY_TORCH
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -33,13 +32,6 @@ def tiny_state_dict(ref_dir: pathlib.Path) -> dict:
     return {k: torch.from_numpy(v) for k, v in sd.items()}
 
 
-def _tiny_model(state_dict: dict, **kw) -> FGTBTTorch:
-    model = FGTBTTorch(**TINY, **kw)
-    result = model.load_state_dict(state_dict, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    return model
-
-
 def _assert_close(got: torch.Tensor, want: np.ndarray, name: str, rel: float = 1e-4) -> None:
     got = got.detach().numpy()
     assert got.shape == want.shape, (name, got.shape, want.shape)
@@ -48,8 +40,8 @@ def _assert_close(got: torch.Tensor, want: np.ndarray, name: str, rel: float = 1
     assert err <= rel * scale, f"{name}: max error {err:.3g} > {rel} x max|ref| {scale:.3g}"
 
 
-def test_eval_matches_reference(tiny_state_dict: dict, ref_outputs: dict) -> None:
-    model = _tiny_model(tiny_state_dict).eval()
+def test_eval_matches_reference(ref_dir: pathlib.Path, ref_outputs: dict) -> None:
+    model = tiny_torch_model(ref_dir).eval()
     x = torch.from_numpy(ref_outputs["input_nchw"])
     with torch.no_grad():
         _assert_close(highpass_filter(x, 20.0), ref_outputs["hpf_nchw"], "hpf")
@@ -65,23 +57,21 @@ def test_eval_matches_reference(tiny_state_dict: dict, ref_outputs: dict) -> Non
     assert np.abs(heatmaps[:2].numpy() - want_alone).max() > 1e-3 * np.abs(want_alone).max()
 
 
-def test_csam_per_sample_option(tiny_state_dict: dict, ref_outputs: dict) -> None:
+def test_csam_per_sample_option(ref_dir: pathlib.Path, ref_outputs: dict) -> None:
     """'sample' makes outputs batch-independent; for one image it equals the reference."""
-    model = _tiny_model(tiny_state_dict, csam_reduction="sample").eval()
+    model = tiny_torch_model(ref_dir, csam_reduction="sample").eval()
     x = torch.from_numpy(ref_outputs["input_nchw"])
     with torch.no_grad():
         batched = model(x[:2])
     _assert_close(batched, ref_outputs["eval_heatmaps_per_sample_nchw"], "per-sample CSAM")
     with pytest.raises(ValueError, match="csam_reduction"):
-        FGTBTTorch(**TINY, csam_reduction="global")
+        FGTBTTorch(**TINY_TORCH, csam_reduction="global")
 
 
-def test_train_mode_matches_reference(
-    tiny_state_dict: dict, ref_outputs: dict, ref_dir: pathlib.Path
-) -> None:
+def test_train_mode_matches_reference(ref_outputs: dict, ref_dir: pathlib.Path) -> None:
     """Train mode with dropout / drop-path 0: BatchNorm on batch statistics, and the running
     statistics updated with momentum 0.1 and the unbiased variance."""
-    model = _tiny_model(tiny_state_dict, drop_path_rate=0.0, decoder_dropout=0.0).train()
+    model = tiny_torch_model(ref_dir, drop_path_rate=0.0, decoder_dropout=0.0).train()
     out = model(torch.from_numpy(ref_outputs["input_nchw"]))
     _assert_close(out, ref_outputs["train_heatmaps_nchw"], "train-mode heatmaps")
     state = model.state_dict()
@@ -91,14 +81,14 @@ def test_train_mode_matches_reference(
             _assert_close(state[k], bn[k], k, rel=1e-5)
 
 
-def test_drop_path_and_dropout_are_active_in_train_mode(tiny_state_dict: dict) -> None:
+def test_drop_path_and_dropout_are_active_in_train_mode(ref_dir: pathlib.Path) -> None:
     torch.manual_seed(0)
     dp = DropPath(0.5).train()
     y = dp(torch.ones(4000, 3))
     kept = y[:, 0] != 0
     assert torch.all(y[kept] == 2.0) and 0.45 < kept.float().mean() < 0.55
     assert torch.equal(dp.eval()(torch.ones(5, 3)), torch.ones(5, 3))
-    model = _tiny_model(tiny_state_dict, drop_path_rate=0.3, decoder_dropout=0.5)
+    model = tiny_torch_model(ref_dir, drop_path_rate=0.3, decoder_dropout=0.5)
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = model.train()(x), model(x)
@@ -113,7 +103,7 @@ def test_drop_path_and_dropout_are_active_in_train_mode(tiny_state_dict: dict) -
 def test_normalization_constants_follow_spec() -> None:
     """SPEC §2.1: block and stage LayerNorms eps 1e-6, other LayerNorms 1e-5; BatchNorm eps 1e-5,
     momentum 0.1; exact GELU. (An eps change hides inside the 1e-4 output tolerance.)"""
-    model = FGTBTTorch(**TINY)
+    model = FGTBTTorch(**TINY_TORCH)
     block_or_stage = re.compile(r"^encoder\.backbone\.(block\d\.\d+\.norm[12]|norm\d)$")
     layer_norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
     assert sum(bool(block_or_stage.match(n)) for n in layer_norms) == 2 * 6 + 4
@@ -172,7 +162,7 @@ def test_build_from_config_matches_checkpoint(tiny_state_dict: dict) -> None:
     assert tuple(out.shape) == (1, 124, config.heatmap_size, config.heatmap_size)
 
 
-def test_non_square_input_is_refused(tiny_state_dict: dict) -> None:
-    model = _tiny_model(tiny_state_dict).eval()
+def test_non_square_input_is_refused(ref_dir: pathlib.Path) -> None:
+    model = tiny_torch_model(ref_dir).eval()
     with pytest.raises(ValueError, match="square"), torch.no_grad():
         model(torch.zeros(1, 3, 96, 64))
