@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Data (SPEC §4). source "demo" = the bundled synthetic set (prepared on first use);
     # "official" = TFDS datasets prepared from the official files with scripts/prepare_data.py;
-    # "synthetic" = in-memory generated batches (fgtbt_jax/synthetic.py; no files, no TF).
+    # "synthetic" = in-memory generated batches (fgtbt_jax/train/synthetic.py; no files, no TF).
     c.data = ml_collections.ConfigDict()
     c.data.source = "demo"
     c.data.data_dir = "data/tfds"  # TFDS data_dir (relative to the working directory)

@@ -1,7 +1,31 @@
-"""fgtbt-jax: FGTBT (Frequency-Guided Task-Balancing Transformer) in JAX/Flax."""
+"""fgtbt-jax: FGTBT (Frequency-Guided Task-Balancing Transformer) in JAX/Flax.
 
-from fgtbt_jax.model import FGTBT, build_model
-from fgtbt_jax.porting import export_pth, load_pretrained
+The package tree follows the architecture: ``models/`` (the network), ``porting/`` (PyTorch
+``.pth`` ⇄ Flax), ``train/`` (loss, optimizer, sharding, train step, checkpoints),
+``evaluation/`` (decoding, metrics, reports), ``inference/`` (face detection and the detection
+pipeline); ``landmarks`` and ``transforms`` are the unified landmark scheme and crop geometry.
+
+The public API below is imported on first use, so numpy-only modules (``fgtbt_jax.landmarks``,
+``fgtbt_jax.transforms``) import without JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["FGTBT", "build_model", "export_pth", "load_pretrained"]
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "FGTBT": "fgtbt_jax.models.fgtbt",
+    "build_model": "fgtbt_jax.models.fgtbt",
+    "export_pth": "fgtbt_jax.porting.pretrained",
+    "load_pretrained": "fgtbt_jax.porting.pretrained",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'fgtbt_jax' has no attribute {name!r}")

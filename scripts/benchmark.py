@@ -5,8 +5,9 @@ r"""Compiled throughput of FGTBT in JAX, side by side with PyTorch (eager / torc
 
 Cases (one row each): framework ``jax`` | ``torch-eager`` | ``torch-compile`` × mode
 ``train`` (forward in train mode, FMB loss, backward, AdamW, EMA: the real training step of
-:mod:`fgtbt_jax.train_step`, and the same step written in PyTorch in
-:mod:`fgtbt_jax.torch_loss`), ``eval`` (forward + arg-max decoding, :mod:`fgtbt_jax.evaluation`)
+:mod:`fgtbt_jax.train.step`, and the same step written in PyTorch in
+:mod:`benchmarks.torch_oracle.loss`), ``eval`` (forward + arg-max decoding,
+:mod:`fgtbt_jax.evaluation.decoding`)
 and ``eval_flip`` (the same with the test-time flip: two forward passes). Synthetic data of the
 configured shapes; parameters are random (the speed does not depend on their values).
 
@@ -184,8 +185,11 @@ def _jax_memory(compiled: Any, device: Any) -> tuple[int | None, str | None]:
 def run_jax_case(spec: dict) -> dict:
     import jax
 
-    from fgtbt_jax import evaluation, sharding, train_state, train_step
-    from fgtbt_jax.model import build_model
+    from fgtbt_jax.evaluation import decoding
+    from fgtbt_jax.models.fgtbt import build_model
+    from fgtbt_jax.train import sharding
+    from fgtbt_jax.train import state as train_state
+    from fgtbt_jax.train import step as train_step
 
     rss0 = _current_rss()
     config = load_config(spec["config"], spec.get("overrides", ()))
@@ -214,7 +218,7 @@ def run_jax_case(spec: dict) -> dict:
             return holder["state"], metrics
 
     else:
-        from fgtbt_jax.model import init_variables
+        from fgtbt_jax.models.fgtbt import init_variables
 
         variables = jax.jit(lambda k: init_variables(model, k, config.img_size))(
             jax.random.PRNGKey(0)
@@ -222,7 +226,7 @@ def run_jax_case(spec: dict) -> dict:
         rep = sharding.replicated(mesh)
         variables = jax.device_put(variables, rep)
         images = jax.device_put(batch_np["image"], sharding.data_sharding(mesh))
-        fn = evaluation.make_eval_step(model, flip_test=spec["mode"] == "eval_flip")
+        fn = decoding.make_eval_step(model, flip_test=spec["mode"] == "eval_flip")
         jitted = jax.jit(fn, in_shardings=(rep, sharding.data_sharding(mesh)))
         t1 = time.perf_counter()
         compiled = jitted.lower(variables, {"image": images}).compile()
@@ -283,9 +287,10 @@ def measure_jax_matmul_peak(size: int = 4096, repeats: int = 5) -> dict:
 def run_torch_case(spec: dict) -> dict:
     import torch
 
-    from fgtbt_jax import landmarks, torch_loss
-    from fgtbt_jax.torch_fgtbt import build_torch_model_from_config
-    from fgtbt_jax.train_state import ema_decay
+    from benchmarks.torch_oracle import loss as torch_loss
+    from benchmarks.torch_oracle.fgtbt import build_torch_model_from_config
+    from fgtbt_jax import landmarks
+    from fgtbt_jax.train.state import ema_decay
 
     torch.set_num_threads(spec["threads"])
     rss0 = _current_rss()

@@ -21,8 +21,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from fgtbt_jax import porting, pth  # noqa: E402
-from fgtbt_jax.model import build_model, init_variables  # noqa: E402
+from fgtbt_jax.models.fgtbt import build_model, init_variables  # noqa: E402
+from fgtbt_jax.porting import (
+    convert,
+    pretrained,
+    pth,  # noqa: E402
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fgtbt.py:release"
@@ -46,23 +50,23 @@ def main(argv: list[str]) -> None:
         variables = jax.jit(lambda k: init_variables(model, k, config.img_size))(
             jax.random.key(config.seed)
         )
-        sd = porting.state_dict_from_release(pth.load_pth(src), str(src))
-        variables, report = porting.import_partial(
+        sd = convert.state_dict_from_release(pth.load_pth(src), str(src))
+        variables, report = convert.import_partial(
             variables, sd, model, config.img_size, prefix=_PREFIX.value
         )
         print(report.table())
     else:
-        _, variables = porting.load_pretrained(src, config)
+        _, variables = pretrained.load_pretrained(src, config)
     if dst.suffix in (".pth", ".pt"):
-        porting.export_pth(variables, dst, config)
+        pretrained.export_pth(variables, dst, config)
     else:
-        porting.save_variables(variables, dst)
+        pretrained.save_variables(variables, dst)
     print(f"wrote {dst}")
 
 
 if __name__ == "__main__":
     try:
         app.run(main)
-    except (porting.CheckpointMismatchError, pth.PthFormatError, FileNotFoundError) as e:
+    except (convert.CheckpointMismatchError, pth.PthFormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

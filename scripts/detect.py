@@ -14,8 +14,9 @@ For every image ``OUT/<stem>.json``::
 ``--scheme`` dataset's points in its own order, or the 124 unified points for ``unified``) and
 ``OUT/<stem>.png`` with boxes and landmarks drawn. Faces come from ``--boxes`` (JSON
 ``{"name.jpg": [[x0, y0, x1, y1], ...]}``, keys by file name or stem; ``[]`` = no face) or, for
-images not listed there, from the Haar-cascade detector (``fgtbt_jax.detector``). Images without
-a face get a JSON with ``"faces": []`` and a note; unreadable images are reported and skipped.
+images not listed there, from the Haar-cascade detector (``fgtbt_jax.inference.detector``).
+Images without a face get a JSON with ``"faces": []`` and a note; unreadable images are
+reported and skipped.
 Each face runs as its own batch of one (the network's CSAM statistics span the batch), with the
 test-time flip unless ``--noflip``.
 """
@@ -36,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fgtbt_jax import detector, evaluation, landmarks, transforms  # noqa: E402
-from fgtbt_jax.model import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from fgtbt_jax import landmarks, transforms  # noqa: E402
+from fgtbt_jax.evaluation import decoding
+from fgtbt_jax.inference import detector  # noqa: E402
+from fgtbt_jax.models.fgtbt import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 SCHEMES = (*landmarks.DATASETS, "unified")
@@ -54,7 +57,7 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _SCHEME = flags.DEFINE_enum("scheme", "unified", SCHEMES, "Landmark scheme of 'landmarks'.")
 _BOXES = flags.DEFINE_string("boxes", None, "JSON file with face boxes per image.")
 _REFINE = flags.DEFINE_enum(
-    "refine", "dark", evaluation.REFINEMENTS, "Sub-pixel refinement of the heatmap maxima."
+    "refine", "dark", decoding.REFINEMENTS, "Sub-pixel refinement of the heatmap maxima."
 )
 _FLIP = flags.DEFINE_bool("flip", True, "Test-time horizontal flip (average with the mirror).")
 _MAX_FACES = flags.DEFINE_integer("max_faces", 10, "At most this many faces per image.")
@@ -104,7 +107,7 @@ def main(argv: list[str]) -> int:
     import fgtbt_jax
 
     model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
-    step = evaluation.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
+    step = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
     size = int(config.img_size)
     mean = np.asarray(IMAGENET_MEAN, np.float32)
     std = np.asarray(IMAGENET_STD, np.float32)

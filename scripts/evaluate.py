@@ -28,7 +28,8 @@ from ml_collections import config_flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fgtbt_jax import evaluation, landmarks  # noqa: E402
+from fgtbt_jax import landmarks  # noqa: E402
+from fgtbt_jax.evaluation import decoding, metrics, reports
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -43,7 +44,7 @@ _PROTOCOL = flags.DEFINE_enum("protocol", "both", ("reference", "standard", "bot
 _DATASETS = flags.DEFINE_list("datasets", None, "Datasets (default: config.data.datasets).")
 _SUBSETS = flags.DEFINE_list("subsets", None, "Subsets (default: all of each dataset).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Evaluation batch size.")
-_REFINE = flags.DEFINE_enum("refine", "none", evaluation.REFINEMENTS, "Heatmap decoding.")
+_REFINE = flags.DEFINE_enum("refine", "none", decoding.REFINEMENTS, "Heatmap decoding.")
 _FLIP = flags.DEFINE_bool("flip", True, "Test-time horizontal flip.")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Stop each subset after N batches (0: all).")
 
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
     from input_pipeline import pipeline
 
     config = _CONFIG.value
-    protocols = evaluation.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
+    protocols = metrics.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
     datasets = _DATASETS.value or list(config.data.datasets)
     for ds in datasets:
         if ds not in landmarks.DATASETS:
@@ -63,15 +64,15 @@ def main(argv: list[str]) -> None:
     if config.data.source == "demo":
         pipeline.ensure_demo_data(config)
     model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
-    predict = evaluation.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
-    acc = evaluation.Accumulator(protocols)
+    predict = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
+    acc = metrics.Accumulator(protocols)
     cache: dict = {}
     t0 = time.time()
     for ds in datasets:
         subsets = list(pipeline.list_eval_subsets(ds))
         if _SUBSETS.value:
             subsets = [s for s in subsets if s in _SUBSETS.value]
-        subsets.sort(key=lambda s: s != evaluation.FULL)  # full first: its predictions are reused
+        subsets.sort(key=lambda s: s != metrics.FULL)  # full first: its predictions are reused
         for subset in subsets:
             it = pipeline.make_eval_iterator(config, ds, subset, _BATCH.value)
 
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> None:
                 if i == 1 or i % 20 == 0:
                     print(f"  {ds}/{subset}: batch {i} ({time.time() - t0:.0f} s)", flush=True)
 
-            evaluation.evaluate(
+            metrics.evaluate(
                 predict, variables, tagged(), accumulator=acc, cache=cache, progress=progress
             )
             print(f"{ds}/{subset}: done ({time.time() - t0:.0f} s)", flush=True)
@@ -99,8 +100,8 @@ def main(argv: list[str]) -> None:
         batch_size=_BATCH.value,
         data_source=str(config.data.source),
     )
-    paths = evaluation.write_report(report, _OUT.value)
-    print(evaluation.format_markdown(report))
+    paths = reports.write_report(report, _OUT.value)
+    print(reports.format_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

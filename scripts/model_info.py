@@ -18,8 +18,8 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fgtbt_jax import porting  # noqa: E402
-from fgtbt_jax.model import build_model, init_variables  # noqa: E402
+from fgtbt_jax.models.fgtbt import build_model, init_variables  # noqa: E402
+from fgtbt_jax.porting import convert
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fgtbt.py:release"
@@ -33,11 +33,11 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     model = build_model(config.model)
-    abstract = porting.abstract_variables(model, config.img_size)
+    abstract = convert.abstract_variables(model, config.img_size)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
     stats = [x for x in jax.tree.leaves(abstract["batch_stats"]) if x.dtype != np.int32]
     n_stats = sum(int(np.prod(x.shape)) for x in stats)
-    entries = porting.mapping(model, config.img_size)
+    entries = convert.mapping(model, config.img_size)
     print(f"preset: {config.preset}  input: {config.img_size}²  heatmaps: {config.heatmap_size}²")
     print(f"parameters: {n_params:,}")
     print(f"BatchNorm running statistics: {n_stats:,}")

@@ -35,17 +35,13 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fgtbt_jax import (  # noqa: E402
-    checkpointing,
-    landmarks,
-    porting,
-    pth,
-    sharding,
-    synthetic,
-    train_state,
-    train_step,
-)
-from fgtbt_jax.model import build_model, init_variables  # noqa: E402
+from fgtbt_jax import landmarks
+from fgtbt_jax.evaluation.evaluator import Evaluator
+from fgtbt_jax.models.fgtbt import build_model, init_variables  # noqa: E402
+from fgtbt_jax.porting import convert, pretrained, pth
+from fgtbt_jax.train import checkpointing, sharding, synthetic
+from fgtbt_jax.train import state as train_state
+from fgtbt_jax.train import step as train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
@@ -80,64 +76,6 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int) -> Iterato
     if config.data.source == "demo":
         pipeline.ensure_demo_data(config)
     return pipeline.make_train_iterator(config, **kwargs)
-
-
-def eval_batches(config: ml_collections.ConfigDict, datasets: tuple[str, ...]) -> list | None:
-    """Evaluation batches (``fgtbt_jax.evaluation.evaluate`` contract) or None if unavailable."""
-    if config.data.source == "synthetic":
-        cfg = ml_collections.ConfigDict(config.to_dict())
-        cfg.data.datasets = datasets
-        return synthetic.eval_batches(
-            cfg, num_per_dataset=int(config.data.get("synthetic_eval_images", 16))
-        )
-    try:
-        from input_pipeline import pipeline
-
-        make = pipeline.make_eval_iterator
-    except (ImportError, AttributeError):
-        return None
-    return [b for name in datasets for b in make(config, name)]
-
-
-class Evaluator:
-    """Flip-test NME of the EMA weights per dataset via ``fgtbt_jax.evaluation`` (if present)."""
-
-    def __init__(self, config: ml_collections.ConfigDict, build: Callable = build_model) -> None:
-        self.config = config
-        self.available = True
-        try:
-            from fgtbt_jax import evaluation
-        except ImportError:
-            self.available = False
-            return
-        self.evaluation = evaluation
-        # stat_groups=1: the eval batch is one CSAM group, as in the reference's evaluation.
-        self.step = jax.jit(evaluation.make_eval_step(build(config.model)))
-        self._cache: dict[tuple[str, ...], list | None] = {}
-
-    def __call__(self, variables: Any, datasets: tuple[str, ...]) -> dict[str, float] | None:
-        if not self.available:
-            return None
-        if datasets not in self._cache:
-            self._cache[datasets] = eval_batches(self.config, datasets)
-        batches = self._cache[datasets]
-        if not batches:
-            logging.warning("no evaluation data for %s; skipping evaluation", datasets)
-            return None
-        report = self.evaluation.evaluate(self.step, variables, batches)
-        out = {}
-        for protocol, per_ds in report["metrics"].items():
-            for ds, per_subset in per_ds.items():
-                for subset, m in per_subset.items():
-                    prefix = f"{protocol}/{ds}/{subset}"
-                    out[f"{prefix}/nme_inter_ocular"] = float(m["nme_inter_ocular"])
-                    out[f"{prefix}/nme_inter_pupil"] = float(m["nme_inter_pupil"])
-        # Checkpoint selection: the published protocol's inter-ocular NME on each full set.
-        for ds in datasets:
-            key = f"reference/{ds}/full/nme_inter_ocular"
-            if key in out:
-                out[f"nme_{ds}"] = out[key]
-        return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,16 +211,16 @@ def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | N
     if config.init_checkpoint and config.init_backbone:
         raise ValueError("set at most one of config.init_checkpoint and config.init_backbone")
     if config.init_checkpoint:
-        _, variables = porting.load_pretrained(config.init_checkpoint, config)
+        _, variables = pretrained.load_pretrained(config.init_checkpoint, config)
         logging.info("initialised from %s", config.init_checkpoint)
         return variables
     if config.init_backbone:
         init_key, _ = train_state.seed_keys(int(config.seed))
         variables = jax.jit(lambda key: init_variables(model, key, int(config.img_size)))(init_key)
-        state_dict = porting.state_dict_from_release(
+        state_dict = convert.state_dict_from_release(
             pth.load_pth(config.init_backbone), config.init_backbone
         )
-        variables, report = porting.import_partial(
+        variables, report = convert.import_partial(
             variables, state_dict, model, int(config.img_size)
         )
         info(f"backbone import from {config.init_backbone}:\n{report.table()}")
@@ -400,7 +338,7 @@ def train_and_evaluate(
     ckpt.close()
     if exit_code == 0 and config.get("export_pth") and jax.process_index() == 0:
         path = workdir_path / config.export_pth
-        step = checkpointing.export_ema_pth(workdir_path, path, config)
+        step = pretrained.export_ema_pth(workdir_path, path, config)
         info(f"exported EMA weights of step {step} to {path}")
     log.close()
     return exit_code

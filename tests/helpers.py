@@ -11,7 +11,8 @@ from fgtbt_jax import landmarks
 
 ROOT = pathlib.Path(__file__).parents[1]
 
-# The architecture of ../shared/reference/tiny_checkpoint.pth (fgtbt_jax.torch_fgtbt.FGTBTTorch).
+# The architecture of ../shared/reference/tiny_checkpoint.pth
+# (benchmarks.torch_oracle.fgtbt.FGTBTTorch).
 TINY_TORCH = dict(
     embed_dims=(16, 32, 64, 128),
     num_heads=(1, 2, 4, 8),
@@ -42,8 +43,8 @@ def tiny_torch_model(ref_dir: pathlib.Path, **kw):
     """PyTorch FGTBT with ``tiny_checkpoint.pth`` loaded strictly (``kw``: FGTBTTorch options)."""
     import torch
 
-    from fgtbt_jax.pth import load_pth
-    from fgtbt_jax.torch_fgtbt import FGTBTTorch
+    from benchmarks.torch_oracle.fgtbt import FGTBTTorch
+    from fgtbt_jax.porting.pth import load_pth
 
     sd = load_pth(ref_dir / "tiny_checkpoint.pth")["model"]["sd"]
     model = FGTBTTorch(**TINY_TORCH, **kw)

@@ -1,6 +1,6 @@
 """A tiny stand-in for FGTBT in training-loop tests (compiles in about a second on CPU).
 
-Same interface as ``fgtbt_jax.model.build_model``: (B, S, S, 3) NHWC images → (B, S/2, S/2,
+Same interface as ``fgtbt_jax.models.fgtbt.build_model``: (B, S, S, 3) NHWC images → (B, S/2, S/2,
 124) heatmaps, ``batch_stats`` from the project's PyTorch-style BatchNorm, per-group batch
 statistics (``stat_groups``) in BatchNorm and in a CSAM-like channel attention, and dropout.
 The real network's train step is checked against the reference in test_train_step.py; these
@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from fgtbt_jax.layers import BatchNorm, expand_groups, group_mean
+from fgtbt_jax.models.layers import BatchNorm, expand_groups, group_mean
 
 
 class ToyNet(nn.Module):
@@ -81,7 +81,7 @@ RUNNER = textwrap.dedent(
     spec.loader.exec_module(script)
     from toy_model import build_toy, toy_config
 
-    from fgtbt_jax import sharding
+    from fgtbt_jax.train import sharding
 
     sharding.maybe_initialize_distributed()  # JAX_COORDINATOR_ADDRESS etc., if set
     args = json.loads(sys.argv[1])

@@ -1,0 +1,1 @@
+"""Evaluation: flip test and heatmap decoding, NME/FR/AUC/CED, report files."""

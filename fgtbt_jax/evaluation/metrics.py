@@ -1,0 +1,314 @@
+"""The landmark metrics on the host (SPEC §5): NME, FR, AUC, CED, both protocols.
+
+Two protocols, always labelled in reports:
+
+* ``reference``: the published code's — the error is measured against the *quantized* targets
+  (annotation → heatmap index space, truncated to integers, mapped back) and normalised with
+  distances between those quantized points.
+* ``standard``: against the original annotations, normalised with the original points.
+
+NME of an image = mean over its points of ‖pred − gt‖ / d (d per dataset, ``landmarks.json``
+``nme_normalization_zero_based``); FR@0.1 = images whose inter-pupil NME exceeds 0.1 (as the
+reference counts it); AUC@0.1 = area under the cumulative error distribution of the
+inter-ocular NME from 0 to 0.1, divided by 0.1.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from fgtbt_jax import landmarks, transforms
+
+PROTOCOLS: tuple[str, ...] = ("reference", "standard")
+FULL = "full"
+
+
+def normalization_distances(
+    points_xy: np.ndarray, dataset: str, box_size: float | None = None
+) -> tuple[np.float32, np.float32]:
+    """(inter-ocular, inter-pupil) distances of one image's (K, 2) points in dataset order.
+
+    Computed in float32 like the reference. AFLW's inter-ocular distance is the annotation's
+    ``box_size`` (required for AFLW).
+    """
+    p = np.asarray(points_xy, np.float32)
+    k = landmarks.num_landmarks(dataset)
+    if p.shape != (k, 2):
+        raise ValueError(f"{dataset}: expected ({k}, 2) points, got {p.shape}")
+    dist = np.linalg.norm
+    if dataset == "300W":
+        io = dist(p[36] - p[45])
+        ip = dist(np.mean(p[36:42], axis=0) - np.mean(p[42:48], axis=0))
+    elif dataset == "WFLW":
+        io, ip = dist(p[60] - p[72]), dist(p[96] - p[97])
+    elif dataset == "COFW":
+        io, ip = dist(p[8] - p[9]), dist(p[16] - p[17])
+    else:  # AFLW
+        if box_size is None or not np.isfinite(box_size) or box_size <= 0:
+            raise ValueError(
+                f"AFLW needs a positive box_size for its normalization, got {box_size}"
+            )
+        io, ip = np.float32(box_size), dist(p[7] - p[10])
+    return np.float32(io), np.float32(ip)
+
+
+def nme_per_image(
+    pred_xy: np.ndarray,
+    gt_xy: np.ndarray,
+    dataset: str,
+    box_size: float | None = None,
+    mask: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """(inter-ocular, inter-pupil) NME of one image; (K, 2) points in the dataset's order.
+
+    The distances are normalised with ``gt_xy`` (the reference's ``sum / (d · K)`` in float32).
+    ``mask`` (K,) bool leaves unannotated points out of the mean (all True = the reference).
+    """
+    pred = np.asarray(pred_xy, np.float32)
+    gt = np.asarray(gt_xy, np.float32)
+    io, ip = normalization_distances(gt, dataset, box_size)
+    err = np.linalg.norm(pred - gt, axis=1)
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        err = err[mask]
+    total, n = np.sum(err), np.float32(err.shape[0])
+    return float(total / (io * n)), float(total / (ip * n))
+
+
+def failure_rate(nme: np.ndarray, threshold: float = 0.1) -> tuple[int, float]:
+    """(count, fraction) of images whose NME exceeds ``threshold``."""
+    nme = np.asarray(nme, np.float64)
+    count = int(np.sum(nme > threshold))
+    return count, (count / nme.size if nme.size else float("nan"))
+
+
+def ced_curve(
+    nme: np.ndarray, max_threshold: float = 0.1, num: int = 1001
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative error distribution: thresholds (num,) in [0, max] and fraction with NME ≤ t."""
+    nme = np.sort(np.asarray(nme, np.float64))
+    thresholds = np.linspace(0.0, max_threshold, num)
+    if nme.size == 0:
+        return thresholds, np.full(num, np.nan)
+    return thresholds, np.searchsorted(nme, thresholds, side="right") / nme.size
+
+
+def auc(nme: np.ndarray, max_threshold: float = 0.1, num: int = 10001) -> float:
+    """Area under the CED from 0 to ``max_threshold`` (trapezoids on a fine grid) / threshold."""
+    t, f = ced_curve(nme, max_threshold, num)
+    return float(np.trapezoid(f, t) / max_threshold)
+
+
+def reference_targets(
+    points_xy: np.ndarray, center_xy: np.ndarray, scale: float, heatmap_size: int, dataset: str
+) -> np.ndarray:
+    """The reference protocol's ground truth: annotation → integer heatmap centre → image."""
+    q = transforms.heatmap_target_points(
+        points_xy,
+        center_xy,
+        scale,
+        heatmap_size,
+        integer=transforms.uses_integer_transform(dataset),
+    )
+    back = transforms.inverse_transform_points(q, center_xy, scale, heatmap_size, dtype=np.float32)
+    return back.astype(np.float32)
+
+
+def _to_str(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray) and v.shape == ():
+        return _to_str(v.item())
+    return str(v)
+
+
+class Accumulator:
+    """Collects per-image errors batch by batch; :meth:`report` aggregates them.
+
+    ``add`` takes decoded points (B, 124, 2) in heatmap index space and the eval batch (see
+    :func:`evaluate`); only the points of each image's own dataset are scored.
+    """
+
+    def __init__(self, protocols: Sequence[str] = PROTOCOLS) -> None:
+        for p in protocols:
+            if p not in PROTOCOLS:
+                raise ValueError(f"unknown protocol {p!r}; expected one of {PROTOCOLS}")
+        self.protocols = tuple(protocols)
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, points_hm: np.ndarray, batch: Mapping[str, Any], heatmap_size: int) -> None:
+        points_hm = np.asarray(points_hm, np.float32)
+        ids = np.asarray(batch["dataset_id"]).reshape(-1)
+        n = ids.shape[0]
+        if points_hm.shape != (n, landmarks.NUM_UNIFIED, 2):
+            raise ValueError(
+                f"points must be ({n}, {landmarks.NUM_UNIFIED}, 2), got {points_hm.shape}"
+            )
+        gts = np.asarray(batch["points"], np.float32)
+        masks = np.asarray(batch.get("mask", landmarks.annotation_mask()[ids]), bool)
+        centers = np.asarray(batch["center"], np.float32)
+        scales = np.asarray(batch["scale"], np.float32).reshape(-1)
+        boxes = np.asarray(batch.get("box_size", np.full(n, np.nan)), np.float32).reshape(-1)
+        valid = np.asarray(batch.get("valid", np.ones(n, bool)), bool).reshape(-1)
+        image_ids = batch.get("image_id", [""] * n)
+        subsets = batch.get("subset", [FULL] * n)
+        if isinstance(subsets, str | bytes):
+            subsets = [subsets] * n
+        for b in range(n):
+            if not valid[b]:
+                continue
+            ds = landmarks.DATASETS[int(ids[b])]
+            idx = landmarks.unified_index(ds)
+            mask = masks[b, idx]
+            pred = transforms.inverse_transform_points(
+                points_hm[b, idx], centers[b], scales[b], heatmap_size, dtype=np.float32
+            ).astype(np.float32)
+            rec: dict[str, Any] = {
+                "dataset": ds,
+                "image_id": _to_str(image_ids[b]),
+                "subsets": [s for s in _to_str(subsets[b]).split("|") if s],
+                "pred_xy": pred,
+            }
+            for protocol in self.protocols:
+                if protocol == "reference":
+                    gt = reference_targets(gts[b, idx], centers[b], scales[b], heatmap_size, ds)
+                else:
+                    gt = gts[b, idx]
+                io, ip = nme_per_image(pred, gt, ds, boxes[b], None if mask.all() else mask)
+                rec[protocol] = {"nme_inter_ocular": io, "nme_inter_pupil": ip}
+            self.records.append(rec)
+
+    def report(self, fr_threshold: float = 0.1, **meta: Any) -> dict[str, Any]:
+        """``{'meta', 'metrics': {protocol: {dataset: {subset: {...}}}}, 'per_image': [...]}``."""
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+        for rec in self.records:
+            for s in rec["subsets"]:
+                groups[(rec["dataset"], s)].append(rec)
+        order = {name: i for i, name in enumerate(landmarks.DATASETS)}
+        keys = sorted(groups, key=lambda k: (order[k[0]], k[1] != FULL, k[1]))
+        metrics: dict[str, Any] = {}
+        for protocol in self.protocols:
+            per_ds: dict[str, Any] = {}
+            for ds, subset in keys:
+                recs = groups[(ds, subset)]
+                io = np.array([r[protocol]["nme_inter_ocular"] for r in recs])
+                ip = np.array([r[protocol]["nme_inter_pupil"] for r in recs])
+                fr_count, fr = failure_rate(ip, fr_threshold)
+                fr_io_count, fr_io = failure_rate(io, fr_threshold)
+                per_ds.setdefault(ds, {})[subset] = {
+                    "protocol": protocol,
+                    "count": len(recs),
+                    "nme_inter_ocular": float(io.mean()),
+                    "nme_inter_pupil": float(ip.mean()),
+                    f"fr_{fr_threshold:g}": fr,
+                    f"fr_{fr_threshold:g}_count": fr_count,
+                    f"fr_{fr_threshold:g}_inter_ocular": fr_io,
+                    f"fr_{fr_threshold:g}_inter_ocular_count": fr_io_count,
+                    f"auc_{fr_threshold:g}": auc(io, fr_threshold),
+                }
+            metrics[protocol] = per_ds
+        per_image = [
+            {
+                "dataset": r["dataset"],
+                "image_id": r["image_id"],
+                "subsets": "|".join(r["subsets"]),
+                **{
+                    f"{p}_{m}": r[p][m]
+                    for p in self.protocols
+                    for m in ("nme_inter_ocular", "nme_inter_pupil")
+                },
+            }
+            for r in self.records
+        ]
+        meta = {
+            "protocols": {
+                "reference": "error vs the quantized heatmap-space targets mapped back "
+                "(the published code)",
+                "standard": "error vs the original annotations",
+            },
+            "fr_definition": f"fraction of images with inter-pupil NME > {fr_threshold:g}",
+            "auc_definition": f"area under the inter-ocular CED on [0, {fr_threshold:g}] / "
+            f"{fr_threshold:g}",
+            "fr_threshold": fr_threshold,
+            **meta,
+        }
+        return {"meta": meta, "metrics": metrics, "per_image": per_image}
+
+
+def evaluate(
+    eval_step: Callable[[Any, Mapping[str, Any]], Mapping[str, jax.Array]],
+    variables: Any,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    protocols: Sequence[str] = PROTOCOLS,
+    fr_threshold: float = 0.1,
+    progress: Callable[[int], None] | None = None,
+    accumulator: Accumulator | None = None,
+    cache: dict | None = None,
+    **meta: Any,
+) -> dict[str, Any]:
+    """Runs ``eval_step`` over ``batches`` and aggregates per dataset and subset.
+
+    Batch contract (numpy/jnp): ``image`` (B, S, S, 3) float32 normalized NHWC, ``dataset_id``
+    (B,) int in ``landmarks.DATASETS`` order, ``points`` (B, 124, 2) float32 annotations in
+    original image coordinates in unified slots, ``mask`` (B, 124) bool, ``center`` (B, 2),
+    ``scale`` (B,) (already ×1.25), ``box_size`` (B,) (AFLW's normalization), ``image_id``
+    (B,); optional ``subset``: a str for the whole batch or (B,) str/bytes, ``"|"``-separated
+    names of the groups the image is scored in (default ``"full"``; e.g. ``"full|challenging"``),
+    and ``valid`` (B,) bool to skip padding rows. Only ``image`` goes to ``eval_step``; the rest
+    stays on the host. ``eval_step`` returns ``points`` (B, 124, 2) in heatmap index space.
+
+    ``accumulator``: add to an existing :class:`Accumulator` (several iterators, one report).
+    ``cache``: dict ``(dataset_id, image_id) → (124, 2)`` points; a batch whose valid rows are
+    all cached skips the network (subsets that repeat images of the full set), and new
+    predictions are stored. The heatmap size is taken from the outputs (``S / 2`` when only
+    cached points were used). Only the valid rows are sent through the network (padding
+    would change the other images' outputs: the network's CSAM statistics span the batch).
+    """
+    acc = accumulator if accumulator is not None else Accumulator(protocols)
+    use_cache = cache is not None
+    heatmap_size = None
+    for i, batch in enumerate(batches):
+        n = len(np.asarray(batch["dataset_id"]).reshape(-1))
+        valid = np.asarray(batch.get("valid", np.ones(n, bool)), bool).reshape(-1)
+        keys = [
+            (int(d), _to_str(k))
+            for d, k in zip(
+                np.asarray(batch["dataset_id"]).reshape(-1),
+                batch.get("image_id", [str(j) for j in range(n)]),
+                strict=True,
+            )
+        ]
+        if not valid.any():
+            points = np.zeros((n, landmarks.NUM_UNIFIED, 2), np.float32)
+        elif (
+            use_cache
+            and "image_id" in batch
+            and all(k in cache for k, v in zip(keys, valid, strict=True) if v)
+        ):
+            points = np.stack(
+                [cache.get(k, np.zeros((landmarks.NUM_UNIFIED, 2), np.float32)) for k in keys]
+            )
+        else:
+            images = batch["image"]
+            if not valid.all():  # padding rows would change the others' CSAM statistics
+                images = np.asarray(images)[valid]
+            out = eval_step(variables, {"image": images})
+            points = np.zeros((n, landmarks.NUM_UNIFIED, 2), np.float32)
+            points[valid] = np.asarray(out["points"])
+            if "heatmaps" in out:
+                heatmap_size = int(out["heatmaps"].shape[1])
+            if use_cache and "image_id" in batch:
+                for k, v, p in zip(keys, valid, points, strict=True):
+                    if v:
+                        cache[k] = p
+        size = heatmap_size or int(np.shape(batch["image"])[1]) // 2
+        acc.add(points, batch, size)
+        if progress is not None:
+            progress(i + 1)
+    return acc.report(fr_threshold, **meta)

@@ -1,0 +1,1 @@
+"""Inference on photos: face detection and the crop → landmarks pipeline."""

@@ -1,0 +1,117 @@
+"""The FGTBT network: MiT backbone with FFT prompts + heatmap decoder (SPEC §2).
+
+    model = build_model(config.model)
+    variables = model.init({"params": key}, images, train=False)
+    heatmaps = model.apply(variables, images, train=False)   # (B, H/2, W/2, 124) NHWC
+
+``images`` are NHWC float32, ImageNet-normalized. Training mode needs the ``dropout`` and
+``drop_path`` rng streams and ``mutable=["batch_stats"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fgtbt_jax.models.backbone import MixVisionTransformer
+from fgtbt_jax.models.decoder import DecodeHead
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class FGTBT(nn.Module):
+    """(B, H, W, 3) normalized images → (B, H/2, W/2, num_landmarks) heatmaps, NHWC."""
+
+    embed_dims: Sequence[int] = (64, 128, 320, 512)
+    num_heads: Sequence[int] = (1, 2, 5, 8)
+    depths: Sequence[int] = (3, 6, 18, 3)
+    sr_ratios: Sequence[int] = (8, 4, 2, 1)
+    mlp_ratio: int = 4
+    decoder_dim: int = 768
+    num_landmarks: int = 124
+    drop_path_rate: float = 0.1
+    decoder_dropout: float = 0.1
+    hpf_sigma: float = 20.0
+    prompt_scale_factor: int = 4
+    csam_reduction: str = "batch"
+    stat_groups: int = 1
+    remat: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected NHWC RGB images (B, H, W, 3), got shape {images.shape}")
+        if images.dtype != jnp.float32:
+            raise ValueError(f"images must be float32 (normalized), got {images.dtype}")
+        feats = MixVisionTransformer(
+            self.embed_dims,
+            self.num_heads,
+            self.depths,
+            self.sr_ratios,
+            self.mlp_ratio,
+            self.drop_path_rate,
+            self.hpf_sigma,
+            self.prompt_scale_factor,
+            self.csam_reduction,
+            self.stat_groups,
+            self.remat,
+            self.dtype,
+            name="backbone",
+        )(images, train)
+        return DecodeHead(
+            self.embed_dims,
+            self.decoder_dim,
+            self.num_landmarks,
+            self.decoder_dropout,
+            self.stat_groups,
+            self.dtype,
+            name="decode_head",
+        )(feats, train)
+
+
+def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1) -> FGTBT:
+    """The network of a ``config.model`` (see configs/fgtbt.py).
+
+    ``stat_groups`` splits the batch into that many groups for BatchNorm / CSAM statistics
+    (one per device reproduces the reference's per-device statistics under data parallelism).
+    """
+    m = model_config
+    if m.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
+    return FGTBT(
+        embed_dims=tuple(m.embed_dims),
+        num_heads=tuple(m.num_heads),
+        depths=tuple(m.depths),
+        sr_ratios=tuple(m.sr_ratios),
+        mlp_ratio=m.mlp_ratio,
+        decoder_dim=m.decoder_dim,
+        num_landmarks=m.num_landmarks,
+        drop_path_rate=m.drop_path_rate,
+        decoder_dropout=m.decoder_dropout,
+        hpf_sigma=m.hpf_sigma,
+        prompt_scale_factor=m.prompt_scale_factor,
+        csam_reduction=m.csam_reduction,
+        stat_groups=stat_groups,
+        remat=m.get("remat", False),
+        dtype=_DTYPES[m.dtype],
+    )
+
+
+def init_variables(model: FGTBT, rng: jax.Array, img_size: int) -> dict:
+    """Random initial variables ``{'params', 'batch_stats'}`` for (1, img_size, img_size, 3)."""
+    x = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
+    return dict(model.init({"params": rng}, x, train=False))
+
+
+def normalize_images(images_uint8: jax.Array) -> jax.Array:
+    """uint8 RGB (…, 3) → ImageNet-normalized float32."""
+    x = jnp.asarray(images_uint8, jnp.float32) / 255.0
+    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)

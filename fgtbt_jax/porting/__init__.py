@@ -1,0 +1,1 @@
+"""PyTorch release checkpoints ⇄ Flax variables: ``.pth`` I/O, the key table, pretrained loading."""

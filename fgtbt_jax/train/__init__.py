@@ -1,0 +1,1 @@
+"""Training: FMB-loss, optimizer and EMA, sharding, train state and step, orbax checkpoints."""
