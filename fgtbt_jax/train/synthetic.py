@@ -25,7 +25,6 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
-import cv2
 import ml_collections
 import numpy as np
 
@@ -57,6 +56,26 @@ def dataset_ids(config: ml_collections.ConfigDict) -> np.ndarray:
     return np.repeat(np.asarray(ids, np.int32), int(config.data.batch_per_dataset))
 
 
+def _upsample_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
+    """(2, 2, C) corner values → (size, size, C), bilinear with pixel-centre alignment."""
+    t = np.clip((np.arange(size) + 0.5) * 2.0 / size - 0.5, 0.0, 1.0).astype(np.float32)
+    top = grid[0, None, 0] * (1 - t)[:, None] + grid[0, None, 1] * t[:, None]  # (size, C)
+    bottom = grid[1, None, 0] * (1 - t)[:, None] + grid[1, None, 1] * t[:, None]
+    return top[None] * (1 - t)[:, None, None] + bottom[None] * t[:, None, None]
+
+
+def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of (H, W, C), radius 4σ, mirrored borders (numpy only)."""
+    radius = max(1, int(round(4 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float32)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    out = np.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    out = sum(w * out[i : i + image.shape[0]] for i, w in enumerate(k))
+    out = sum(w * out[:, i : i + image.shape[1]] for i, w in enumerate(k))
+    return out.astype(np.float32)
+
+
 def render_sample(
     rng: np.random.Generator, dataset_id: int, img_size: int, heatmap_size: int
 ) -> dict[str, Any]:
@@ -77,12 +96,12 @@ def render_sample(
 
     # Smooth background: a bilinear blend of four random corner colours plus noise.
     corners = rng.uniform(0.0, 1.0, (2, 2, 3)).astype(np.float32)
-    background = cv2.resize(corners, (s, s), interpolation=cv2.INTER_LINEAR)
+    background = _upsample_bilinear(corners, s)
     dots = np.zeros((s, s, 3), np.float32)
     ij = np.clip(np.round(points).astype(int), 0, s - 1)
     np.add.at(dots, (ij[:, 1], ij[:, 0]), colours.astype(np.float32))
     blur = max(0.6, s / 96)
-    dots = cv2.GaussianBlur(dots, (0, 0), blur) * (2 * np.pi * blur * blur)
+    dots = _gaussian_blur(dots, blur) * (2 * np.pi * blur * blur)
     image = 0.4 * background + np.clip(dots, 0.0, 1.0)
     image += rng.normal(0.0, 0.03, image.shape).astype(np.float32)
     image = (np.clip(image, 0.0, 1.0) - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(

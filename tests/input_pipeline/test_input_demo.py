@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from fgtbt_jax import landmarks
-from input_pipeline import demo
+from input_pipeline import demo_faces
 
 
-def _frontal(**kw) -> demo.FaceParams:
-    return demo.FaceParams(**kw)
+def _frontal(**kw) -> demo_faces.FaceParams:
+    return demo_faces.FaceParams(**kw)
 
 
 def test_slots_mirror_like_the_dataset_flip_pairs():
     # A symmetric face mirrored (x → −x) must equal the face with every unified landmark
     # replaced by its mirror partner, as given by the datasets' flip pairs (landmarks.json).
     p = _frontal(smile=0.4, mouth_open=0.15, gaze=(0.0, 0.3))
-    pts = demo.unified_points_3d(p)
+    pts = demo_faces.unified_points_3d(p)
     mirrored = pts * np.array([-1.0, 1.0, 1.0])
     np.testing.assert_allclose(mirrored, pts[landmarks.unified_flip_permutation()], atol=1e-12)
     assert len({tuple(np.round(q, 9)) for q in pts}) == 124  # all distinct
@@ -29,7 +27,7 @@ def test_slots_mirror_like_the_dataset_flip_pairs():
 
 def test_300w_semantics_of_a_frontal_face():
     # 68-point iBUG markup facts (image coordinates, y down), independent of the slot table.
-    pts = demo.unified_points_3d(_frontal(mouth_open=0.1))[landmarks.unified_index("300W")]
+    pts = demo_faces.unified_points_3d(_frontal(mouth_open=0.1))[landmarks.unified_index("300W")]
     x, y = pts[:, 0], pts[:, 1]
     assert np.all(np.diff(x[0:9]) > 0) and np.all(np.diff(x[8:17]) > 0)  # jaw left → right
     assert np.argmax(y[0:17]) == 8  # chin lowest
@@ -48,9 +46,9 @@ def test_pupils_are_dark_and_sclera_bright():
     # corner, past the iris, on the white of the eye.
     for i in range(12):
         rng = np.random.default_rng([7, i])
-        p = demo.sample_params(rng)
+        p = demo_faces.sample_params(rng)
         p.eye_open, p.gaze, p.yaw = (1.0, 1.0), (0.0, 0.0), 0.5 * p.yaw
-        face = demo.render_face(rng, params=p, occluder_prob=0.0, size=(256, 256))
+        face = demo_faces.render_face(rng, params=p, occluder_prob=0.0, size=(256, 256))
         lum = face.image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         margin = 0.0 if face.attributes["blur"] else 15.0
         for pupil, corner in ((122, 78), (123, 96)):
@@ -62,11 +60,9 @@ def test_pupils_are_dark_and_sclera_bright():
             assert lum[pc[1], pc[0]] + margin < lum[ps[1], ps[0]], (i, pupil)
 
 
-def test_generator_is_fast_deterministic_and_varied():
-    t0 = time.perf_counter()
-    faces = [demo.render_face(np.random.default_rng([3, i])) for i in range(20)]
-    assert time.perf_counter() - t0 < 10.0  # ~20–40 ms per face on a busy 2-core box
-    again = demo.render_face(np.random.default_rng([3, 5]))
+def test_generator_is_deterministic_and_varied():
+    faces = [demo_faces.render_face(np.random.default_rng([3, i])) for i in range(20)]
+    again = demo_faces.render_face(np.random.default_rng([3, 5]))
     np.testing.assert_array_equal(again.image, faces[5].image)
     np.testing.assert_array_equal(again.points, faces[5].points)
     for f in faces:
@@ -80,5 +76,5 @@ def test_generator_is_fast_deterministic_and_varied():
 
 def test_forced_wflw_attributes():
     for attr in ("largepose", "expression", "illumination", "occlusion", "blur", "makeup"):
-        face = demo.render_face(np.random.default_rng([9, len(attr)]), force=attr)
+        face = demo_faces.render_face(np.random.default_rng([9, len(attr)]), force=attr)
         assert face.attributes[attr], attr
