@@ -1,0 +1,227 @@
+r"""Compiles the train and eval steps ahead of time for TPU slices (and lowers them for GPUs).
+
+  pip install -e ".[tpu]"   # libtpu, matched to the installed jax
+  python scripts/aot_compile.py --config configs/fgtbt.py:release --target tpu:v5e-8 \
+      --batch_per_device 1,4 --sharding dp,fsdp --json aot.json
+
+Runs on a CPU machine: libtpu describes the TPU slice (``jax.experimental.topologies``) and
+XLA:TPU compiles the trainer's jitted train step and the evaluator's eval step for a mesh of
+its devices, with the trainer's shardings (``--sharding dp`` = data parallel with a replicated
+state, ``fsdp`` = ``config.sharding.fsdp``). Prints, per row, the per-device memory of the
+compiled executable (arguments, outputs, temporaries; whether it fits the chip's HBM), FLOPs
+and bytes accessed (``cost_analysis()``), compile time and a roofline estimate (a lower bound
+on step time and the images/s per chip it implies, from the chip's published peak FLOP/s and
+HBM bandwidth). A configuration that does not fit fails to compile with XLA's out-of-memory
+error, recorded in the row.
+
+``--target gpu:h100-8`` (or ``gpu:a100-<n>``): this machine has no GPU and no CUDA plugin, so
+both steps are only *lowered* for ``cuda`` with ``jax.export`` and serialized (``--export_dir``);
+a CUDA machine compiles the artefact when it loads it. No GPU memory or cost figures.
+
+``--json OUT`` is rewritten after every row (rows are keyed by target, step, batch, dtype,
+sharding and kernels, so several runs can fill one file); rows still to be measured are
+written with ``"status": "not measured"`` first, so an interrupted run leaves them marked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sys
+import traceback
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+
+from fgtbt_jax.train import aot  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/fgtbt.py:release", lock_config=False
+)
+_TARGET = flags.DEFINE_list(
+    "target", ["tpu:v5e-8"], f"tpu:<slice> ({', '.join(aot.TPU_SLICES)}) or gpu:<h100|a100>-<n>"
+)
+_STEP = flags.DEFINE_list("step", ["train", "eval"], "Steps to compile: train, eval.")
+_BATCH = flags.DEFINE_list("batch_per_device", ["1"], "Per-device batch sizes.")
+_DTYPE = flags.DEFINE_list("dtype", [], "Compute dtypes (default: config.model.dtype).")
+_SHARDING = flags.DEFINE_list(
+    "sharding", [], "dp and/or fsdp (default: from config.sharding.fsdp)."
+)
+_JSON = flags.DEFINE_string("json", None, "JSON file of rows (updated after every row).")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "GPU targets: directory for the serialized jax.export artefacts."
+)
+
+KEY = ("target", "step", "batch_per_device", "dtype", "sharding", "kernels")
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in KEY)
+
+
+def _load(path: pathlib.Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return json.loads(path.read_text())
+
+
+def _save(path: pathlib.Path | None, rows: list[dict]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _upsert(rows: list[dict], row: dict) -> None:
+    for i, old in enumerate(rows):
+        if _key(old) == _key(row):
+            rows[i] = row
+            return
+    rows.append(row)
+
+
+def _gib(x: float | None) -> str:
+    return "-" if x is None else f"{x / aot.GiB:.2f}"
+
+
+def format_row(row: dict) -> str:
+    mem = row.get("memory_bytes") or {}
+    roof = row.get("roofline") or {}
+    flops, traffic = row.get("flops"), row.get("bytes_accessed")
+    fits = {True: "yes", False: "NO", None: "-"}[row.get("fits")]
+    t = roof.get("step_seconds_lower_bound")
+    ips = roof.get("images_per_second_per_chip_upper_bound")
+    seconds = row.get("compile_seconds") or row.get("export_seconds")
+    return (
+        f"{row['target']:<13} {row['step']:<5} {row['batch_per_device']:>3} {row['dtype']:<8} "
+        f"{row['sharding']:<13} {_gib(mem.get('argument')):>7} {_gib(mem.get('output')):>7} "
+        f"{_gib(mem.get('temp')):>7} {_gib(mem.get('total')):>7} {fits:>4} "
+        f"{'-' if flops is None else f'{flops / 1e9:.1f}':>8} "
+        f"{'-' if traffic is None else f'{traffic / 1e9:.2f}':>8} "
+        f"{'-' if t is None else f'{t * 1e3:.1f}':>8} {'-' if ips is None else f'{ips:.1f}':>7} "
+        f"{'-' if seconds is None else f'{seconds:.0f}':>6}  {row.get('status', '')}"
+    )
+
+
+HEADER = (
+    f"{'target':<13} {'step':<5} {'b/d':>3} {'dtype':<8} {'sharding':<13} {'arg GiB':>7} "
+    f"{'out GiB':>7} {'tmp GiB':>7} {'tot GiB':>7} {'fits':>4} {'GFLOP':>8} {'GB acc':>8} "
+    f"{'≥ms/step':>8} {'≤img/s':>7} {'comp s':>6}"
+)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    targets = [aot.parse_target(t) for t in _TARGET.value]
+    dtypes = _DTYPE.value or [str(config.model.dtype)]
+    shardings = _SHARDING.value or ["fsdp" if config.sharding.fsdp else "dp"]
+    for s in shardings:
+        if s not in ("dp", "fsdp"):
+            raise app.UsageError(f"--sharding: dp or fsdp, got {s!r}")
+    for s in _STEP.value:
+        if s not in ("train", "eval"):
+            raise app.UsageError(f"--step: train or eval, got {s!r}")
+    batches = [int(b) for b in _BATCH.value]
+    gpu_devices = max((t.num_devices for t in targets if t.platform == "cuda"), default=0)
+    if gpu_devices:  # cuda export needs as many (CPU) devices as the target has GPUs
+        jax.config.update("jax_num_cpu_devices", gpu_devices)
+
+    plan = [
+        (target, which, b, dtype, s)
+        for target in targets
+        for b in batches
+        for dtype in dtypes
+        for s in shardings
+        for which in _STEP.value
+    ]
+    path = pathlib.Path(_JSON.value) if _JSON.value else None
+    rows = _load(path)
+    for target, which, b, dtype, s in plan:
+        pending = {
+            "target": target.name,
+            "step": which,
+            "batch_per_device": b,
+            "dtype": dtype,
+            "sharding": "fsdp" if s == "fsdp" else "data_parallel",
+            "kernels": aot.kernels_of(config, target),
+            "preset": config.preset,
+            "status": "not measured",
+        }
+        if not any(_key(r) == _key(pending) for r in rows):
+            rows.append(pending)
+    _save(path, rows)
+
+    print(HEADER, flush=True)
+    meshes: dict[str, object] = {}
+    for target, which, b, dtype, s in plan:
+        if target.name not in meshes:
+            devices = (
+                aot.tpu_devices(target)
+                if target.platform == "tpu"
+                else jax.devices("cpu")[: target.num_devices]
+            )
+            meshes[target.name] = aot.mesh_of(devices)
+        try:
+            row = aot.measure(
+                target,
+                meshes[target.name],
+                config,
+                which,
+                batch_per_device=b,
+                dtype=dtype,
+                fsdp=s == "fsdp",
+                export_dir=_EXPORT_DIR.value,
+            )
+            row["status"] = "compiled" if row["compiled"] else "exported (not compiled)"
+        except Exception as e:  # noqa: BLE001 - an out-of-memory compile is a result, not a crash
+            message = f"{type(e).__name__}: {e}"
+            logging.error(
+                "%s %s b=%d %s %s failed:\n%s",
+                target.name,
+                which,
+                b,
+                dtype,
+                s,
+                traceback.format_exc(),
+            )
+            oom = "RESOURCE_EXHAUSTED" in message or "ran out of memory" in message.lower()
+            row = {
+                "target": target.name,
+                "platform": target.platform,
+                "step": which,
+                "preset": config.preset,
+                "batch_per_device": b,
+                "dtype": dtype,
+                "sharding": "fsdp" if s == "fsdp" else "data_parallel",
+                "kernels": aot.kernels_of(config, target),
+                "hbm_bytes": target.chip.hbm_bytes,
+                "fits": False if oom else None,
+                "status": "out of memory" if oom else "failed",
+                "error": message[:4000],
+            }
+        _upsert(rows, row)
+        _save(path, rows)
+        print(format_row(row), flush=True)
+    if any(t.platform == "tpu" for t in targets):
+        print(
+            "≥ms/step, ≤img/s: roofline ESTIMATE per chip, max(FLOPs / peak FLOP/s, bytes / HBM "
+            "bandwidth) from cost_analysis(); real steps are slower."
+        )
+    if any(t.platform == "cuda" for t in targets):
+        print(
+            "GPU targets: lowered and serialized with jax.export for cuda, NOT compiled (no GPU "
+            "or CUDA plugin on this machine): no memory, FLOP or fit figures."
+        )
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
