@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation import decoding
@@ -219,11 +219,11 @@ def eval_step_and_args(
     abstract = train_state.abstract_train_state(config, model, tx, mesh)
     variables = abstract.ema_variables()
     batch = {"image": train_batch_spec(config, mesh)["image"]}
-    out = NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.DATA_AXIS))
+    split = sharding.data_sharding(mesh)
     step = jax.jit(
         decoding.make_eval_step(model),
-        in_shardings=(jax.tree.map(lambda a: a.sharding, variables), {"image": out}),
-        out_shardings=out,
+        in_shardings=(jax.tree.map(lambda a: a.sharding, variables), {"image": split}),
+        out_shardings=split,  # heatmaps and points stay split over the batch
     )
     return step, (variables, batch)
 
