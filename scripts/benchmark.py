@@ -467,20 +467,20 @@ _REPORT = flags.DEFINE_string("report", None, "Only print the table of a saved -
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one case (a JSON spec) and exit.")
 
 
-def main(argv: list[str]) -> list[dict]:
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (config overrides: --config.X=Y)")
     if _WORKER.value is not None:
         row = _worker(json.loads(_WORKER.value))
         print("BENCHMARK_RESULT " + json.dumps(row), flush=True)
-        return [row]
+        return
 
     if _REPORT.value is not None:
         rows = json.loads(pathlib.Path(_REPORT.value).read_text())
         print(
             markdown_table(rows, next((r["matmul_peak"] for r in rows if "matmul_peak" in r), None))
         )
-        return rows
+        return
 
     modes = _MODES.value
     bad = [m for m in modes if m not in MODES]
@@ -544,7 +544,6 @@ def main(argv: list[str]) -> list[dict]:
     print(markdown_table(rows, peak))
     if _JSON.value:
         _write_json(_JSON.value, rows)
-    return rows
 
 
 def _write_json(path: str, rows: list[dict]) -> None:
