@@ -54,6 +54,9 @@ def model_config(variant: str = "b4") -> ml_collections.ConfigDict:
     m.dtype = "float32"
     # Rematerialize each transformer block in the backward pass (saves memory).
     m.remat = False
+    # Op implementations (fgtbt_jax/ops): "xla" = the SPEC's layers on standard lax ops (GPU/TPU),
+    # "cpu" = XLA:CPU fast paths (same parameters), "auto" = "cpu" on a CPU backend, else "xla".
+    m.kernels = "auto"
     return m
 
 

@@ -18,16 +18,18 @@ each other's memory high-water mark. Timing: ``--warmup`` untimed steps after co
 the same run (best of several square GEMMs in JAX) and gives the JAX cases' MFU from XLA's
 FLOP count (``compiled.cost_analysis()``).
 
+Configuration: ``--config path.py:preset`` and any ``--config.FIELD=VALUE`` override
+(ml_collections ``config_flags``, as in train.py), e.g. ``--config.model.kernels=xla`` or
+``=cpu`` (each JAX row records the resolved ``kernels``), ``--config.model.dtype=bfloat16``,
+``--config.model.remat=True``.
+
 Output: ``--json`` writes a list of case dicts (see ``_case`` for the fields) and a markdown
 table is printed, with the JAX / PyTorch-eager throughput ratio per mode.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -38,6 +40,9 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -52,35 +57,9 @@ MODES = ("train", "eval", "eval_flip")
 # --------------------------------------------------------------------------------------------
 
 
-def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """``path/to/config.py:arg`` → ``get_config(arg)`` of that file, then ``key=value``
-    overrides (dotted keys, Python literals: ``model.depths=(1,1,1,1)``)."""
-    path, _, arg = spec.partition(":")
-    file = pathlib.Path(path)
-    if not file.is_absolute() and not file.exists():
-        file = ROOT / path
-    if not file.exists():
-        raise FileNotFoundError(f"--config: no such file {path!r}")
-    module_spec = importlib.util.spec_from_file_location("_benchmark_config", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"config override expects key=value, got {item!r}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        *parents, leaf = key.strip().split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(f"--config.{item}: the config has no field {key!r}")
-        node[leaf] = value
-    return config
+def config_from_spec(spec: dict) -> ConfigDict:
+    """The case's configuration (``--config`` with its overrides, as JSON in the spec)."""
+    return ConfigDict(json.loads(spec["config_json"]))
 
 
 def _current_rss() -> int:
@@ -131,6 +110,7 @@ def _case(spec: dict, **fields: Any) -> dict:
         "img_size": spec["img_size"],
         "batch": spec["batch"],
         "dtype": spec["dtype"],
+        "kernels": None,  # model.kernels as resolved (JAX rows)
         "devices": spec.get("devices", 1),
         "threads": spec["threads"],
         "images_per_sec": None,
@@ -192,9 +172,7 @@ def run_jax_case(spec: dict) -> dict:
     from fgtbt_jax.train import step as train_step
 
     rss0 = _current_rss()
-    config = load_config(spec["config"], spec.get("overrides", ()))
-    config.model.dtype = spec["dtype"]
-    config.model.remat = bool(spec.get("remat", False))
+    config = config_from_spec(spec)
     mesh = sharding.make_mesh(spec.get("devices") or None)
     model = build_model(config.model)
     batch_np = synthetic_batch(spec["batch"], config.img_size, config.heatmap_size)
@@ -248,6 +226,7 @@ def run_jax_case(spec: dict) -> dict:
         memory_source=source,
         peak_rss_delta_bytes=_peak_rss() - rss0,
         device=f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        kernels=model.kernels,
         flops_per_image=None if flops is None else flops / spec["batch"],
         backend_versions={"jax": jax.__version__},
     )
@@ -294,7 +273,7 @@ def run_torch_case(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     rss0 = _current_rss()
-    config = load_config(spec["config"], spec.get("overrides", ()))
+    config = config_from_spec(spec)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_torch_model_from_config(config.model).to(dev)
@@ -397,7 +376,7 @@ def _worker(spec: dict) -> dict:
 
 def _run_subprocess(spec: dict, timeout: float | None) -> dict:
     """Runs one case in a fresh Python process; returns its row (or an ``error`` row)."""
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), f"--worker={json.dumps(spec)}"]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -433,12 +412,13 @@ def markdown_table(rows: list[dict], peak: dict | None) -> str:
         return f"{r['images_per_sec'] / ref['images_per_sec']:.2f}×"
 
     lines = [
-        "| framework | mode | batch | dtype | images/s | JAX / torch-eager | JAX / torch-compile "
-        "| compile s | peak memory MiB | GFLOP/image | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| framework | kernels | mode | batch | dtype | images/s | JAX / torch-eager "
+        "| JAX / torch-compile | compile s | peak memory MiB | GFLOP/image | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        head = f"| {r['framework']} | {r['mode']} | {r['batch']} | {r['dtype']} "
+        kernels = r.get("kernels") or "—"
+        head = f"| {r['framework']} | {kernels} | {r['mode']} | {r['batch']} | {r['dtype']} "
         if r.get("error"):
             lines.append(head + f"| error: {r['error'].splitlines()[0][:60]} | | | | | | |")
             continue
@@ -460,96 +440,83 @@ def markdown_table(rows: list[dict], peak: dict | None) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", default="configs/fgtbt.py:release", help="path.py:preset")
-    p.add_argument("--batch", type=int, default=None, help="default: 4 × data.batch_per_dataset")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per case")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
-    p.add_argument(
-        "--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES)
-    )
-    p.add_argument("--devices", type=int, default=None, help="JAX devices (default: all)")
-    p.add_argument("--remat", action="store_true", help="JAX: rematerialize transformer blocks")
-    p.add_argument(
-        "--frameworks",
-        default=None,
-        help="comma-separated subset of " + ",".join(FRAMEWORKS) + " (overrides the flags below)",
-    )
-    p.add_argument("--compare-torch", action="store_true", help="also time PyTorch eager")
-    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
-    p.add_argument(
-        "--torch-compile-timeout",
-        type=float,
-        default=1800.0,
-        help="seconds allowed per torch.compile case (compilation included)",
-    )
-    p.add_argument("--matmul-size", type=int, default=4096, help="side of the peak-GEMM probe")
-    p.add_argument("--no-matmul-peak", action="store_true", help="skip the peak-GEMM probe")
-    p.add_argument("--json", default=None, help="write the result rows here")
-    p.add_argument("--report", default=None, help="only print the table of a saved --json file")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args, rest = p.parse_known_args(argv)
-    # Config overrides in the other scripts' form: --config.model.remat=True (repeatable).
-    args.overrides = []
-    for item in rest:
-        if not (item.startswith("--config.") and "=" in item):
-            p.error(f"unrecognized argument {item!r} (config overrides: --config.FIELD=VALUE)")
-        args.overrides.append(item[len("--config.") :])
-    return args
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    f"{ROOT / 'configs' / 'fgtbt.py'}:release",
+    "Config file and preset, e.g. configs/fgtbt.py:release; any field can be overridden with "
+    "--config.FIELD=VALUE (--config.model.dtype=bfloat16, --config.model.kernels=xla, "
+    "--config.model.remat=True).",
+)
+_BATCH = flags.DEFINE_integer("batch", None, "Default: 4 × data.batch_per_dataset.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per case.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+_MODES = flags.DEFINE_list("modes", list(MODES), f"Subset of {','.join(MODES)}.")
+_DEVICES = flags.DEFINE_integer("devices", None, "JAX devices (default: all).")
+_FRAMEWORKS = flags.DEFINE_list(
+    "frameworks", None, f"Subset of {','.join(FRAMEWORKS)} (overrides the flags below)."
+)
+_COMPARE_TORCH = flags.DEFINE_boolean("compare-torch", False, "Also time PyTorch eager.")
+_TORCH_COMPILE = flags.DEFINE_boolean("torch-compile", False, "Also time torch.compile.")
+_TORCH_COMPILE_TIMEOUT = flags.DEFINE_float(
+    "torch-compile-timeout", 1800.0, "Seconds allowed per torch.compile case (with compiling)."
+)
+_MATMUL_SIZE = flags.DEFINE_integer("matmul-size", 4096, "Side of the peak-GEMM probe.")
+_NO_MATMUL_PEAK = flags.DEFINE_boolean("no-matmul-peak", False, "Skip the peak-GEMM probe.")
+_JSON = flags.DEFINE_string("json", None, "Write the result rows here.")
+_REPORT = flags.DEFINE_string("report", None, "Only print the table of a saved --json file.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run one case (a JSON spec) and exit.")
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    if args.worker is not None:
-        row = _worker(json.loads(args.worker))
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (config overrides: --config.X=Y)")
+    if _WORKER.value is not None:
+        row = _worker(json.loads(_WORKER.value))
         print("BENCHMARK_RESULT " + json.dumps(row), flush=True)
-        return [row]
+        return
 
-    if args.report is not None:
-        rows = json.loads(pathlib.Path(args.report).read_text())
+    if _REPORT.value is not None:
+        rows = json.loads(pathlib.Path(_REPORT.value).read_text())
         print(
             markdown_table(rows, next((r["matmul_peak"] for r in rows if "matmul_peak" in r), None))
         )
-        return rows
+        return
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = _MODES.value
     bad = [m for m in modes if m not in MODES]
     if bad:
-        raise SystemExit(f"--modes: unknown mode(s) {bad}; choose from {MODES}")
-    config = load_config(args.config, args.overrides)
-    batch = args.batch or 4 * int(config.data.batch_per_dataset)
-    if args.frameworks:
-        frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+        raise app.UsageError(f"--modes: unknown mode(s) {bad}; choose from {MODES}")
+    config = _CONFIG.value
+    batch = _BATCH.value or 4 * int(config.data.batch_per_dataset)
+    if _FRAMEWORKS.value:
+        frameworks = _FRAMEWORKS.value
         bad = [f for f in frameworks if f not in FRAMEWORKS]
         if bad:
-            raise SystemExit(f"--frameworks: unknown framework(s) {bad}; choose from {FRAMEWORKS}")
+            raise app.UsageError(
+                f"--frameworks: unknown framework(s) {bad}; choose from {FRAMEWORKS}"
+            )
     else:
         frameworks = ["jax"]
-        if args.compare_torch:
+        if _COMPARE_TORCH.value:
             frameworks.append("torch-eager")
-        if args.torch_compile:
+        if _TORCH_COMPILE.value:
             frameworks.append("torch-compile")
     base = {
-        "config": args.config,
-        "overrides": args.overrides,
+        "config_json": config.to_json(),
         "preset": config.preset,
         "img_size": int(config.img_size),
         "batch": batch,
-        "dtype": args.dtype,
-        "devices": args.devices,
+        "dtype": config.model.dtype,
+        "devices": _DEVICES.value,
         "threads": os.cpu_count(),
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "remat": args.remat,
+        "steps": _STEPS.value,
+        "warmup": _WARMUP.value,
+        "remat": bool(config.model.remat),
     }
 
     peak = None
-    if not args.no_matmul_peak:
-        peak = _run_subprocess({"framework": "matmul", "size": args.matmul_size}, None)
+    if not _NO_MATMUL_PEAK.value:
+        peak = _run_subprocess({"framework": "matmul", "size": _MATMUL_SIZE.value}, None)
         print(f"matmul peak: {peak}", file=sys.stderr, flush=True)
         if "flops_per_sec" not in peak:
             peak = None
@@ -558,7 +525,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for mode in modes:
         for fw in frameworks:
             spec = dict(base, framework=fw, mode=mode)
-            timeout = args.torch_compile_timeout if fw == "torch-compile" else None
+            timeout = _TORCH_COMPILE_TIMEOUT.value if fw == "torch-compile" else None
             row = _run_subprocess(spec, timeout)
             if fw == "jax" and row.get("flops_per_image") and peak and row.get("images_per_sec"):
                 row["matmul_peak_flops_per_sec"] = peak["flops_per_sec"]
@@ -568,16 +535,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if peak:
                 row["matmul_peak"] = peak
             rows.append(row)
-            keys = ("framework", "mode", "images_per_sec", "compile_seconds", "error")
+            keys = ("framework", "mode", "kernels", "images_per_sec", "compile_seconds", "error")
             summary = {k: row.get(k) for k in keys}
             print(f"case: {summary}", file=sys.stderr, flush=True)
-            if args.json:  # keep partial results of long runs
-                _write_json(args.json, rows)
+            if _JSON.value:  # keep partial results of long runs
+                _write_json(_JSON.value, rows)
 
     print(markdown_table(rows, peak))
-    if args.json:
-        _write_json(args.json, rows)
-    return rows
+    if _JSON.value:
+        _write_json(_JSON.value, rows)
 
 
 def _write_json(path: str, rows: list[dict]) -> None:
@@ -587,4 +553,4 @@ def _write_json(path: str, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -39,6 +39,7 @@ def main(argv: list[str]) -> None:
     n_stats = sum(int(np.prod(x.shape)) for x in stats)
     entries = convert.mapping(model, config.img_size)
     print(f"preset: {config.preset}  input: {config.img_size}²  heatmaps: {config.heatmap_size}²")
+    print(f"model.kernels: {model.kernels} (config: {config.model.kernels})")
     print(f"parameters: {n_params:,}")
     print(f"BatchNorm running statistics: {n_stats:,}")
     print(f"state-dict floating values: {n_params + n_stats:,}")

@@ -38,6 +38,7 @@ from ml_collections import config_flags  # noqa: E402
 from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables  # noqa: E402
+from fgtbt_jax.ops import resolve_kernels  # noqa: E402
 from fgtbt_jax.porting import convert, pretrained, pth
 from fgtbt_jax.train import checkpointing, sharding, synthetic
 from fgtbt_jax.train import state as train_state
@@ -250,6 +251,7 @@ def train_and_evaluate(
     # stat_groups = devices: per-device BatchNorm/CSAM statistics like the reference's
     # unsynchronised data parallelism; 1: statistics over the whole global batch.
     model = build(config.model, stat_groups=1 if cross else mesh.size)
+    logging.info("model.kernels: %s", resolve_kernels(config.model.kernels))
     init_model = build(config.model)
     tx, schedule = train_state.make_optimizer(config)
     abstract = train_state.abstract_train_state(config, init_model, tx, mesh)

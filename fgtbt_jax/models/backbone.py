@@ -53,20 +53,20 @@ class OverlapPatchEmbed(nn.Module):
     stride: int
     stat_groups: int = 1
     dtype: Dtype = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, int, int]:
-        bn = dict(stat_groups=self.stat_groups, dtype=self.dtype)
+        bn = dict(stat_groups=self.stat_groups, dtype=self.dtype, kernels=self.kernels)
+        cv = dict(dtype=self.dtype, kernels=self.kernels)
         x = nn.relu(BatchNorm(name="bn1", **bn)(x, train))
-        x = conv(self.features, 1, bias=False, dtype=self.dtype, name="conv1")(x)
+        x = conv(self.features, 1, bias=False, name="conv1", **cv)(x)
         x = nn.relu(BatchNorm(name="bn2", **bn)(x, train))
-        x = conv(
-            self.features, self.kernel, self.stride, self.kernel // 2, dtype=self.dtype, name="proj"
-        )(x)
+        x = conv(self.features, self.kernel, self.stride, self.kernel // 2, name="proj", **cv)(x)
         x = nn.relu(BatchNorm(name="bn3", **bn)(x, train))
-        x = conv(self.features, 1, bias=False, dtype=self.dtype, name="conv3")(x)
+        x = conv(self.features, 1, bias=False, name="conv3", **cv)(x)
         b, h, w, c = x.shape
-        x = layer_norm(1e-5, self.dtype, name="norm")(x.reshape(b, h * w, c))
+        x = layer_norm(1e-5, self.dtype, self.kernels, name="norm")(x.reshape(b, h * w, c))
         return x, h, w
 
 
@@ -77,6 +77,7 @@ class Attention(nn.Module):
     num_heads: int
     sr_ratio: int
     dtype: Dtype = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
@@ -86,9 +87,9 @@ class Attention(nn.Module):
         if self.sr_ratio > 1:
             kv_in = x.reshape(b, h, w, c)
             s = self.sr_ratio
-            kv_in = conv(c, s, s, 0, dtype=self.dtype, name="sr")(kv_in)
+            kv_in = conv(c, s, s, 0, dtype=self.dtype, kernels=self.kernels, name="sr")(kv_in)
             kv_in = kv_in.reshape(b, -1, c)
-            kv_in = layer_norm(1e-5, self.dtype, name="norm")(kv_in)
+            kv_in = layer_norm(1e-5, self.dtype, self.kernels, name="norm")(kv_in)
         else:
             kv_in = x
         kv = nn.Dense(2 * c, dtype=self.dtype, name="kv")(kv_in)
@@ -98,25 +99,30 @@ class Attention(nn.Module):
 
 
 class DWConv(nn.Module):
+    """Depthwise 3×3 convolution (padding 1, bias) of tokens (B, N, C) on their H×W grid."""
+
     dim: int
     dtype: Dtype = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
         b, n, c = x.shape
-        y = conv(c, 3, 1, 1, groups=c, dtype=self.dtype, name="dwconv")(x.reshape(b, h, w, c))
-        return y.reshape(b, n, c)
+        dw = conv(c, 3, 1, 1, groups=c, dtype=self.dtype, kernels=self.kernels, name="dwconv")
+        return dw(x.reshape(b, h, w, c)).reshape(b, n, c)
 
 
 class Mlp(nn.Module):
     hidden: int
     dtype: Dtype = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
         c = x.shape[-1]
         x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-        x = gelu(DWConv(self.hidden, dtype=self.dtype, name="dwconv")(x, h, w))
+        x = DWConv(self.hidden, dtype=self.dtype, kernels=self.kernels, name="dwconv")(x, h, w)
+        x = gelu(x, self.kernels)
         return nn.Dense(c, dtype=self.dtype, name="fc2")(x)
 
 
@@ -127,17 +133,17 @@ class Block(nn.Module):
     sr_ratio: int
     drop_path: float
     dtype: Dtype = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, h: int, w: int, train: bool) -> jax.Array:
+        dt, kn = self.dtype, self.kernels
         dp = DropPath(self.drop_path)
-        y = layer_norm(1e-6, self.dtype, name="norm1")(x)
-        x = x + dp(
-            Attention(self.dim, self.num_heads, self.sr_ratio, self.dtype, name="attn")(y, h, w),
-            train,
-        )
-        y = layer_norm(1e-6, self.dtype, name="norm2")(x)
-        return x + dp(Mlp(self.dim * self.mlp_ratio, self.dtype, name="mlp")(y, h, w), train)
+        y = layer_norm(1e-6, dt, kn, name="norm1")(x)
+        attn = Attention(self.dim, self.num_heads, self.sr_ratio, dt, kn, name="attn")
+        x = x + dp(attn(y, h, w), train)
+        y = layer_norm(1e-6, dt, kn, name="norm2")(x)
+        return x + dp(Mlp(self.dim * self.mlp_ratio, dt, kn, name="mlp")(y, h, w), train)
 
 
 class CSAM(nn.Module):
@@ -211,6 +217,7 @@ class PromptGenerator(nn.Module):
     csam_reduction: str = "batch"
     stat_groups: int = 1
     dtype: Dtype = jnp.float32
+    kernels: str = "xla"
 
     def setup(self):
         dims = [e // self.scale_factor for e in self.embed_dims]
@@ -222,6 +229,7 @@ class PromptGenerator(nn.Module):
                 4 if s == 0 else 2,
                 groups,
                 dt,
+                self.kernels,
                 name=f"handcrafted_generator{s + 1}",
             )
             for s, d in enumerate(dims)
@@ -242,10 +250,12 @@ class PromptGenerator(nn.Module):
         # The prompt map is processed in the reference's (B, C′, A·A) memory layout (channels on
         # axis 1), which is a free reshape of the (B, N, C′) tokens both ways.
         self.bn = [
-            BatchNorm(stat_groups=groups, dtype=dt, axis=1, name=f"bn{s + 1}")
+            BatchNorm(stat_groups=groups, dtype=dt, axis=1, kernels=self.kernels, name=f"bn{s + 1}")
             for s in range(len(dims))
         ]
-        self.conv = [  # 1×1 convolutions, applied as matmuls over axis 1
+        # 1×1 convolutions on that layout, applied as matmuls over axis 1 (with either kernels:
+        # XLA lowers a 1×1 convolution to the same dot).
+        self.conv = [
             KernelBias((1, 1, e + 2 * d, e + 2 * d), name=f"conv{s + 1}")
             for s, (e, d) in enumerate(zip(self.embed_dims, dims, strict=True))
         ]
@@ -278,7 +288,7 @@ class PromptGenerator(nn.Module):
         kernel, bias = self.conv[stage]()
         g = jnp.einsum("bcn,co->bon", g, kernel[0, 0].astype(self.dtype))
         g = g + bias.astype(self.dtype)[:, None] + r
-        f = gelu(self.lightweight[stage][block](view_as_tokens(g)))
+        f = gelu(self.lightweight[stage][block](view_as_tokens(g)), self.kernels)
         return x + self.shared_mlp[stage](f)
 
 
@@ -297,6 +307,7 @@ class MixVisionTransformer(nn.Module):
     stat_groups: int = 1
     remat: bool = False
     dtype: Dtype = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, image: jax.Array, train: bool) -> list[jax.Array]:
@@ -308,6 +319,7 @@ class MixVisionTransformer(nn.Module):
             self.csam_reduction,
             self.stat_groups,
             self.dtype,
+            self.kernels,
             name="prompt_generator",
         )
         hcs = prompt.handcrafted_prompts(image, train)
@@ -323,6 +335,7 @@ class MixVisionTransformer(nn.Module):
                 4 if s == 0 else 2,
                 self.stat_groups,
                 self.dtype,
+                self.kernels,
                 name=f"patch_embed{s + 1}",
             )
             tokens, h, w = embed(x, train)
@@ -336,10 +349,11 @@ class MixVisionTransformer(nn.Module):
                     self.sr_ratios[s],
                     rates[cur + i],
                     self.dtype,
+                    self.kernels,
                     name=f"block{s + 1}_{i}",
                 )(tokens, h, w, train)
             cur += self.depths[s]
-            tokens = layer_norm(1e-6, self.dtype, name=f"norm{s + 1}")(tokens)
+            tokens = layer_norm(1e-6, self.dtype, self.kernels, name=f"norm{s + 1}")(tokens)
             x = tokens.reshape(tokens.shape[0], h, w, dim)
             outs.append(x)
         return outs

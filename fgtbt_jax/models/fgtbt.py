@@ -19,6 +19,7 @@ import ml_collections
 
 from fgtbt_jax.models.backbone import MixVisionTransformer
 from fgtbt_jax.models.decoder import DecodeHead
+from fgtbt_jax.ops import kernel_ops, resolve_kernels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,7 +28,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class FGTBT(nn.Module):
-    """(B, H, W, 3) normalized images → (B, H/2, W/2, num_landmarks) heatmaps, NHWC."""
+    """(B, H, W, 3) normalized images → (B, H/2, W/2, num_landmarks) heatmaps, NHWC.
+
+    ``kernels`` ("xla" or "cpu", resolved from ``model.kernels`` by :func:`build_model`) picks
+    the ops the layers compute with (:mod:`fgtbt_jax.ops`); the parameters are the same.
+    """
 
     embed_dims: Sequence[int] = (64, 128, 320, 512)
     num_heads: Sequence[int] = (1, 2, 5, 8)
@@ -44,9 +49,11 @@ class FGTBT(nn.Module):
     stat_groups: int = 1
     remat: bool = False
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        kernel_ops(self.kernels)  # rejects an unresolved or unknown value
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected NHWC RGB images (B, H, W, 3), got shape {images.shape}")
         if images.dtype != jnp.float32:
@@ -64,6 +71,7 @@ class FGTBT(nn.Module):
             self.stat_groups,
             self.remat,
             self.dtype,
+            self.kernels,
             name="backbone",
         )(images, train)
         return DecodeHead(
@@ -73,6 +81,7 @@ class FGTBT(nn.Module):
             self.decoder_dropout,
             self.stat_groups,
             self.dtype,
+            self.kernels,
             name="decode_head",
         )(feats, train)
 
@@ -82,6 +91,8 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
 
     ``stat_groups`` splits the batch into that many groups for BatchNorm / CSAM statistics
     (one per device reproduces the reference's per-device statistics under data parallelism).
+    ``model.kernels`` is resolved here, once ("auto" → "cpu" on a CPU backend, else "xla"); the
+    model's ``kernels`` attribute holds the resolved value.
     """
     m = model_config
     if m.dtype not in _DTYPES:
@@ -102,6 +113,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
         stat_groups=stat_groups,
         remat=m.get("remat", False),
         dtype=_DTYPES[m.dtype],
+        kernels=resolve_kernels(m.kernels),
     )
 
 

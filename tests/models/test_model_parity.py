@@ -11,6 +11,7 @@ import pytest
 from configs import fgtbt
 from fgtbt_jax import load_pretrained
 from fgtbt_jax.models.backbone import high_pass, tokens_as_view, view_as_tokens
+from fgtbt_jax.models.fgtbt import build_model
 
 
 def jit_apply(model, **kwargs):
@@ -42,10 +43,14 @@ def test_high_pass_matches_reference(images, ref_outputs):
     assert rel_err(nchw(high_pass(images)), ref_outputs["hpf_nchw"]) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def eval_outputs(tiny, images):
-    """(heatmaps, backbone stage maps) of the batch of 4, from one compiled function."""
-    _, model, variables = tiny
+@pytest.fixture(scope="module", params=["cpu", "xla"])
+def eval_outputs(request, tiny, images):
+    """(heatmaps, backbone stage maps) of the batch of 4, from one compiled function, with
+    each ``model.kernels`` (the other tests use the backend's default, ``auto``)."""
+    config, _, variables = tiny
+    config = config.copy_and_resolve_references()
+    config.model.kernels = request.param
+    model = build_model(config.model)
     out, state = jit_apply(model, capture_intermediates=lambda mdl, _: mdl.name == "backbone")(
         variables, images
     )
@@ -77,8 +82,6 @@ def test_per_sample_csam_is_batch_independent(tiny, images):
     config, _, variables = tiny
     config = fgtbt.get_config("reference_tiny")
     config.model.csam_reduction = "sample"
-    from fgtbt_jax.models.fgtbt import build_model
-
     model = build_model(config.model)
     apply = jit_apply(model)
     batched = np.asarray(apply(variables, images))
@@ -89,8 +92,6 @@ def test_per_sample_csam_is_batch_independent(tiny, images):
 def test_stat_groups_reproduce_separate_batches(tiny, images):
     """stat_groups=2 on a batch of 4 equals two independent batches of 2 (per-device stats)."""
     config, _, variables = tiny
-    from fgtbt_jax.models.fgtbt import build_model
-
     grouped = build_model(config.model, stat_groups=2)
     model = build_model(config.model)
     out = np.asarray(jit_apply(grouped)(variables, images))
@@ -134,24 +135,10 @@ def test_conv_transpose_matches_torch():
     np.testing.assert_allclose(nchw(out), ref, atol=1e-5)
 
 
-def test_resize_matches_torch_interpolate():
-    torch = pytest.importorskip("torch")
-    from fgtbt_jax.models.layers import resize_bilinear
-
-    x = np.random.default_rng(1).standard_normal((1, 4, 3, 5)).astype(np.float32)
-    ref = torch.nn.functional.interpolate(
-        torch.from_numpy(x), size=(12, 12), mode="bilinear", align_corners=False
-    ).numpy()
-    got = resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), 12, 12)
-    np.testing.assert_allclose(nchw(got), ref, atol=1e-5)
-
-
 def test_bfloat16_compute_keeps_float32_params(tiny, images, ref_outputs):
     config = fgtbt.get_config("reference_tiny")
     config.model.dtype = "bfloat16"
     _, variables = tiny[1], tiny[2]
-    from fgtbt_jax.models.fgtbt import build_model
-
     model = build_model(config.model)
     out = jit_apply(model)(variables, images)
     assert out.dtype == jnp.bfloat16
@@ -168,13 +155,14 @@ def test_model_rejects_bad_input(tiny):
         model.apply(variables, jnp.zeros((1, 96, 96, 3), jnp.uint8))
 
 
-def test_release_configuration_shapes():
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_release_configuration_shapes(kernels):
     """The full 480² network, checked by shapes only (a real forward pass is scripted:
     ``python scripts/model_info.py --config configs/fgtbt.py:release --forward 1``)."""
-    from fgtbt_jax.models.fgtbt import build_model
     from fgtbt_jax.porting import convert
 
     config = fgtbt.get_config("release")
+    config.model.kernels = kernels
     model = build_model(config.model)
     variables = convert.abstract_variables(model, config.img_size)
     images = jax.ShapeDtypeStruct((2, 480, 480, 3), jnp.float32)

@@ -205,6 +205,13 @@ def test_convert_script_both_directions(ref_dir, tmp_path, tiny_sd):
 def test_param_count_script_matches_manifest(ref_dir):
     manifest = read_manifest(ref_dir / "fgtbt_b4_state_dict_keys.tsv")
     want = sum(int(np.prod(s)) for s, d in manifest.values() if d == "float32")
-    r = run_script("scripts/model_info.py", "--config", "configs/fgtbt.py:release")
+    # With either kernels (fgtbt_jax.ops) the parameters are the same; the output says which.
+    r = run_script(
+        "scripts/model_info.py",
+        "--config",
+        "configs/fgtbt.py:release",
+        "--config.model.kernels=xla",
+    )
     assert r.returncode == 0, r.stderr
     assert f"state-dict floating values: {want:,}" in r.stdout
+    assert "model.kernels: xla (config: xla)" in r.stdout

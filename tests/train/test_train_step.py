@@ -43,10 +43,12 @@ from fgtbt_jax.train import step as train_step
 DATASETS = landmarks.DATASETS
 
 
-@pytest.fixture(scope="module")
-def one_step(ref_dir, ref_outputs):
-    """One train step from the reference checkpoint: (model, old state dict, new state, metrics)."""
+@pytest.fixture(scope="module", params=["cpu", "xla"])
+def one_step(request, ref_dir, ref_outputs):
+    """One train step from the reference checkpoint: (model, old state dict, new state, metrics),
+    with each ``model.kernels`` (one compile each)."""
     config = fgtbt.get_config("reference_tiny")  # release optimizer: AdamW 2.5e-4, wd 0.01
+    config.model.kernels = request.param
     config.model.drop_path_rate = 0.0
     config.model.decoder_dropout = 0.0
     model = build_model(config.model)

@@ -1,0 +1,474 @@
+"""XLA:CPU fast paths of the network's ops (``model.kernels="cpu"``, the default on CPU).
+
+Each function computes what its namesake in :mod:`fgtbt_jax.ops.xla` computes (same signature,
+same parameters, results equal to float32 rounding; ``tests/ops`` checks values and VJPs), in a
+form that XLA:CPU runs faster: matmuls instead of XLA:CPU's generic convolution, hand-written
+VJPs instead of its slow dilated-convolution weight gradients, rematerialization of cheap
+elementwise ops, and algebraic fusions of the decoder's linear layers. On GPU/TPU these forms
+are not expected to help (cuDNN and the MXU run native convolutions and their gradients well),
+so ``model.kernels="auto"`` picks them only when the default backend is CPU.
+
+Gains are stated per function where measured. What is measured as a whole: the release
+benchmark with ``--config.model.kernels=cpu`` against ``=xla`` on the same 2-core CPU
+(README "Speed", ``benchmarks/release_cpu_kernels_*.json``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgtbt_jax.ops import xla
+from fgtbt_jax.ops.xla import Dtype, Padding, channel_shape, expand_groups, group_mean
+
+# --------------------------------------------------------------------------------------------
+# Normalization and activation
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def batch_norm_train(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    groups: int,
+    epsilon: float,
+    dtype: Dtype,
+    axis: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`fgtbt_jax.ops.xla.batch_norm_train` with a hand-written two-pass VJP.
+
+    XLA:CPU weakness: autodiff of the textbook formula keeps the centred and normalized
+    float32 copies of the input alive until the backward pass and reads them back (each as
+    large as the activation), and XLA:CPU does not rematerialize them. This VJP keeps only
+    ``x`` and the (groups, C) statistics and needs two passes over the data (the reductions,
+    then the input gradient). Gain: not measured separately.
+    """
+    return _batch_norm_train_fwd(x, scale, bias, groups, epsilon, dtype, axis)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, groups, epsilon, dtype, axis):
+    xf = x.astype(jnp.float32)
+    mean_g, var_g, centered, rstd_g = xla.batch_norm_statistics(xf, groups, epsilon, axis)
+    y = centered * expand_groups(rstd_g, xf, groups, axis)
+    shape = channel_shape(x, axis)
+    out = ((y * scale.reshape(shape) + bias.reshape(shape)).astype(dtype), mean_g, var_g)
+    return out, (x, scale, mean_g, rstd_g)
+
+
+def _batch_norm_train_bwd(groups, epsilon, dtype, axis, res, cts):
+    x, scale, mean_g, rstd_g = res
+    gy, g_mean, g_var = cts
+    xf = x.astype(jnp.float32)
+    gy = gy.astype(jnp.float32)
+    axes = tuple(a for a in range(x.ndim) if a != axis)
+
+    def expand(stat):
+        return expand_groups(stat, xf, groups, axis)
+
+    centered = xf - expand(mean_g)
+    xhat = centered * expand(rstd_g)
+    d_bias = jnp.sum(gy, axis=axes)
+    d_scale = jnp.sum(gy * xhat, axis=axes)
+    gxh = gy * scale.reshape(channel_shape(x, axis))  # gradient w.r.t. xhat
+    m1 = group_mean(gxh, axes, groups)  # (g, C)
+    m2 = group_mean(gxh * xhat, axes, groups)
+    n = x.size // (x.shape[axis] * groups)
+    dx = expand(rstd_g) * (gxh - expand(m1) - xhat * expand(m2))
+    # The statistics are outputs too (for the running averages); their cotangents are zero in
+    # training, but are honoured for completeness.
+    dx = dx + expand(g_mean / n) + centered * expand(2 * g_var / n)
+    return dx.astype(x.dtype), d_scale, d_bias
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+layer_norm = jax.checkpoint(xla.layer_norm, static_argnums=(3, 4))
+layer_norm.__doc__ = """:func:`fgtbt_jax.ops.xla.layer_norm`, rematerialized.
+
+XLA:CPU weakness: the forward pass's float32 centred copy and statistics would be stored for
+the backward pass (memory traffic as large as the activation, at every token LayerNorm);
+recomputing them from the input is cheaper on a bandwidth-bound CPU. Applied whatever
+``model.remat`` says. Gain: not measured separately."""
+
+gelu = jax.checkpoint(xla.gelu)
+gelu.__doc__ = """:func:`fgtbt_jax.ops.xla.gelu` (exact erf form), rematerialized.
+
+XLA:CPU weakness: the erf/exp intermediates of the MLP's 4·E-wide hidden activation would be
+stored for the backward pass; recomputing them from the input is cheaper than the memory
+traffic. Applied whatever ``model.remat`` says. Gain: not measured separately."""
+
+
+# --------------------------------------------------------------------------------------------
+# Convolutions. XLA:CPU's generic convolution is slow for several of this network's shapes (1×1
+# convolutions with many channels, depthwise convolutions, and above all the weight gradients of
+# any convolution), so ``conv2d`` lowers each shape to the op that XLA:CPU runs well: matmuls,
+# shifted multiply-adds, or a forward convolution with a matmul-based weight gradient.
+# --------------------------------------------------------------------------------------------
+
+
+def _lax_conv(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), padding, dimension_numbers=xla.CONV_DIMENSIONS
+    )
+
+
+def conv_weight_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: Padding) -> jax.Array:
+    """Weight gradient (kh, kw, I, O) of a stride-1 convolution as kh matmuls.
+
+    dW[i, j] = Σ_(b, y, x) x_pad[b, y + i, x + j] ⊗ g[b, y, x]. The kw column shifts of the
+    operand with fewer channels are concatenated along channels (x_pad's, or those of g padded
+    like the input gradient: x_pad[y + i, x + j] ↔ g_pad[y' + kh - 1 - i, x' + kw - 1 - j]), so
+    each of the kh matmuls contracts over all positions at once.
+
+    XLA:CPU weakness: autodiff's weight gradient is a convolution with the output gradient as a
+    (dilated) kernel, which XLA:CPU lowers to a slow generic loop nest.
+    """
+    (pt, pb), (pl, pr) = padding
+    h, w = x.shape[1], x.shape[2]
+    c, o = x.shape[-1], g.shape[-1]
+    ho, wo = g.shape[1], g.shape[2]
+    f32 = jnp.float32
+    if c <= o:
+        # Tie x to g (0·g[0]) so that XLA does not compute the shifted copies of x early in
+        # the forward pass and keep them alive until the backward pass.
+        x = x + 0 * g[:1, :1, :1, :1].astype(x.dtype)
+        xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+        cols = jnp.concatenate([xp[:, :, j : j + wo] for j in range(kw)], axis=-1)
+        rows = [
+            jnp.einsum("bhwk,bhwo->ko", cols[:, i : i + ho], g, preferred_element_type=f32)
+            for i in range(kh)
+        ]
+        return jnp.stack(rows).reshape(kh, kw, c, o)
+    gp = jnp.pad(g, ((0, 0), (kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr), (0, 0)))
+    cols = jnp.concatenate([gp[:, :, kw - 1 - j : kw - 1 - j + w] for j in range(kw)], axis=-1)
+    rows = [
+        jnp.einsum(
+            "bhwc,bhwk->ck", x, cols[:, kh - 1 - i : kh - 1 - i + h], preferred_element_type=f32
+        )
+        for i in range(kh)
+    ]
+    return jnp.stack(rows).reshape(kh, c, kw, o).transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_s1(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
+    """Stride-1 NHWC convolution (cross-correlation) with HWIO kernel ``w`` and explicit
+    ``padding`` ((top, bottom), (left, right)).
+
+    Forward and input gradient: XLA's convolution. XLA:CPU weakness worked around: the weight
+    gradient (see :func:`conv_weight_grad`), computed here as kh matmuls. Gain: not measured
+    separately.
+    """
+    return _lax_conv(x, w, padding)
+
+
+def _conv_s1_fwd(x: jax.Array, w: jax.Array, padding: Padding):
+    return _lax_conv(x, w, padding), (x, w)
+
+
+def _conv_s1_bwd(padding: Padding, res, g: jax.Array):
+    x, w = res
+    kh, kw = w.shape[:2]
+    (pt, pb), (pl, pr) = padding
+    flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _lax_conv(g, flipped, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+    dw = conv_weight_grad(x, g, kh, kw, padding)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
+
+
+def space_to_depth(x: jax.Array, s: int) -> jax.Array:
+    """(B, H, W, C) → (B, H/s, W/s, s·s·C), channels ordered (row in block, column, C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // s, w // s, s * s * c)
+
+
+def _strided_geometry(x_shape, k: int, s: int, p: int) -> tuple[int, int, int, int, int]:
+    """(out H, out W, kernel in blocks, padded H, padded W) of a k×k stride-s conv, padding p,
+    with the padded input a whole number of s-blocks covering every window."""
+    h, w = x_shape[1], x_shape[2]
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    kb = -(-k // s)
+    return ho, wo, kb, (ho + kb - 1) * s, (wo + kb - 1) * s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_strided(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+    """k×k stride-``stride`` NHWC convolution with symmetric ``padding`` (PyTorch semantics).
+
+    Forward: XLA's convolution. VJP: the input gradient as a stride-1 convolution in the
+    space-to-depth domain (blocks of stride², kernel ⌈k/stride⌉²) and the weight gradient as
+    matmuls over strided taps. XLA:CPU weakness: autodiff gives both as dilated convolutions
+    (lhs- and rhs-dilated), which XLA:CPU runs as slow generic loops (the overlapping patch
+    embeddings, 7×7/4 and 3×3/2). Gain: not measured separately.
+    """
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((padding, padding),) * 2, dimension_numbers=xla.CONV_DIMENSIONS
+    )
+
+
+def _conv_strided_fwd(x, w, stride, padding):
+    return conv_strided(x, w, stride, padding), (x, w)
+
+
+def _conv_strided_bwd(stride, padding, res, g):
+    x, w = res
+    k, s, p = w.shape[0], stride, padding
+    b, h, wd, c = x.shape
+    o = w.shape[-1]
+    ho, wo, kb, hp, wp = _strided_geometry(x.shape, k, s, p)
+    # Input gradient: in space-to-depth form the convolution is stride-1 with kernel
+    # W'[u, v, (i, j, c), o] = W[s·u + i, s·v + j, c, o] (zero beyond k).
+    wpad = jnp.pad(w, ((0, kb * s - k), (0, kb * s - k), (0, 0), (0, 0)))
+    w_s2d = wpad.reshape(kb, s, kb, s, c, o).transpose(0, 2, 1, 3, 4, 5)
+    w_s2d = w_s2d.reshape(kb, kb, s * s * c, o)
+    flipped = jnp.flip(w_s2d, (0, 1)).transpose(0, 1, 3, 2)
+    dx_s2d = _lax_conv(g, flipped.astype(g.dtype), ((kb - 1, kb - 1), (kb - 1, kb - 1)))
+    dx = dx_s2d.reshape(b, hp // s, wp // s, s, s, c).transpose(0, 1, 3, 2, 4, 5)
+    dx = dx.reshape(b, hp, wp, c)
+    # Input rows / columns that no window reaches get zero gradient.
+    dx = jnp.pad(dx, ((0, 0), (0, max(p + h - hp, 0)), (0, max(p + wd - wp, 0)), (0, 0)))
+    dx = dx[:, p : p + h, p : p + wd]
+    # Weight gradient: that of the stride-1 convolution in the space-to-depth domain, folded
+    # back to k×k. The 0·g term ties the copies of x to the backward pass (see _depthwise_bwd).
+    x = x + 0 * g[:1, :1, :1, :1].astype(x.dtype)
+    xp = jnp.pad(x, ((0, 0), (p, max(hp - h - p, 0)), (p, max(wp - wd - p, 0)), (0, 0)))
+    xs = space_to_depth(xp[:, :hp, :wp], s)
+    dw = conv_weight_grad(xs, g, kb, kb, ((0, 0), (0, 0)))  # (kb, kb, s·s·C, O)
+    dw = dw.reshape(kb, kb, s, s, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(kb * s, kb * s, c, o)
+    return dx.astype(x.dtype), dw[:k, :k].astype(w.dtype)
+
+
+conv_strided.defvjp(_conv_strided_fwd, _conv_strided_bwd)
+
+
+def _depthwise3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+    h, wd = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = None
+    for i in range(3):
+        for j in range(3):
+            term = xp[:, i : i + h, j : j + wd] * w[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+@jax.custom_vjp
+def depthwise_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Depthwise 3×3 convolution, padding 1, as nine shifted multiply-adds (one fused loop).
+
+    x: (B, H, W, C) NHWC; w: (3, 3, 1, C). The VJP keeps only ``x`` and ``w``.
+    XLA:CPU weakness: a ``feature_group_count=C`` convolution (the MLP's depthwise conv, C up
+    to 2048 channels) and its gradients run as a slow generic loop nest on XLA:CPU; nine
+    elementwise multiply-adds fuse into one vectorized loop. Gain: not measured separately.
+    """
+    return _depthwise3x3(x, w)
+
+
+def _depthwise_fwd(x: jax.Array, w: jax.Array):
+    return _depthwise3x3(x, w), (x, w)
+
+
+def _depthwise_bwd(res, g: jax.Array):
+    x, w = res
+    dx = _depthwise3x3(g, jnp.flip(w, (0, 1)))
+    h, wd = x.shape[1], x.shape[2]
+    # A data dependence on g (adding 0·g[0]) keeps XLA's scheduler from computing the nine
+    # shifted copies of x early in the forward pass and holding them until here.
+    x = x + 0 * g[:1, :1, :1, :1].astype(x.dtype)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(jnp.float32)
+    gf = g.astype(jnp.float32)
+    dw = jnp.stack(
+        [
+            jnp.sum(xp[:, i : i + h, j : j + wd] * gf, axis=(0, 1, 2))
+            for i in range(3)
+            for j in range(3)
+        ]
+    )
+    return dx, dw.reshape(w.shape).astype(w.dtype)
+
+
+depthwise_conv3x3.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def conv2d(
+    x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0, groups: int = 1
+) -> jax.Array:
+    """:func:`fgtbt_jax.ops.xla.conv2d` lowered per shape to what XLA:CPU runs well: 1×1 as a
+    matmul, depthwise 3×3 as :func:`depthwise_conv3x3`, non-overlapping patches
+    (kernel = stride, the ``sr`` convs) as a reshape and one matmul, other stride-1 and strided
+    convolutions with matmul weight gradients (:func:`conv_s1`, :func:`conv_strided`).
+
+    XLA:CPU weakness: its generic convolution is slow for 1×1 convolutions with many channels
+    and for patchify convolutions, whose matmul form runs at GEMM speed. Gain: not measured
+    separately.
+    """
+    kh, kw, cin, cout = w.shape
+    b, h, wd, c = x.shape
+    if groups == 1 and kh == kw == 1 and stride == 1 and padding == 0:
+        return jnp.einsum("bhwc,co->bhwo", x, w[0, 0])
+    if groups == c == cout and cin == 1 and kh == kw == 3 and stride == 1 and padding == 1:
+        return depthwise_conv3x3(x, w)
+    if groups == 1 and kh == kw == stride and padding == 0 and h % stride == 0 and wd % stride == 0:
+        return jnp.einsum("bhwk,ko->bhwo", space_to_depth(x, stride), w.reshape(-1, cout))
+    if groups == 1 and stride == 1:
+        return conv_s1(x, w, ((padding, padding), (padding, padding)))
+    if groups == 1:
+        return conv_strided(x, w, stride, padding)
+    return xla.conv2d(x, w, stride, padding, groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing and the decoder's fused forms
+# --------------------------------------------------------------------------------------------
+
+
+def _upsample_axis(x: jax.Array, axis: int, factor: int) -> jax.Array:
+    """Bilinear ×``factor`` along ``axis`` (half-pixel centres, edge-clamped like PyTorch):
+    output ``f·m + r`` reads ``m + t`` with ``t = (r + ½)/f - ½``, i.e. two neighbours."""
+    n = x.shape[axis]
+    take = functools.partial(jax.lax.slice_in_dim, x, axis=axis)
+    prev = jnp.concatenate([take(0, 1), take(0, n - 1)], axis=axis)
+    nxt = jnp.concatenate([take(1, n), take(n - 1, n)], axis=axis)
+    phases = []
+    for r in range(factor):
+        t = (r + 0.5) / factor - 0.5
+        phases.append((-t) * prev + (1 + t) * x if t < 0 else (1 - t) * x + t * nxt)
+    out = jnp.stack(phases, axis=axis + 1)
+    return out.reshape(x.shape[:axis] + (n * factor,) + x.shape[axis + 1 :])
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+    """:func:`fgtbt_jax.ops.xla.resize_bilinear`; integer up-sampling as two-tap stencils.
+
+    XLA:CPU weakness: ``jax.image.resize`` lowers to dense (out × in) interpolation matrices
+    contracted with the map, i.e. matmuls over mostly zeros; the stencil reads two neighbours
+    per output. Other sizes fall back to ``jax.image.resize``. Gain: not measured separately.
+    """
+    _, h, w, _ = x.shape
+    if height % h == 0 and width % w == 0 and height >= h and width >= w:
+        y = x if height == h else _upsample_axis(x, 1, height // h)
+        return y if width == w else _upsample_axis(y, 2, width // w)
+    return xla.resize_bilinear(x, height, width)
+
+
+def decoder_fuse(
+    feats: list[jax.Array],
+    linear: list[tuple[jax.Array, jax.Array]],
+    fuse: jax.Array,
+    dtype: Dtype,
+) -> jax.Array:
+    """SPEC §2.2's ``linear_c{s}`` → resize to stage 1 → concat [c4, c3, c2, c1] →
+    ``linear_fuse.conv`` (1×1, no bias), in a cheaper order with the same parameters.
+
+    Each stage's ``linear_c{s}`` (kernel (E_s, D), bias (D,)) is composed with its block of the
+    fusion kernel ``fuse`` (1, 1, n·D, D): both are linear and bilinear resizing commutes with
+    channel mixing, so the fusion runs at each stage's own resolution and the n·D-channel
+    concatenation at stage-1 resolution never exists. feats: n NHWC maps at strides 4..32;
+    returns (B, H1, W1, D). XLA:CPU weakness: none specific (fewer FLOPs and bytes anywhere),
+    but the algebra hides the paper's order, so the "xla" path keeps the plain form.
+    Gain: not measured separately.
+    """
+    n = len(feats)
+    d = fuse.shape[-1]
+    h, w = feats[0].shape[1:3]
+    blocks = fuse.reshape(n, d, d)  # in concatenation order [c4, c3, c2, c1]
+    x = None
+    for s, (f, (kc, bc)) in enumerate(zip(feats, linear, strict=True)):
+        block = blocks[n - 1 - s]
+        y = jnp.einsum("bhwc,cd->bhwd", f.astype(dtype), (kc @ block).astype(dtype))
+        y = y + (bc @ block).astype(dtype)
+        y = y if s == 0 else resize_bilinear(y, h, w)
+        x = y if x is None else x + y
+    return x
+
+
+def _taps(kind: str) -> np.ndarray:
+    """0/1 tap tables of ConvTranspose2d(k=4, s=2, p=1) along one axis, with output phases a
+    (output 2m + a) and input offsets e (input m + e, e = -1, 0, 1).
+
+    ``"up"``: T[a, e + 1, k] = 1 when kernel tap k links input m + e to output 2m + a.
+    ``"up_conv"``: T[a, e + 1, d + 1, k] = 1 when, for a following 3-tap convolution with tap
+    d (reading up-sampled position 2m + a + d), kernel tap k links input m + e to it.
+    """
+    up = np.zeros((2, 3, 4), np.float32)
+    for a in range(2):
+        for e in (-1, 0, 1):
+            k = a + 1 - 2 * e
+            if 0 <= k < 4:
+                up[a, e + 1, k] = 1
+    if kind == "up":
+        return up
+    both = np.zeros((2, 3, 3, 4), np.float32)
+    for a in range(2):
+        for d in (-1, 0, 1):
+            q = a + d  # up-sampled row 2m + q = 2(m + q // 2) + q % 2
+            for e in (-1, 0, 1):
+                src = q // 2 + e  # input offset from m
+                if -1 <= src <= 1:
+                    both[a, src + 1, d + 1] += up[q % 2, e + 1]
+    return both
+
+
+def _depth_to_space(y: jax.Array, channels: int) -> jax.Array:
+    """(B, H, W, 2·2·C) with channels ordered (a, b, c) → (B, 2H, 2W, C), out[2m+a, 2n+b]."""
+    b, h, w, _ = y.shape
+    y = y.reshape(b, h, w, 2, 2, channels).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, 2 * h, 2 * w, channels)
+
+
+def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """PyTorch ``ConvTranspose2d(k=4, s=2, p=1)`` on NHWC as a 3×3 convolution to the four
+    output phases plus depth-to-space. ``kernel`` (4, 4, C_out, C_in) is the Flax
+    ``ConvTranspose(transpose_kernel=True)`` layout (= torch weight .transpose(2, 3, 1, 0)).
+
+    XLA:CPU weakness: ``lax.conv_transpose`` is an lhs-dilated convolution (three quarters of
+    its multiply-adds hit inserted zeros) and its gradients are dilated convolutions too.
+    Gain: not measured separately.
+    """
+    t = jnp.asarray(_taps("up"))
+    c_out = kernel.shape[2]
+    k3 = jnp.einsum("aek,bfl,klci->efiabc", t, t, kernel).reshape(3, 3, kernel.shape[3], -1)
+    y = conv_s1(x, k3.astype(x.dtype), ((1, 1), (1, 1)))
+    return _depth_to_space(y, c_out) + bias
+
+
+def upsample_conv3x3(x: jax.Array, kt: jax.Array, bt: jax.Array, w2: jax.Array) -> jax.Array:
+    """``conv3x3_pad1(ConvTranspose2d_k4_s2_p1(x; kt, bt); w2)`` without the intermediate map
+    (the decoder's ``upSample`` then ``conv2``).
+
+    The two linear layers compose into one 3×3 convolution at the input resolution with
+    2·2·C_out outputs (one per output phase): about 4× fewer FLOPs than running the 3×3
+    convolution on the up-sampled map. The composed kernel sees the transposed convolution's
+    values just outside the map where the second convolution pads with zeros, so the four
+    border lines of the output are recomputed exactly from their definition.
+    XLA:CPU weakness: as :func:`conv_transpose_4x4_s2`, plus the 3×3 convolution at 240² is
+    the largest convolution of the network. Gain: not measured separately.
+
+    x: (B, H, W, C_in) NHWC; kt (4, 4, C_mid, C_in) Flax ConvTranspose layout; bt (C_mid,);
+    w2 (3, 3, C_mid, C_out) HWIO. Returns (B, 2H, 2W, C_out).
+    """
+    c_out = w2.shape[-1]
+    both = jnp.asarray(_taps("up_conv"))
+    kc = jnp.einsum("aedk,bfgl,klci,dgco->efiabo", both, both, kt, w2)
+    kc = kc.reshape(3, 3, x.shape[-1], 4 * c_out).astype(x.dtype)
+    out = _depth_to_space(conv_s1(x, kc, ((1, 1), (1, 1))), c_out)
+    out = out + jnp.einsum("c,dgco->o", bt, w2).astype(x.dtype)  # the bias, away from borders
+
+    def up(strip: jax.Array) -> jax.Array:
+        return conv_transpose_4x4_s2(strip, kt.astype(x.dtype), bt.astype(x.dtype))
+
+    w2 = w2.astype(x.dtype)
+    top = conv_s1(up(x[:, :2])[:, :2], w2, ((1, 0), (1, 1)))
+    bottom = conv_s1(up(x[:, -2:])[:, -2:], w2, ((0, 1), (1, 1)))
+    left = conv_s1(up(x[:, :, :2])[:, :, :2], w2, ((1, 1), (1, 0)))
+    right = conv_s1(up(x[:, :, -2:])[:, :, -2:], w2, ((1, 1), (0, 1)))
+    out = out.at[:, :1].set(top).at[:, -1:].set(bottom)
+    return out.at[:, :, :1].set(left).at[:, :, -1:].set(right)

@@ -1,0 +1,127 @@
+"""The network's numerical ops as the SPEC writes them, in standard JAX (``model.kernels="xla"``).
+
+Every function here is the plain formula on ``lax``/``jax.numpy`` ops, differentiated by JAX's
+own autodiff: what XLA compiles well on GPU and TPU. :mod:`fgtbt_jax.ops.cpu` holds faster
+XLA:CPU lowerings of the same functions (same signatures, same results to float32 rounding).
+All tensors are NHWC unless an ``axis`` says where the channels are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def group_mean(x: jax.Array, axes: tuple[int, ...], groups: int) -> jax.Array:
+    """Mean of ``x`` over ``axes`` (which include the batch axis 0), per group of samples.
+
+    With ``groups`` > 1 the batch is split into that many consecutive groups, each reduced on its
+    own: under data parallelism with one group per device this reproduces per-device statistics
+    (the reference's unsynchronised BatchNorm and CSAM) inside a global-view ``jit``.
+    Returns shape ``(groups, *kept_dims)``.
+    """
+    return jnp.mean(_split_groups(x, groups), axis=tuple(a + 1 for a in axes))
+
+
+def group_max(x: jax.Array, axes: tuple[int, ...], groups: int) -> jax.Array:
+    """Maximum of ``x`` over ``axes`` per group of samples, as :func:`group_mean`."""
+    return jnp.max(_split_groups(x, groups), axis=tuple(a + 1 for a in axes))
+
+
+def _split_groups(x: jax.Array, groups: int) -> jax.Array:
+    b = x.shape[0]
+    if b % groups:
+        raise ValueError(f"batch {b} is not divisible into {groups} statistic groups")
+    return x.reshape((groups, b // groups) + x.shape[1:])
+
+
+def expand_groups(stat: jax.Array, x: jax.Array, groups: int, axis: int = -1) -> jax.Array:
+    """Broadcasts per-group statistics ``(groups, C)`` back to ``x`` (B, ..., C, ...), with the
+    channels on ``axis`` (default: last)."""
+    b = x.shape[0]
+    stat = jnp.repeat(stat, b // groups, axis=0)  # (B, C)
+    return stat.reshape(channel_shape(x, axis, batch=True))
+
+
+def channel_shape(x: jax.Array, axis: int, *, batch: bool = False) -> list[int]:
+    """``[1, …, C, …, 1]`` broadcasting a (C,) vector along ``axis`` of ``x`` (and the batch
+    axis too with ``batch``)."""
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = x.shape[axis]
+    if batch:
+        shape[0] = x.shape[0]
+    return shape
+
+
+def batch_norm_statistics(
+    xf: jax.Array, groups: int, epsilon: float, axis: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per-group mean and biased variance (groups, C) of ``xf`` with channels on ``axis``, plus
+    the centred input and the per-group 1/sqrt(var + eps)."""
+    axes = tuple(a for a in range(xf.ndim) if a != axis)
+    mean_g = group_mean(xf, axes, groups)  # (g, C)
+    centered = xf - expand_groups(mean_g, xf, groups, axis)
+    var_g = group_mean(jnp.square(centered), axes, groups)
+    return mean_g, var_g, centered, jax.lax.rsqrt(var_g + epsilon)
+
+
+def batch_norm_train(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    groups: int,
+    epsilon: float,
+    dtype: Dtype,
+    axis: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Train-mode BatchNorm with batch statistics, channels on ``axis``: (normalized output in
+    ``dtype``, per-group mean and biased variance (groups, C)). Statistics in float32."""
+    xf = x.astype(jnp.float32)
+    mean_g, var_g, centered, rstd_g = batch_norm_statistics(xf, groups, epsilon, axis)
+    y = centered * expand_groups(rstd_g, xf, groups, axis)
+    shape = channel_shape(x, axis)
+    return (y * scale.reshape(shape) + bias.reshape(shape)).astype(dtype), mean_g, var_g
+
+
+def layer_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype
+) -> jax.Array:
+    """LayerNorm over the last axis, statistics in float32, output in ``dtype``."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    centered = xf - mean
+    var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+    return (centered * jax.lax.rsqrt(var + epsilon) * scale + bias).astype(dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """PyTorch's default GELU: the exact erf form."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def conv2d(
+    x: jax.Array, w: jax.Array, stride: int = 1, padding: int = 0, groups: int = 1
+) -> jax.Array:
+    """PyTorch ``F.conv2d`` (symmetric padding, no bias) on NHWC ``x`` with HWIO kernel ``w``
+    (kh, kw, C_in / groups, C_out): one ``lax.conv_general_dilated``."""
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        (stride, stride),
+        ((padding, padding), (padding, padding)),
+        dimension_numbers=CONV_DIMENSIONS,
+        feature_group_count=groups,
+    )
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+    """``F.interpolate(mode='bilinear', align_corners=False)`` on NHWC (half-pixel centres)."""
+    b, _, _, c = x.shape
+    return jax.image.resize(x, (b, height, width, c), method="bilinear", antialias=False)

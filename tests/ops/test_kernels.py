@@ -1,0 +1,252 @@
+"""The two op implementations (``model.kernels``): every XLA:CPU fast path of fgtbt_jax.ops.cpu
+against the plain op of fgtbt_jax.ops.xla (values and VJPs on random inputs), both against
+PyTorch where the op is a PyTorch layer, and the whole network built either way."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import fgtbt
+from fgtbt_jax.models.fgtbt import build_model
+from fgtbt_jax.ops import cpu, kernel_ops, resolve_kernels, xla
+
+
+def _vjp_pair(f_cpu, f_xla, args, rng, *, atol_value=1e-5, atol_grad=1e-4):
+    """Asserts f_cpu(*args) == f_xla(*args) and equal VJPs for a random cotangent."""
+    got, got_vjp = jax.vjp(f_cpu, *args)
+    want, want_vjp = jax.vjp(f_xla, *args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=atol_value, atol=atol_value)
+    cts = jax.tree.map(lambda w: jnp.asarray(rng.standard_normal(w.shape), w.dtype), want)
+    got_cts, want_cts = jax.tree.leaves(got_vjp(cts)), jax.tree.leaves(want_vjp(cts))
+    for a, b in zip(got_cts, want_cts, strict=True):
+        np.testing.assert_allclose(a, b, rtol=atol_grad, atol=atol_grad)
+
+
+def _normal(rng, shape, scale=1.0, shift=0.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale + shift, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "size,cin,cout,k,stride,pad,groups",
+    [
+        (6, 5, 7, 1, 1, 0, 1),  # 1×1: matmul
+        (6, 8, 8, 3, 1, 1, 8),  # depthwise: shifted multiply-adds
+        (8, 3, 5, 4, 4, 0, 1),  # kernel = stride: patchify matmul
+        (7, 4, 6, 3, 1, 1, 1),  # stride-1 k×k: custom VJP
+        (9, 3, 4, 2, 1, 0, 1),
+        (7, 6, 4, 3, 1, 1, 1),  # more input than output channels
+        (12, 3, 4, 7, 4, 3, 1),  # strided: custom VJP
+        (13, 3, 4, 3, 2, 1, 1),
+        (10, 2, 3, 3, 4, 0, 1),  # windows leave the last rows unread
+        (6, 4, 4, 3, 2, 1, 2),  # grouped: lax in both
+    ],
+)
+def test_conv2d_cpu_matches_xla(size, cin, cout, k, stride, pad, groups):
+    rng = np.random.default_rng(0)
+    x = _normal(rng, (2, size, size, cin))
+    w = _normal(rng, (k, k, cin // groups, cout))
+    _vjp_pair(
+        lambda a, b: cpu.conv2d(a, b, stride, pad, groups),
+        lambda a, b: xla.conv2d(a, b, stride, pad, groups),
+        (x, w),
+        rng,
+    )
+
+
+@pytest.mark.parametrize("groups,axis", [(1, -1), (2, -1), (2, 1)])
+def test_batch_norm_vjp_matches_autodiff(groups, axis):
+    """The hand-written BatchNorm VJP against autodiff of the plain formula; the plain
+    formula's statistics against NumPy."""
+    rng = np.random.default_rng(4)
+    x = _normal(rng, (4, 5, 6), 3.0, 1.0)
+    c = x.shape[axis]
+    scale, bias = _normal(rng, (c,)), _normal(rng, (c,))
+    args = (x, scale, bias)
+    _vjp_pair(
+        lambda *a: cpu.batch_norm_train(*a, groups, 1e-5, jnp.float32, axis % 3),
+        lambda *a: xla.batch_norm_train(*a, groups, 1e-5, jnp.float32, axis % 3),
+        args,
+        rng,
+    )
+    _, mean, var = xla.batch_norm_train(*args, groups, 1e-5, jnp.float32, axis % 3)
+    xg = np.moveaxis(np.asarray(x), axis, -1).reshape(groups, -1, c)
+    np.testing.assert_allclose(mean, xg.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, xg.var(1), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_and_gelu_cpu_match_xla():
+    rng = np.random.default_rng(5)
+    x = _normal(rng, (2, 7, 12), 2.0, 0.5)
+    scale, bias = _normal(rng, (12,)), _normal(rng, (12,))
+    _vjp_pair(
+        lambda *a: cpu.layer_norm(*a, 1e-6, jnp.float32),
+        lambda *a: xla.layer_norm(*a, 1e-6, jnp.float32),
+        (x, scale, bias),
+        rng,
+    )
+    _vjp_pair(cpu.gelu, xla.gelu, (x,), rng)
+    torch = pytest.importorskip("torch")
+    want = torch.nn.functional.gelu(torch.from_numpy(np.array(x))).numpy()  # erf form
+    np.testing.assert_allclose(xla.gelu(x), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ops", [cpu, xla], ids=["cpu", "xla"])
+@pytest.mark.parametrize("src,dst", [((3, 5), (12, 10)), ((2, 2), (16, 16)), ((4, 3), (8, 7))])
+def test_resize_matches_torch_interpolate(ops, src, dst):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(3).standard_normal((2, 3, *src)).astype(np.float32)
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(x), size=dst, mode="bilinear", align_corners=False
+    )
+    got = ops.resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), *dst)
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want.numpy(), atol=1e-5)
+
+
+def test_resize_vjp_cpu_matches_xla():
+    rng = np.random.default_rng(6)
+    x = _normal(rng, (2, 3, 4, 5))
+    _vjp_pair(
+        lambda a: cpu.resize_bilinear(a, 12, 16),
+        lambda a: xla.resize_bilinear(a, 12, 16),
+        (x,),
+        rng,
+    )
+
+
+def _conv_transpose(x, kt, bt):
+    """Flax's ``nn.ConvTranspose(k=4, s=2, padding 2, transpose_kernel)``: PyTorch's
+    ConvTranspose2d(4, 2, 1), the decoder's ``upSample`` with ``kernels="xla"``."""
+    return (
+        jax.lax.conv_transpose(
+            x,
+            kt,
+            (2, 2),
+            ((2, 2), (2, 2)),
+            dimension_numbers=xla.CONV_DIMENSIONS,
+            transpose_kernel=True,
+        )
+        + bt
+    )
+
+
+def test_conv_transpose_and_fused_upsample_conv_match_torch():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+    kt = rng.standard_normal((4, 4, 4, 3)).astype(np.float32)  # (kh, kw, out, in)
+    bt = rng.standard_normal(4).astype(np.float32)
+    w2 = rng.standard_normal((3, 3, 4, 2)).astype(np.float32)
+    up = F.conv_transpose2d(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)),
+        torch.from_numpy(kt.transpose(3, 2, 0, 1)),
+        torch.from_numpy(bt),
+        stride=2,
+        padding=1,
+    )
+    both = F.conv2d(up, torch.from_numpy(w2.transpose(3, 2, 0, 1)), padding=1)
+    up, both = up.numpy().transpose(0, 2, 3, 1), both.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(_conv_transpose(x, kt, bt), up, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cpu.conv_transpose_4x4_s2(x, kt, bt), up, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cpu.upsample_conv3x3(x, kt, bt, w2), both, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_upsample_conv_vjp_matches_unfused():
+    rng = np.random.default_rng(2)
+    args = tuple(_normal(rng, s) for s in ((2, 4, 4, 3), (4, 4, 4, 3), (4,), (3, 3, 4, 2)))
+    _vjp_pair(
+        cpu.upsample_conv3x3,
+        lambda x, kt, bt, w2: xla.conv2d(_conv_transpose(x, kt, bt), w2, 1, 1),
+        args,
+        rng,
+        atol_value=1e-4,
+    )
+
+
+def test_decoder_fuse_matches_unfused():
+    """linear_c{s} → resize → concat [c4..c1] → 1×1 fuse, against its composed form."""
+    rng = np.random.default_rng(7)
+    d, dims, sizes = 6, (3, 4, 5, 7), (8, 4, 2, 1)
+    feats = [_normal(rng, (2, s, s, c)) for s, c in zip(sizes, dims, strict=True)]
+    linear = [(_normal(rng, (c, d)), _normal(rng, (d,))) for c in dims]
+    fuse = _normal(rng, (1, 1, 4 * d, d))
+
+    def unfused(feats, linear, fuse):
+        maps = [f @ k + b for f, (k, b) in zip(feats, linear, strict=True)]
+        maps = [maps[0]] + [xla.resize_bilinear(m, 8, 8) for m in maps[1:]]
+        return xla.conv2d(jnp.concatenate(maps[::-1], axis=-1), fuse)
+
+    _vjp_pair(
+        lambda *a: cpu.decoder_fuse(*a, jnp.float32),
+        unfused,
+        (feats, linear, fuse),
+        rng,
+        atol_value=1e-4,
+    )
+
+
+def test_resolve_kernels():
+    auto = "cpu" if jax.default_backend() == "cpu" else "xla"
+    assert resolve_kernels("auto") == auto
+    assert resolve_kernels("xla") == "xla" and resolve_kernels("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"model.kernels must be one of \('auto', 'xla', 'cpu'\)"):
+        resolve_kernels("gpu")
+    config = fgtbt.get_config("tiny")
+    config.model.kernels = "fast"
+    with pytest.raises(ValueError, match="model.kernels"):
+        build_model(config.model)
+    config.model.kernels = "auto"
+    assert build_model(config.model).kernels == auto
+    with pytest.raises(ValueError, match="resolved"):
+        kernel_ops("auto")
+
+
+@pytest.fixture(scope="module")
+def both_models():
+    """The tiny architecture at 64² without stochastic layers, built with each ``kernels``."""
+    config = fgtbt.get_config("reference_tiny")
+    config.img_size = 64
+    config.model.drop_path_rate = 0.0
+    config.model.decoder_dropout = 0.0
+    models = {}
+    for kernels in ("cpu", "xla"):
+        config.model.kernels = kernels
+        models[kernels] = build_model(config.model)
+    return models
+
+
+def test_models_share_parameters_and_agree(both_models):
+    """Same parameter tree and initial values (a checkpoint moves freely), and the train-mode
+    forward, BatchNorm updates and parameter gradients agree at float32 noise."""
+    images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3), jnp.float32)
+    init = {
+        k: jax.jit(lambda x, m=m: m.init({"params": jax.random.key(0)}, x))(images[:1])
+        for k, m in both_models.items()
+    }
+    assert jax.tree.structure(init["cpu"]) == jax.tree.structure(init["xla"])
+    for a, b in zip(jax.tree.leaves(init["cpu"]), jax.tree.leaves(init["xla"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    variables = init["cpu"]
+    probe = jax.random.normal(jax.random.key(2), (2, 32, 32, 124), jnp.float32)
+
+    def step(model):
+        def loss(params):
+            out, updates = model.apply(
+                {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(out * probe), (out, updates["batch_stats"])
+
+        return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+    (g_cpu, (out_cpu, bn_cpu)), (g_xla, (out_xla, bn_xla)) = map(step, both_models.values())
+    scale = float(jnp.abs(out_xla).max())
+    assert float(jnp.abs(out_cpu - out_xla).max()) < 1e-5 * scale
+    for a, b in zip(jax.tree.leaves(bn_cpu), jax.tree.leaves(bn_xla), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_xla))
+    errs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()) / largest, g_cpu, g_xla)
+    assert max(jax.tree.leaves(errs)) < 1e-4, errs
