@@ -55,7 +55,15 @@ def _start(
         for k, v in os.environ.items()
         if not k.startswith(("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))
     }
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **env_extra)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        # The rerun reuses the first run's executables.
+        JAX_COMPILATION_CACHE_DIR=str(workdir.parents[1] / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        **env_extra,
+    )
     out, err = workdir.parent / f"{name}.out", workdir.parent / f"{name}.err"
     cmd = [
         sys.executable,
