@@ -71,23 +71,20 @@ def toy_config(**overrides: object) -> ml_collections.ConfigDict:
 
 
 # ``python -c RUNNER '{"workdir": ..., "overrides": {...}, "pause_at": k, "go": path}'`` runs
-# scripts/train.py's training loop with the toy network (cwd = repository root). With
+# fgtbt_jax.train.trainer's training loop with the toy network (cwd = repository root). With
 # ``pause_at`` it prints ``AT_STEP k`` before step k and waits for the file ``go``.
 RUNNER = textwrap.dedent(
     """
-    import importlib.util, json, os, sys, time
-    spec = importlib.util.spec_from_file_location("train_script", "scripts/train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    import json, os, sys, time
     from toy_model import build_toy, toy_config
 
-    from fgtbt_jax.train import sharding
+    from fgtbt_jax.train import sharding, trainer
 
     sharding.maybe_initialize_distributed()  # JAX_COORDINATOR_ADDRESS etc., if set
     args = json.loads(sys.argv[1])
     config = toy_config(**args.get("overrides", {}))
     if args.get("pause_at"):
-        batches = script.train_batches
+        batches = trainer.train_batches
 
         def paused(config, start):  # stops before step `pause_at` until the parent says go
             for step, batch in enumerate(batches(config, start), start=start + 1):
@@ -97,7 +94,7 @@ RUNNER = textwrap.dedent(
                         time.sleep(0.02)
                 yield batch
 
-        script.train_batches = paused
-    sys.exit(script.train_and_evaluate(config, args["workdir"], build=build_toy))
+        trainer.train_batches = paused
+    sys.exit(trainer.train_and_evaluate(config, args["workdir"], build=build_toy))
     """
 )

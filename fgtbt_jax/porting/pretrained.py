@@ -79,7 +79,9 @@ def export_ema_pth(
 ) -> int:
     """Writes the EMA weights of a workdir's checkpoint as a release-layout ``.pth``.
 
-    Returns the exported step (stored as the file's ``epoch`` field).
+    Multi-process: call it on every process (the orbax manager and restore wait at barriers
+    for all of them); process 0 writes the file. Returns the exported step (stored as the
+    file's ``epoch`` field).
     """
     directory = checkpointing.checkpoint_dir(workdir)
     if step is None:
@@ -92,5 +94,6 @@ def export_ema_pth(
     model = build_model(config.model)
     abstract = convert.abstract_variables(model, int(config.img_size))
     variables = checkpointing.restore_eval_variables(workdir, abstract, step)
-    export_pth(jax.device_get(variables), path, config, epoch=int(step))
+    if jax.process_index() == 0:
+        export_pth(jax.device_get(variables), path, config, epoch=int(step))
     return int(step)

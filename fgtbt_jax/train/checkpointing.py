@@ -16,7 +16,7 @@ when complete, so an interrupted save leaves the previous checkpoints intact and
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import math
 import os
@@ -44,23 +44,6 @@ def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
     """``WORKDIR/checkpoints`` (or ``workdir`` itself if it is already such a directory)."""
     path = pathlib.Path(workdir).absolute()
     return path if path.name == CHECKPOINT_DIR else path / CHECKPOINT_DIR
-
-
-@dataclasses.dataclass
-class _LowestMetric(checkpoint_managers.PreservationPolicy):
-    """Preserves the checkpoint with the lowest finite value of ``metrics[name]``."""
-
-    name: str
-
-    def should_preserve(
-        self,
-        checkpoints: Sequence[checkpoint_managers.PolicyCheckpointInfo],
-        *,
-        context: checkpoint_managers.PreservationContext,
-    ) -> Sequence[bool]:
-        values = [_metric(c.metrics, self.name) for c in checkpoints]
-        best = min(range(len(values)), key=values.__getitem__, default=None)
-        return [i == best and math.isfinite(values[i]) for i in range(len(values))]
 
 
 def _metric(metrics: Mapping[str, Any] | None, name: str) -> float:
@@ -92,7 +75,17 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = checkpoint_dir(workdir)
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
-        policies += [_LowestMetric(name) for name in best_metrics]
+        # Lowest value per metric; steps without it count as +inf (sorted first, never kept
+        # over a finite value; if none has it, the newest step, which LatestN keeps anyway).
+        policies += [
+            checkpoint_managers.BestN(
+                get_metric_fn=functools.partial(_metric, name=name),
+                reverse=True,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+            for name in best_metrics
+        ]
         primary = best_metrics[0] if best_metrics else None
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,  # the training loop decides when to save

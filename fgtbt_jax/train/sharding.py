@@ -20,24 +20,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def _multi_process_cluster(env: Mapping[str, str]) -> bool:
-    """Whether a cluster that ``jax.distributed.initialize()`` detects runs several processes."""
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-        return True
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-        return True
-    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-        return True
-    return bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
-
-
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with axis ``data`` over the first ``num_devices`` devices (default: all)."""
+    """A 1-D mesh with axis ``data`` over the first ``num_devices`` devices (default: all).
+
+    Auto axis type: the jitted functions say their shardings, XLA propagates the rest.
+    """
     devices = jax.devices()
     n = len(devices) if num_devices is None else int(num_devices)
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are available")
-    return Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
+    return jax.make_mesh((n,), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices[:n])
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -99,26 +91,30 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
 
 
 def maybe_initialize_distributed() -> bool:
-    """Call ``jax.distributed.initialize()`` for a multi-process run; no-op otherwise.
+    """Calls ``jax.distributed.initialize()`` for a multi-process run; no-op otherwise.
 
-    Multi-process means ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``) is set, or a cluster JAX detects by itself (Slurm with several tasks,
-    Open MPI, TPU pods). Must run before any other JAX call. Returns True if it initialized.
+    ``JAX_COORDINATOR_ADDRESS`` (read by JAX) with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
+    (read here) starts a job by hand; otherwise JAX's own cluster detection (Slurm, Open MPI,
+    Cloud TPU, Kubernetes) decides, and without a cluster this is a single-process run. Must
+    run before any other JAX call. Returns True if it initialized.
     """
-    env = os.environ
     if jax.distributed.is_initialized():
         return False
+    env = os.environ
+    kwargs: dict[str, Any] = {}
     if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs: dict[str, Any] = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"]}
         if "JAX_NUM_PROCESSES" in env:
             kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
         if "JAX_PROCESS_ID" in env:
             kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    try:
         jax.distributed.initialize(**kwargs)
-    elif _multi_process_cluster(env):
-        jax.distributed.initialize()
-    else:
-        return False
+    except (ValueError, RuntimeError) as e:
+        if env.get("JAX_COORDINATOR_ADDRESS"):
+            raise
+        if isinstance(e, RuntimeError):  # JAX already computed: too late to join a cluster
+            logging.warning("not initializing jax.distributed: %s", e)
+        return False  # ValueError: no coordinator detected, a single process
     logging.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),

@@ -68,7 +68,7 @@ def trainable_mask(params: PyTree) -> PyTree:
 
 
 def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
-    accum = int(config.optim.get("grad_accum_steps", 1))
+    accum = int(config.optim.grad_accum_steps)
     if accum < 1:
         raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}")
     if config.total_steps % accum:
@@ -97,9 +97,9 @@ def ema_decay(config: ml_collections.ConfigDict) -> float:
     0.5^(4·BATCH/10 000) per step with BATCH the per-dataset batch of one update
     (``batch_per_dataset · grad_accum_steps``).
     """
-    if not config.get("ema", True):
+    if not config.ema:
         return 0.0
-    half_life = float(config.get("ema_half_life", 0) or 0)
+    half_life = float(config.ema_half_life)
     if half_life > 0:
         return 0.5 ** (1.0 / half_life)
     return optim.ema_decay(int(config.data.batch_per_dataset) * grad_accum_steps(config))

@@ -111,17 +111,6 @@ def test_sharding_on_8_cpu_devices():
     assert proc.returncode == 0 and "SHARDING_OK" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_multi_process_detection():
-    detect = sharding._multi_process_cluster
-    assert not detect({})
-    assert not detect({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"})
-    assert detect({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"})
-    assert not detect({"OMPI_COMM_WORLD_SIZE": "1"})
-    assert detect({"OMPI_COMM_WORLD_SIZE": "2"})
-    assert not detect({"TPU_WORKER_HOSTNAMES": "localhost"})
-    assert detect({"TPU_WORKER_HOSTNAMES": "host-0,host-1"})
-
-
 def test_maybe_initialize_distributed_noop(monkeypatch):
     for key in list(os.environ):
         if key.startswith(("JAX_COORDINATOR", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):

@@ -1,10 +1,10 @@
 """Two processes through ``jax.distributed`` (CPU, Gloo collectives on localhost) train like one.
 
-Each process runs scripts/train.py's loop (toy network, see tests/toy_model.py) on its half of
-every global batch (``synthetic.process_rows``) with BatchNorm / CSAM-style statistics across
-both processes, and writes one orbax checkpoint together. The result equals a single-process
-run on the same global batches up to float summation order (the processes' rows reach the
-global array in another order: rounds of datasets instead of dataset blocks).
+Each process runs ``fgtbt_jax.train.trainer``'s loop (toy network, see tests/toy_model.py) on
+its half of every global batch (``synthetic.process_rows``) with BatchNorm / CSAM-style
+statistics across both processes, and writes one orbax checkpoint together. The result equals
+a single-process run on the same global batches up to float summation order (the processes'
+rows reach the global array in another order: rounds of datasets instead of dataset blocks).
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def test_two_processes_match_one(tmp_path):
     for p, (out, err) in zip((*procs, single), outputs, strict=True):
         assert p.returncode == 0, (out + err)[-6000:]
     # Process 0 reports for both; the mesh spans the two processes' devices.
-    assert "on 2 device(s), 2 process(es); cross-device" in outputs[0][0], outputs[0][0]
+    assert "on 2 device(s), 2 process(es)" in outputs[0][0], outputs[0][0]
+    assert "cross-device batch statistics" in outputs[0][0]
+    assert "train step memory per device: argument" in outputs[0][0]
     assert "step 4/4" in outputs[0][0] and "step" not in outputs[1][0], outputs[1][0]
 
     two, one = _restore(tmp_path / "two"), _restore(tmp_path / "one")

@@ -1,4 +1,5 @@
-"""scripts/train.py end to end: the tiny preset on synthetic data, resumption, export, eval hook."""
+"""Training end to end: scripts/train.py on the tiny preset (synthetic data, resumption, export)
+and the library's ``train_and_evaluate`` in-process (evaluation hook, non-finite loss)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import jax
 import numpy as np
 import pytest
 from helpers import subprocess_env
-from toy_model import RUNNER
+from toy_model import build_toy, toy_config
 
 from configs import fgtbt
 from fgtbt_jax import landmarks, load_pretrained
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.porting import convert, pretrained
-from fgtbt_jax.train import checkpointing
+from fgtbt_jax.train import checkpointing, trainer
 
 ROOT = pathlib.Path(__file__).parents[2]
 
@@ -88,20 +89,13 @@ def test_tiny_preset_smoke_and_resume(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def _toy(workdir: pathlib.Path, overrides: dict) -> subprocess.CompletedProcess:
-    args = json.dumps({"workdir": str(workdir), "overrides": overrides})
-    return subprocess.run(
-        [sys.executable, "-c", RUNNER, args],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def _toy(workdir: pathlib.Path, overrides: dict) -> int:
+    """The library's training loop in this process, with the toy network."""
+    return trainer.train_and_evaluate(toy_config(**overrides), workdir, build=build_toy)
 
 
-def test_evaluation_hook_and_best_checkpoints(tmp_path):
-    proc = _toy(
+def test_evaluation_hook_and_best_checkpoints(tmp_path, capsys):
+    code = _toy(
         tmp_path,
         {
             "total_steps": 4,
@@ -111,8 +105,8 @@ def test_evaluation_hook_and_best_checkpoints(tmp_path):
             "data.synthetic_eval_images": 4,
         },
     )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "eval step 0: NME" in proc.stdout, proc.stdout
+    assert code == 0
+    assert "eval step 0: NME" in capsys.readouterr().out
     rows = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2, 4]
     assert set(k for k in rows[1] if k.startswith("nme_")) == {"nme_300W"}  # 300W only
@@ -129,7 +123,6 @@ def test_evaluation_hook_and_best_checkpoints(tmp_path):
 
 
 def test_non_finite_loss_fails_loudly(tmp_path):
-    proc = _toy(tmp_path, {"total_steps": 3, "optim.lr": 1e38, "checkpoint_every": 100})
-    assert proc.returncode != 0
-    assert "FloatingPointError: non-finite FMB loss" in proc.stderr, proc.stderr[-3000:]
+    with pytest.raises(FloatingPointError, match="non-finite FMB loss"):
+        _toy(tmp_path, {"total_steps": 3, "optim.lr": 1e38, "checkpoint_every": 100})
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())

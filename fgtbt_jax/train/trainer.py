@@ -1,0 +1,340 @@
+"""``train_and_evaluate``: the FGTBT training loop (SPEC §6), single- or multi-process.
+
+Every process runs the same code on its share of the data: ``jax.distributed`` joins the
+processes into one mesh, and every collective or barrier-bearing call (orbax checkpoint
+managers, restores, evaluation, the EMA export's restore) runs on all of them. Process 0 alone
+writes host-local files: the JSON-lines metrics, TensorBoard events and the exported ``.pth``.
+
+WORKDIR layout: ``checkpoints/`` (orbax; see :mod:`fgtbt_jax.train.checkpointing`),
+``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see :mod:`fgtbt_jax.train.writers`) and, at the
+end, ``config.export_pth``. A rerun with the same WORKDIR resumes from the latest checkpoint.
+SIGTERM (preemption) makes every process save the same step and return
+:data:`PREEMPTED_EXIT_CODE`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fgtbt_jax import landmarks
+from fgtbt_jax.evaluation.evaluator import Evaluator
+from fgtbt_jax.models.fgtbt import build_model, init_variables
+from fgtbt_jax.train import checkpointing, sharding, synthetic, writers
+from fgtbt_jax.train import state as train_state
+from fgtbt_jax.train import step as train_step
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
+
+
+def info(message: str) -> None:
+    """A progress message: printed by process 0, logged by every process."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> None:
+    """Prepares the ``demo`` datasets if missing: process 0 first, then the others.
+
+    (On a shared filesystem the others find them ready; concurrent preparation of the same
+    TFDS directory would corrupt it.)
+    """
+    if config.data.source != "demo":
+        return
+    from input_pipeline import pipeline
+
+    if jax.process_index() == 0:
+        pipeline.ensure_demo_data(config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("fgtbt_demo_data")
+        if jax.process_index() > 0:
+            pipeline.ensure_demo_data(config)
+
+
+def train_batches(config: ml_collections.ConfigDict, start_step: int) -> Iterator[dict]:
+    """This process's rows of the global batches of steps ``start_step, start_step + 1, …``."""
+    kwargs = dict(
+        seed=int(config.seed),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        start_step=start_step,
+    )
+    if config.data.source == "synthetic":
+        return synthetic.make_train_iterator(config, **kwargs)
+    from input_pipeline import pipeline
+
+    return pipeline.make_train_iterator(config, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# Progress
+# ------------------------------------------------------------------------------------------
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Collects per-step metrics (device arrays) and turns them into log lines.
+
+    ``flush`` fetches pending metrics, fails on a non-finite loss and returns the window's
+    averages (per-dataset losses over the steps where the dataset was in the batch).
+    """
+
+    def __init__(self, total_steps: int, global_batch: int, start_step: int) -> None:
+        self.total, self.global_batch = total_steps, global_batch
+        self.pending: list[tuple[int, dict]] = []
+        self.t_last, self.step_last = None, start_step
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> dict[str, float] | None:
+        if not self.pending:
+            return None
+        steps = [s for s, _ in self.pending]
+        values = jax.device_get([m for _, m in self.pending])
+        self.pending = []
+        loss = np.array([v["loss"] for v in values])
+        bad = ~np.isfinite(loss)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise FloatingPointError(
+                f"non-finite FMB loss {loss[i]} at step {steps[i]}; "
+                f"per-dataset {values[i]['loss_per_dataset']}"
+            )
+        per = np.stack([v["loss_per_dataset"] for v in values])
+        present = np.stack([v["dataset_present"] for v in values])
+        out = {"loss": float(loss.mean())}
+        for d, name in enumerate(landmarks.DATASETS):
+            if present[:, d].any():
+                out[f"loss_{name}"] = float(per[present[:, d], d].mean())
+        out["lr"] = float(values[-1]["lr"])
+        out["grad_norm"] = float(np.mean([v["grad_norm"] for v in values]))
+        now, step = time.time(), steps[-1]
+        if self.t_last is not None and step > self.step_last:
+            sec_per_step = (now - self.t_last) / (step - self.step_last)
+            out["images_per_sec"] = self.global_batch / sec_per_step
+            out["eta_sec"] = sec_per_step * (self.total - step)
+        self.t_last, self.step_last = now, step
+        return out
+
+    def line(self, step: int, m: dict[str, float]) -> str:
+        per = " ".join(f"{n} {m['loss_' + n]:.4f}" for n in landmarks.DATASETS if "loss_" + n in m)
+        speed = (
+            f"{m['images_per_sec']:.1f} img/s ETA {_eta(m['eta_sec'])}"
+            if "images_per_sec" in m
+            else "(compiling)"
+        )
+        return f"step {step}/{self.total} loss {m['loss']:.4f} [{per}] lr {m['lr']:.3g} {speed}"
+
+
+def _report_progress(config: ml_collections.ConfigDict, writer: writers.MetricWriter) -> Any:
+    """clu's ``ReportProgress`` (steps/s, uptime to TensorBoard; ETA in the work-unit notes)."""
+    if writer.writer is None:
+        return None
+    from clu import periodic_actions
+
+    return periodic_actions.ReportProgress(
+        num_train_steps=int(config.total_steps),
+        writer=writer.writer,
+        every_steps=int(config.log_every),
+        every_secs=None,
+    )
+
+
+def _memory_line(compiled: Any) -> str:
+    """Per-device bytes of a compiled executable (``memory_analysis()``), or why not."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception as e:  # backends without the analysis raise (e.g. NotImplementedError)
+        return f"memory analysis unavailable ({type(e).__name__}: {e})"
+    if m is None:
+        return "memory analysis unavailable on this backend"
+    fields = {
+        "argument": m.argument_size_in_bytes,
+        "output": m.output_size_in_bytes,
+        "temp": m.temp_size_in_bytes,
+        "alias": m.alias_size_in_bytes,
+    }
+    total = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]
+    parts = " ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in fields.items())
+    return f"train step memory per device: {parts}, total {total / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------
+# Initialisation
+# ------------------------------------------------------------------------------------------
+
+
+def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | None:
+    """Variables from ``config.init_checkpoint`` / ``config.init_backbone``, or None (random)."""
+    from fgtbt_jax.porting import convert, pretrained, pth
+
+    if config.init_checkpoint and config.init_backbone:
+        raise ValueError("set at most one of config.init_checkpoint and config.init_backbone")
+    if config.init_checkpoint:
+        _, variables = pretrained.load_pretrained(config.init_checkpoint, config)
+        logging.info("initialised from %s", config.init_checkpoint)
+        return variables
+    if config.init_backbone:
+        init_key, _ = train_state.seed_keys(int(config.seed))
+        variables = jax.jit(lambda key: init_variables(model, key, int(config.img_size)))(init_key)
+        state_dict = convert.state_dict_from_release(
+            pth.load_pth(config.init_backbone), config.init_backbone
+        )
+        variables, report = convert.import_partial(
+            variables, state_dict, model, int(config.img_size)
+        )
+        info(f"backbone import from {config.init_backbone}:\n{report.table()}")
+        return variables
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, build: Callable = build_model
+) -> int:
+    """Trains to ``config.total_steps`` (resuming from WORKDIR); returns the process exit code.
+
+    0 when done (EMA weights exported if ``config.export_pth``), :data:`PREEMPTED_EXIT_CODE`
+    after a preemption save. ``build(model_config, stat_groups=…)`` makes the network (tests
+    pass a small stand-in). Call it on every process of a multi-process job.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+    total = int(config.total_steps)
+    prepare_data(config)
+
+    # Mesh and model. stat_groups = devices: per-device BatchNorm/CSAM statistics like the
+    # reference's unsynchronised data parallelism; 1: statistics over the whole global batch.
+    mesh = sharding.make_mesh(int(config.sharding.num_devices) or None)
+    cross = bool(config.sharding.cross_device_stats)
+    model = build(config.model, stat_groups=1 if cross else mesh.size)
+    init_model = build(config.model)
+    tx, schedule = train_state.make_optimizer(config)
+    abstract = train_state.abstract_train_state(config, init_model, tx, mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+
+    # State: the latest checkpoint, else a jitted sharded init (shapes from jax.eval_shape).
+    datasets = tuple(n for n in landmarks.DATASETS if n in set(config.data.datasets))
+    ckpt = checkpointing.Checkpointer(
+        workdir, keep=int(config.keep_checkpoints), best_metrics=[f"nme_{n}" for n in datasets]
+    )
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(abstract)
+    else:
+        variables = initial_variables(config, init_model)
+        state, _ = train_state.create_train_state(config, init_model, tx, mesh, variables=variables)
+    start = int(jax.device_get(state.step))
+    global_batch = len(synthetic.dataset_ids(config))
+    info(
+        f"{'resuming at' if start else 'starting'} step {start}/{total} on {mesh.size} "
+        f"device(s), {jax.process_count()} process(es); mesh {dict(mesh.shape)} of "
+        f"{mesh.devices.flat[0].platform} devices; batch {global_batch} "
+        f"({global_batch / mesh.size:g} per device); "
+        f"{'FSDP' if config.sharding.fsdp else 'data-parallel, replicated'} parameters; "
+        f"{'cross-device' if cross else 'per-device'} batch statistics; "
+        f"model.kernels {model.kernels}"
+    )
+
+    writer = writers.MetricWriter(workdir, start)
+    report_progress = _report_progress(config, writer)
+    evaluator = Evaluator(config, build) if int(config.eval_every) > 0 else None
+
+    def evaluate(step: int) -> dict[str, float] | None:
+        """Evaluation on every process (collective); logged by process 0."""
+        every_all = int(config.eval_all_every)
+        if step == 0 or step == total or (every_all and step % every_all == 0):
+            names = datasets
+        else:
+            names = ("300W",) if "300W" in datasets else datasets
+        metrics = evaluator(state.ema_variables(), names)
+        if metrics is not None:
+            writer.write_eval(step, metrics)
+            nme = " ".join(f"{n} {metrics[f'nme_{n}']:.4f}" for n in names if f"nme_{n}" in metrics)
+            info(f"eval step {step}: NME (reference protocol, inter-ocular) {nme}")
+        return metrics
+
+    if start == 0 and evaluator is not None:
+        eval_metrics = evaluate(0)  # the random (or imported) initialisation as a baseline
+        if eval_metrics is not None:
+            ckpt.save(state, config=config, metrics=eval_metrics)
+
+    step_fn = train_step.jit_train_step(
+        train_step.make_train_step(model, tx, schedule, config), shardings, mesh
+    )
+
+    def global_batch_at(local: dict) -> dict[str, jax.Array]:
+        if not cross:  # each device's slice then mixes the datasets
+            local = train_step.interleave_datasets(local)
+        return sharding.shard_batch({k: local[k] for k in train_step.BATCH_KEYS}, mesh)
+
+    progress = Progress(total, global_batch, start)
+    batches = train_batches(config, start) if start < total else iter(())
+    compiled = None
+    exit_code = 0
+    with checkpointing.PreemptionHandler() as preemption:
+        for step in range(start + 1, total + 1):
+            batch = global_batch_at(next(batches))
+            if compiled is None:  # compile once, report what it needs, train with it
+                compiled = step_fn.lower(state, batch).compile()
+                info(_memory_line(compiled))
+            state, metrics = compiled(state, batch)
+            progress.add(step, metrics)
+            if report_progress is not None:
+                report_progress(step)
+
+            preempted = preemption.should_stop(step)
+            if step % int(config.log_every) == 0 or step in (start + 1, total) or preempted:
+                values = progress.flush()
+                writer.write_train(step, values)
+                info(progress.line(step, values))
+            eval_metrics = None
+            if evaluator is not None and (step % int(config.eval_every) == 0 or step == total):
+                eval_metrics = evaluate(step)
+            if (
+                step % int(config.checkpoint_every) == 0
+                or step == total
+                or preempted
+                or eval_metrics is not None
+            ):
+                progress.flush()  # never checkpoint a state whose loss went non-finite
+                ckpt.save(state, config=config, metrics=eval_metrics)
+            if preempted:
+                ckpt.wait()
+                info(f"preempted: saved step {step}; rerun to resume")
+                exit_code = PREEMPTED_EXIT_CODE
+                break
+
+    ckpt.close()
+    if exit_code == 0 and config.export_pth:
+        from fgtbt_jax.porting import pretrained
+
+        # All processes restore (orbax barriers); process 0 writes the file.
+        path = workdir / config.export_pth
+        step = pretrained.export_ema_pth(workdir, path, config)
+        info(f"exported EMA weights of step {step} to {path}")
+    writer.close()
+    return exit_code
