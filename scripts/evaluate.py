@@ -61,7 +61,6 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     sharding.maybe_initialize_distributed()  # before any other JAX call
     import jax
-    from jax.experimental import multihost_utils
 
     import fgtbt_jax
     from input_pipeline import pipeline
@@ -78,7 +77,7 @@ def main(argv: list[str]) -> None:
         if lead:  # first, so that processes sharing data_dir do not write it at once
             pipeline.ensure_demo_data(config)
         if processes > 1:
-            multihost_utils.sync_global_devices("evaluate.py: demo data")
+            metrics.wait_for_processes("evaluate.py_demo_data")
             pipeline.ensure_demo_data(config)  # no-op where data_dir is shared
     model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
     variables = evaluator.host_local(variables)

@@ -81,6 +81,7 @@ def host_local(variables: Any) -> Any:
     leaves, treedef = jax.tree.flatten(variables)
     remote = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
     remote = [i for i in remote if not leaves[i].is_fully_addressable]
+    metrics.wait_for_processes("host_local")
     gathered = multihost_utils.process_allgather([leaves[i] for i in remote], tiled=True)
     for i, value in zip(remote, gathered, strict=True):
         leaves[i] = value

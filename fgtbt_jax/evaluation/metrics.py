@@ -20,6 +20,7 @@ errors, in the single-process order, so the metrics are exactly those of one pro
 from __future__ import annotations
 
 import collections
+import itertools
 import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -124,6 +125,26 @@ def reference_targets(
     return back.astype(np.float32)
 
 
+_BARRIER_TIMEOUT_MS = 3_600_000
+_barriers = itertools.count()
+
+
+def wait_for_processes(name: str) -> None:
+    """Waits (up to an hour) until every process has arrived here; no-op on one process.
+
+    Processes finish their shares at different times (a process may have one batch more, and
+    compile its shape), and on CPU the first collective between processes gives up after 30 s
+    (Gloo's rendezvous): this barrier of the ``jax.distributed`` coordination service aligns
+    them first. All processes must call it, the same number of times.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination client (as orbax uses it)
+
+    tag = f"fgtbt_{name}_{next(_barriers)}"
+    distributed.global_state.client.wait_at_barrier(tag, timeout_in_ms=_BARRIER_TIMEOUT_MS)
+
+
 def allgather_objects(obj: Any) -> list[Any]:
     """Every process's ``obj`` (picklable), in process order; ``[obj]`` on one process.
 
@@ -133,6 +154,7 @@ def allgather_objects(obj: Any) -> list[Any]:
         return [obj]
     from jax.experimental import multihost_utils
 
+    wait_for_processes("allgather_objects")
     payload = np.frombuffer(pickle.dumps(obj), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64)).reshape(-1)
     buf = np.zeros(int(sizes.max()), np.uint8)
