@@ -3,11 +3,12 @@ r"""Peak host memory of the trainer's evaluation (``Evaluator``) against the tes
   python scripts/benchmark_eval_memory.py --sizes 200,2000 --workdir /tmp/eval_memory \
       --json benchmarks/eval_memory_cpu.json
 
-For each size N: a synthetic WFLW test set of N faces (``input_pipeline.demo.write_official``,
-prepared as TFDS ``official``) and, in a fresh process, one ``Evaluator`` call (flip test) of
-the tiny network at ``--img_size``² (random weights) on all of it; that process's peak resident
-set size (``ru_maxrss``) is recorded. Evaluation streams the batches, so the peak should hardly
-grow with N (caching the normalized float32 crops would add N × img_size² × 12 bytes).
+For each size N: a synthetic WFLW test set of N records (``--faces`` faces rendered by
+``input_pipeline.demo.write_official``, repeated in turn; prepared as TFDS ``official``) and,
+in a fresh process, one ``Evaluator`` call (flip test) of the tiny network at ``--img_size``²
+(random weights) on all of it; that process's peak resident set size (``ru_maxrss``) is
+recorded. Evaluation streams the batches, so the peak should hardly grow with N (caching the
+normalized float32 crops would add N × img_size² × 12 bytes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 _SIZES = flags.DEFINE_list("sizes", ["200", "2000"], "Test-set sizes (images).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/fgtbt_eval_memory", "Data folder.")
 _IMG_SIZE = flags.DEFINE_integer("img_size", 480, "Network input size.")
+_FACES = flags.DEFINE_integer("faces", 200, "Distinct rendered faces (repeated up to a size).")
 _JSON = flags.DEFINE_string("json", None, "Write the rows here.")
 _MEASURE = flags.DEFINE_integer("measure", 0, "Internal: evaluate the set of this size.")
 
@@ -44,14 +46,18 @@ def _config(size: int):
 
 
 def prepare(size: int) -> None:
-    """A WFLW-format test set of ``size`` synthetic faces, prepared once."""
+    """A WFLW-format test set of ``size`` records, prepared once: ``--faces`` rendered synthetic
+    faces, repeated in turn (every record is still read, decoded and cropped on its own)."""
     from input_pipeline import builders, demo
 
     root = pathlib.Path(_WORKDIR.value) / f"n{size}"
     b = builders.get_builder("WFLW", root / "tfds", "official")
     if b.is_prepared() and b.info.splits["test"].num_examples == size:
         return
-    demo.write_official(root / "raw", "WFLW", 4, size)
+    demo.write_official(root / "raw", "WFLW", 4, min(size, _FACES.value))
+    csv = root / "raw" / "face_landmarks_wflw_test.csv"
+    header, *rows = csv.read_text().splitlines()
+    csv.write_text("\n".join([header] + [rows[i % len(rows)] for i in range(size)]) + "\n")
     builders.prepare("WFLW", data_dir=root / "tfds", manual_dir=root / "raw", overwrite=True)
 
 
@@ -108,7 +114,7 @@ def main(argv: list[str]) -> None:
             "cpus": os.cpu_count(),
             "jax": jax.__version__,
             "network": "tiny preset, random weights",
-            "dataset": "synthetic WFLW test set (input_pipeline.demo), TFDS ArrayRecord",
+            "dataset": f"synthetic WFLW test set, {_FACES.value} faces repeated, TFDS ArrayRecord",
         }
         path = pathlib.Path(_JSON.value)
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

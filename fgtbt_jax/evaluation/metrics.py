@@ -126,6 +126,7 @@ def reference_targets(
 
 
 _BARRIER_TIMEOUT_MS = 3_600_000
+_CHUNK_BYTES = 1 << 20
 _barriers = itertools.count()
 
 
@@ -148,19 +149,34 @@ def wait_for_processes(name: str) -> None:
 def allgather_objects(obj: Any) -> list[Any]:
     """Every process's ``obj`` (picklable), in process order; ``[obj]`` on one process.
 
-    A collective: all processes must call it, the same number of times.
+    Goes through the key-value store of the ``jax.distributed`` coordination service (pickled,
+    in 1 MiB values), not through a device collective: no compilation, and no 30 s limit on
+    how long the first process waits for the last. All processes must call it, the same
+    number of times.
     """
     if jax.process_count() == 1:
         return [obj]
-    from jax.experimental import multihost_utils
+    from jax._src import distributed  # the coordination client (as orbax uses it)
 
-    wait_for_processes("allgather_objects")
-    payload = np.frombuffer(pickle.dumps(obj), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64)).reshape(-1)
-    buf = np.zeros(int(sizes.max()), np.uint8)
-    buf[: payload.size] = payload
-    bufs = multihost_utils.process_allgather(buf)  # (processes, max size)
-    return [pickle.loads(bufs[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]
+    client = distributed.global_state.client
+    tag = f"fgtbt_allgather_{next(_barriers)}"
+    me = jax.process_index()
+    payload = pickle.dumps(obj)
+    chunks = [payload[i : i + _CHUNK_BYTES] for i in range(0, len(payload), _CHUNK_BYTES)]
+    for k, chunk in enumerate(chunks):
+        client.key_value_set_bytes(f"{tag}/{me}/{k}", chunk)
+    client.key_value_set(f"{tag}/{me}/count", str(len(chunks)))  # last: the value is complete
+    out = []
+    for p in range(jax.process_count()):
+        n = int(client.blocking_key_value_get(f"{tag}/{p}/count", _BARRIER_TIMEOUT_MS))
+        parts = [
+            client.blocking_key_value_get_bytes(f"{tag}/{p}/{k}", _BARRIER_TIMEOUT_MS)
+            for k in range(n)
+        ]
+        out.append(pickle.loads(b"".join(parts)))
+    wait_for_processes(tag)  # all have read: the values can go
+    client.key_value_delete(f"{tag}/{me}")
+    return out
 
 
 def gather_cache(cache: dict) -> dict:
