@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def test_two_processes_evaluate_like_one(tmp_path):
         )
         for i in range(2)
     ]
-    single = _start(tmp_path / "tfds", tmp_path / "one")
+    shutil.copytree(tmp_path / "tfds", tmp_path / "tfds_one")  # runs never share a data_dir
+    single = _start(tmp_path / "tfds_one", tmp_path / "one")
     outputs = [p.communicate(timeout=900) for p in (*procs, single)]
     for p, (out, err) in zip((*procs, single), outputs, strict=True):
         assert p.returncode == 0, (out + err)[-6000:]
