@@ -434,8 +434,11 @@ def make_eval_iterator(
     (B, 124, 2) float32 original-image annotation in the unified slots (0 elsewhere), 'mask'
     (B, 124) bool, 'center' (B, 2) float32, 'scale' (B,) float32 — the crop scale, already ×
     1.25 (the value ``transforms.get_transform`` takes) —, 'box_size' (B,) float32 (AFLW's
-    normaliser, else 0), 'image_id' (B,) str, 'valid' (B,) bool (False for padding).
-    Every process gets the same number of batches (records are dealt round-robin).
+    normaliser, else 0), 'image_id' (B,) str, 'valid' (B,) bool (False for padding), 'index'
+    (B,) int64, the record's position in the subset (-1 for padding).
+    Several processes: the single-process batches are dealt round-robin (process ``p`` gets
+    batches ``p, p + P, …``, each with the same records as on one process), and every process
+    gets the same number of batches (padding batches where the batches do not divide evenly).
     ``dataset``: COFW | WFLW | 300W | AFLW (| pts_folder, read as 300W when it has 68 points).
     ``subset``: see :func:`list_eval_subsets`, or "train".
     """
@@ -456,11 +459,16 @@ def make_eval_iterator(
     img_size = int(config.img_size)
     bs = int(batch_size)
     _cv2_threads(config)
-    mine = idx[int(process_index) :: int(process_count)]
-    per_process = math.ceil(len(idx) / int(process_count))
-    n_batches = math.ceil(per_process / bs)
-    padded = np.full(n_batches * bs, -1, np.int64)
-    padded[: len(mine)] = mine
+    # The single-process batches (positions in file order, the last one padded with -1) are
+    # dealt round-robin, so every batch, and the network's batch statistics, is the same as
+    # on one process; processes short of a batch get one of padding only.
+    global_batches = math.ceil(len(idx) / bs)
+    n_batches = math.ceil(global_batches / int(process_count))
+    positions = np.full((n_batches * int(process_count), bs), -1, np.int64)
+    positions.reshape(-1)[: len(idx)] = np.arange(len(idx))
+    positions = positions[int(process_index) :: int(process_count)].reshape(-1)
+    padded = np.full(positions.shape, -1, np.int64)
+    padded[positions >= 0] = idx[positions[positions >= 0]]
 
     def load(i):
         i = int(i)
@@ -518,8 +526,9 @@ def make_eval_iterator(
     ds = ds.with_options(_options(config))
 
     def gen():
-        for b in ds.as_numpy_iterator():
+        for k, b in enumerate(ds.as_numpy_iterator()):
             n = len(b["valid"])
+            b["index"] = positions[k * bs : (k + 1) * bs]
             b["image_id"] = np.array([s.decode("utf-8") for s in b["image_id"]], dtype=object)
             b["dataset_id"] = np.full(n, ds_id, np.int32)
             b["mask"] = np.broadcast_to(mask, (n, landmarks.NUM_UNIFIED)).copy()

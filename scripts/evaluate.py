@@ -14,6 +14,12 @@ the quantized heatmap targets mapped back) and ``standard`` (vs. the original an
 The defaults (test-time flip, plain arg-max) are the reference's; ``--refine`` adds sub-pixel
 decoding. Note: the network's CSAM statistics span the batch, so results depend slightly on
 ``--batch_size`` (padding rows are never sent through the network).
+
+Several processes (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or a
+cluster ``jax.distributed.initialize()`` detects; run the same command on every process): each
+evaluates every ``--batch_size`` batch dealt to it (the batches of one process, dealt
+round-robin), the per-image errors are gathered, and the report equals the one-process report;
+process 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fgtbt_jax import landmarks  # noqa: E402
-from fgtbt_jax.evaluation import decoding, metrics, reports
+from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports  # noqa: E402
+from fgtbt_jax.train import sharding  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -52,6 +59,9 @@ _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Stop each subset after N 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sharding.maybe_initialize_distributed()  # before any other JAX call
+    import jax
+
     import fgtbt_jax
     from input_pipeline import pipeline
 
@@ -61,9 +71,16 @@ def main(argv: list[str]) -> None:
     for ds in datasets:
         if ds not in landmarks.DATASETS:
             raise app.UsageError(f"unknown dataset {ds!r}; choose from {landmarks.DATASETS}")
+    process, processes = jax.process_index(), jax.process_count()
+    lead = process == 0
     if config.data.source == "demo":
-        pipeline.ensure_demo_data(config)
+        if lead:  # first, so that processes sharing data_dir do not write it at once
+            pipeline.ensure_demo_data(config)
+        if processes > 1:
+            metrics.wait_for_processes("evaluate.py_demo_data")
+            pipeline.ensure_demo_data(config)  # no-op where data_dir is shared
     model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
+    variables = evaluator.host_local(variables)
     predict = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
     acc = metrics.Accumulator(protocols)
     cache: dict = {}
@@ -74,23 +91,26 @@ def main(argv: list[str]) -> None:
             subsets = [s for s in subsets if s in _SUBSETS.value]
         subsets.sort(key=lambda s: s != metrics.FULL)  # full first: its predictions are reused
         for subset in subsets:
-            it = pipeline.make_eval_iterator(config, ds, subset, _BATCH.value)
+            it = pipeline.make_eval_iterator(
+                config, ds, subset, _BATCH.value, process_index=process, process_count=processes
+            )
 
             def tagged(it=it, subset=subset):
-                for i, batch in enumerate(it):
-                    if _MAX_BATCHES.value and i >= _MAX_BATCHES.value:
+                for i, batch in enumerate(it):  # this process's batch i is batch i·P + p
+                    if _MAX_BATCHES.value and i * processes + process >= _MAX_BATCHES.value:
                         break
                     yield {**batch, "subset": subset}
 
             def progress(i, ds=ds, subset=subset):
-                if i == 1 or i % 20 == 0:
+                if lead and (i == 1 or i % 20 == 0):
                     print(f"  {ds}/{subset}: batch {i} ({time.time() - t0:.0f} s)", flush=True)
 
-            metrics.evaluate(
-                predict, variables, tagged(), accumulator=acc, cache=cache, progress=progress
-            )
-            print(f"{ds}/{subset}: done ({time.time() - t0:.0f} s)", flush=True)
-    report = acc.report(
+            metrics.accumulate(predict, variables, tagged(), acc, cache=cache, progress=progress)
+            if processes > 1 and subset == metrics.FULL:  # the subsets reuse all of it
+                cache = metrics.gather_cache(cache)
+            if lead:
+                print(f"{ds}/{subset}: done ({time.time() - t0:.0f} s)", flush=True)
+    report = acc.gathered().report(
         checkpoint=str(_CHECKPOINT.value),
         config=str(config.get("preset", "")),
         img_size=int(config.img_size),
@@ -100,9 +120,10 @@ def main(argv: list[str]) -> None:
         batch_size=_BATCH.value,
         data_source=str(config.data.source),
     )
-    paths = reports.write_report(report, _OUT.value)
-    print(reports.format_markdown(report))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if lead:  # every process has the whole report; one writes it
+        paths = reports.write_report(report, _OUT.value)
+        print(reports.format_markdown(report))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":

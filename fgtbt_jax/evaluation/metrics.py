@@ -11,11 +11,17 @@ NME of an image = mean over its points of ‖pred − gt‖ / d (d per dataset, 
 ``nme_normalization_zero_based``); FR@0.1 = images whose inter-pupil NME exceeds 0.1 (as the
 reference counts it); AUC@0.1 = area under the cumulative error distribution of the
 inter-ocular NME from 0 to 0.1, divided by 0.1.
+
+Several processes (``jax.distributed``): each evaluates its own share of the batches
+(:func:`accumulate`); :meth:`Accumulator.gathered` then collects every process's per-image
+errors, in the single-process order, so the metrics are exactly those of one process.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
+import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -119,6 +125,68 @@ def reference_targets(
     return back.astype(np.float32)
 
 
+_BARRIER_TIMEOUT_MS = 3_600_000
+_CHUNK_BYTES = 1 << 20
+_barriers = itertools.count()
+
+
+def wait_for_processes(name: str) -> None:
+    """Waits (up to an hour) until every process has arrived here; no-op on one process.
+
+    Processes finish their shares at different times (a process may have one batch more, and
+    compile its shape), and on CPU the first collective between processes gives up after 30 s
+    (Gloo's rendezvous): this barrier of the ``jax.distributed`` coordination service aligns
+    them first. All processes must call it, the same number of times.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination client (as orbax uses it)
+
+    tag = f"fgtbt_{name}_{next(_barriers)}"
+    distributed.global_state.client.wait_at_barrier(tag, timeout_in_ms=_BARRIER_TIMEOUT_MS)
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable), in process order; ``[obj]`` on one process.
+
+    Goes through the key-value store of the ``jax.distributed`` coordination service (pickled,
+    in 1 MiB values), not through a device collective: no compilation, and no 30 s limit on
+    how long the first process waits for the last. All processes must call it, the same
+    number of times.
+    """
+    if jax.process_count() == 1:
+        return [obj]
+    from jax._src import distributed  # the coordination client (as orbax uses it)
+
+    client = distributed.global_state.client
+    tag = f"fgtbt_allgather_{next(_barriers)}"
+    me = jax.process_index()
+    payload = pickle.dumps(obj)
+    chunks = [payload[i : i + _CHUNK_BYTES] for i in range(0, len(payload), _CHUNK_BYTES)]
+    for k, chunk in enumerate(chunks):
+        client.key_value_set_bytes(f"{tag}/{me}/{k}", chunk)
+    client.key_value_set(f"{tag}/{me}/count", str(len(chunks)))  # last: the value is complete
+    out = []
+    for p in range(jax.process_count()):
+        n = int(client.blocking_key_value_get(f"{tag}/{p}/count", _BARRIER_TIMEOUT_MS))
+        parts = [
+            client.blocking_key_value_get_bytes(f"{tag}/{p}/{k}", _BARRIER_TIMEOUT_MS)
+            for k in range(n)
+        ]
+        out.append(pickle.loads(b"".join(parts)))
+    wait_for_processes(tag)  # all have read: the values can go
+    client.key_value_delete(f"{tag}/{me}")
+    return out
+
+
+def gather_cache(cache: dict) -> dict:
+    """The union of every process's prediction cache (see :func:`accumulate`); a collective."""
+    merged: dict = {}
+    for part in allgather_objects(cache):
+        merged.update(part)
+    return merged
+
+
 def _to_str(v: Any) -> str:
     if isinstance(v, bytes):
         return v.decode()
@@ -131,7 +199,10 @@ class Accumulator:
     """Collects per-image errors batch by batch; :meth:`report` aggregates them.
 
     ``add`` takes decoded points (B, 124, 2) in heatmap index space and the eval batch (see
-    :func:`evaluate`); only the points of each image's own dataset are scored.
+    :func:`evaluate`); only the points of each image's own dataset are scored. Each record
+    keeps its place ``(stream, index)``: the stream (one per :meth:`start_stream`, i.e. per
+    iterator given to :func:`accumulate`) and the batch's ``index`` of the row (its position in
+    the single-process order of the stream), so :meth:`gathered` can restore that order.
     """
 
     def __init__(self, protocols: Sequence[str] = PROTOCOLS) -> None:
@@ -140,6 +211,25 @@ class Accumulator:
                 raise ValueError(f"unknown protocol {p!r}; expected one of {PROTOCOLS}")
         self.protocols = tuple(protocols)
         self.records: list[dict[str, Any]] = []
+        self._stream = 0
+        self._rows = 0  # rows seen in this stream: the index of batches without 'index'
+
+    def start_stream(self) -> None:
+        """The following batches are a new stream (another test set or subset)."""
+        self._stream += 1
+        self._rows = 0
+
+    def gathered(self) -> Accumulator:
+        """All processes' records in the single-process order; ``self`` on one process.
+
+        A collective (all processes call it). The order: by stream, then by the rows' ``index``
+        (the records of a process are in its own order already)."""
+        if jax.process_count() == 1:
+            return self
+        out = Accumulator(self.protocols)
+        records = [r for part in allgather_objects(self.records) for r in part]
+        out.records = sorted(records, key=lambda r: r["order"])  # stable
+        return out
 
     def add(self, points_hm: np.ndarray, batch: Mapping[str, Any], heatmap_size: int) -> None:
         points_hm = np.asarray(points_hm, np.float32)
@@ -156,6 +246,8 @@ class Accumulator:
         boxes = np.asarray(batch.get("box_size", np.full(n, np.nan)), np.float32).reshape(-1)
         valid = np.asarray(batch.get("valid", np.ones(n, bool)), bool).reshape(-1)
         image_ids = batch.get("image_id", [""] * n)
+        index = np.asarray(batch.get("index", self._rows + np.arange(n)), np.int64).reshape(-1)
+        self._rows += n
         subsets = batch.get("subset", [FULL] * n)
         if isinstance(subsets, str | bytes):
             subsets = [subsets] * n
@@ -173,6 +265,7 @@ class Accumulator:
                 "image_id": _to_str(image_ids[b]),
                 "subsets": [s for s in _to_str(subsets[b]).split("|") if s],
                 "pred_xy": pred,
+                "order": (self._stream, int(index[b])),
             }
             for protocol in self.protocols:
                 if protocol == "reference":
@@ -252,7 +345,28 @@ def evaluate(
     cache: dict | None = None,
     **meta: Any,
 ) -> dict[str, Any]:
-    """Runs ``eval_step`` over ``batches`` and aggregates per dataset and subset.
+    """Runs ``eval_step`` over ``batches`` (:func:`accumulate`) and aggregates per dataset and
+    subset: ``accumulator.gathered().report(fr_threshold, **meta)``.
+
+    ``accumulator``: add to an existing :class:`Accumulator` (several iterators, one report).
+    On several processes each passes its own share of the batches and this is a collective
+    (all processes call it; every one gets the whole report).
+    """
+    acc = accumulator if accumulator is not None else Accumulator(protocols)
+    accumulate(eval_step, variables, batches, acc, cache=cache, progress=progress)
+    return acc.gathered().report(fr_threshold, **meta)
+
+
+def accumulate(
+    eval_step: Callable[[Any, Mapping[str, Any]], Mapping[str, jax.Array]],
+    variables: Any,
+    batches: Iterable[Mapping[str, Any]],
+    accumulator: Accumulator,
+    *,
+    cache: dict | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Runs ``eval_step`` over ``batches`` (one stream) and adds the errors to ``accumulator``.
 
     Batch contract (numpy/jnp): ``image`` (B, S, S, 3) float32 normalized NHWC, ``dataset_id``
     (B,) int in ``landmarks.DATASETS`` order, ``points`` (B, 124, 2) float32 annotations in
@@ -260,17 +374,21 @@ def evaluate(
     ``scale`` (B,) (already ×1.25), ``box_size`` (B,) (AFLW's normalization), ``image_id``
     (B,); optional ``subset``: a str for the whole batch or (B,) str/bytes, ``"|"``-separated
     names of the groups the image is scored in (default ``"full"``; e.g. ``"full|challenging"``),
-    and ``valid`` (B,) bool to skip padding rows. Only ``image`` goes to ``eval_step``; the rest
-    stays on the host. ``eval_step`` returns ``points`` (B, 124, 2) in heatmap index space.
+    ``valid`` (B,) bool to skip padding rows and ``index`` (B,) int, the rows' positions in the
+    single-process order of the stream (default: the order seen here). Only ``image`` goes to
+    ``eval_step``; the rest stays on the host. ``eval_step`` returns ``points`` (B, 124, 2) in
+    heatmap index space. The batches are consumed one at a time and not kept.
 
-    ``accumulator``: add to an existing :class:`Accumulator` (several iterators, one report).
     ``cache``: dict ``(dataset_id, image_id) → (124, 2)`` points; a batch whose valid rows are
     all cached skips the network (subsets that repeat images of the full set), and new
-    predictions are stored. The heatmap size is taken from the outputs (``S / 2`` when only
-    cached points were used). Only the valid rows are sent through the network (padding
-    would change the other images' outputs: the network's CSAM statistics span the batch).
+    predictions are stored (on several processes, :func:`gather_cache` after the full set
+    makes every process see all its predictions). The heatmap size is taken from the outputs
+    (``S / 2`` when only cached points were used). Only the valid rows are sent through the
+    network (padding would change the other images' outputs: the network's CSAM statistics
+    span the batch).
     """
-    acc = accumulator if accumulator is not None else Accumulator(protocols)
+    acc = accumulator
+    acc.start_stream()
     use_cache = cache is not None
     heatmap_size = None
     for i, batch in enumerate(batches):
@@ -311,4 +429,3 @@ def evaluate(
         acc.add(points, batch, size)
         if progress is not None:
             progress(i + 1)
-    return acc.report(fr_threshold, **meta)

@@ -251,7 +251,7 @@ def test_eval_subsets_sizes_padding_and_points(config):
         assert pipeline.eval_size(config, "WFLW", attr) >= 1
     a = next(pipeline.make_eval_iterator(config, "AFLW", "full", 2))
     assert np.all(a["box_size"] > 0)
-    # two processes deal the records round-robin and run the same number of batches
+    # two processes deal the one-process batches round-robin and run the same number of batches
     p = [list(pipeline.make_eval_iterator(config, "300W", "full", 4, process_index=i,
                                           process_count=2)) for i in range(2)]  # fmt: skip
     assert len(p[0]) == len(p[1]) == 2
