@@ -271,3 +271,32 @@ def test_detect_cli_on_video(clip, tmp_path, ref_dir):
     while cap.read()[0]:
         written += 1
     assert written == FRAMES
+
+
+@pytest.mark.parametrize("batch_faces", [False, True])
+def test_crop_landmarker_batching_and_geometry(batch_faces):
+    """Per face: one network call of batch 1 per face (how the reference evaluates, CSAM
+    statistics spanning the batch); batched: one call per frame. A network whose points sit at
+    the heatmap centre, q = S_hm/2 + 1 (the crop centre under the training transform), maps
+    back to each crop's centre; the confidence is the mean heatmap peak."""
+    rng = np.random.default_rng(0)
+    calls = []
+
+    def network(images):
+        calls.append(images.shape)
+        b, s = images.shape[0], images.shape[1] // 2
+        points = np.full((b, 124, 2), s / 2 + 1.0)
+        heatmaps = np.zeros((b, s, s, 124), np.float32)
+        heatmaps[:, 3, 4] = np.linspace(0.2, 0.8, 124)
+        return points, heatmaps
+
+    landmarker = tracking.CropLandmarker(network, 32, batch_faces=batch_faces)
+    rgb = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    crops = [(np.array([40.0, 50.0]), 0.3), (np.array([100.5, 70.0]), 0.2)]
+    preds = landmarker(rgb, crops)
+    assert calls == ([(2, 32, 32, 3)] if batch_faces else [(1, 32, 32, 3)] * 2)
+    for (centre, _), p in zip(crops, preds, strict=True):
+        assert p.points.shape == (124, 2)
+        np.testing.assert_allclose(p.points, np.broadcast_to(centre, (124, 2)), atol=1e-9)
+        assert p.confidence == pytest.approx(0.5, abs=1e-6)
+    assert landmarker(rgb, []) == [] and len(calls) == (1 if batch_faces else 2)
