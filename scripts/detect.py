@@ -19,6 +19,19 @@ Images without a face get a JSON with ``"faces": []`` and a note; unreadable ima
 reported and skipped.
 Each face runs as its own batch of one (the network's CSAM statistics span the batch), with the
 test-time flip unless ``--noflip``.
+
+Videos (files OpenCV's ``VideoCapture`` reads, e.g. ``.mp4``, ``.avi``, ``.mov``; or a live
+device with ``--camera N``) are tracked (``fgtbt_jax.inference.tracking``): the detector runs
+every ``--detect_every`` frames and whenever a face is lost, otherwise each face is cropped
+where its previous landmarks were; landmarks are smoothed with a One Euro filter
+(``--smooth``, ``--min_cutoff``, ``--beta``). Per video ``OUT/<stem>.jsonl`` (one line per
+frame: ``{"frame", "time", "faces": [{"track_id", "box", "score", "detected", "center",
+"scale", "landmarks_124", "landmarks", "scheme"}], "batching", "csam_reduction"}``) and the
+annotated ``OUT/<stem>.mp4``; ``--camera N`` writes ``camera<N>.*`` until the stream ends or
+Ctrl-C. By default each face of a frame runs on its own, as above (``"batching":
+"per_face"``); ``--batch_faces`` runs all faces of a frame as one batch with
+``model.csam_reduction=sample``, so that no face's result depends on the others
+(``"batching": "per_frame"``).
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import numpy as np  # noqa: E402
 
 from fgtbt_jax import landmarks, transforms  # noqa: E402
 from fgtbt_jax.evaluation import decoding
-from fgtbt_jax.inference import detector  # noqa: E402
+from fgtbt_jax.inference import detector, smoothing, tracking, video  # noqa: E402
 from fgtbt_jax.models.fgtbt import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -64,6 +77,29 @@ _MAX_FACES = flags.DEFINE_integer("max_faces", 10, "At most this many faces per 
 _DET_MAX_SIDE = flags.DEFINE_integer(
     "detector_max_side", 480, "Longest image side the face detector works at."
 )
+_CAMERA = flags.DEFINE_integer("camera", None, "Also track a live camera (OpenCV index N).")
+_DETECT_EVERY = flags.DEFINE_integer(
+    "detect_every", 10, "Video: run the face detector every K frames (and when a face is lost)."
+)
+_MAX_MISSED = flags.DEFINE_integer(
+    "max_missed", 5, "Video: end a track after this many frames without plausible landmarks."
+)
+_MIN_CONFIDENCE = flags.DEFINE_float(
+    "min_confidence", 0.2, "Video: a face is lost below this mean heatmap peak."
+)
+_SMOOTH = flags.DEFINE_enum("smooth", "oneeuro", ["oneeuro", "none"], "Video: smoothing.")
+_MIN_CUTOFF = flags.DEFINE_float(
+    "min_cutoff", smoothing.MIN_CUTOFF, "One Euro: cutoff (Hz) at rest; lower = less jitter."
+)
+_BETA = flags.DEFINE_float(
+    "beta", smoothing.BETA, "One Euro: cutoff increase per face size/s of speed; higher = less lag."
+)
+_BATCH_FACES = flags.DEFINE_bool(
+    "batch_faces",
+    False,
+    "Video: run the faces of a frame as one batch (sets model.csam_reduction=sample).",
+)
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Video: stop after this many frames.")
 
 
 def list_images(inputs: list[str]) -> list[pathlib.Path]:
@@ -71,7 +107,9 @@ def list_images(inputs: list[str]) -> list[pathlib.Path]:
     for arg in inputs:
         p = pathlib.Path(arg)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(
+                f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES or video.is_video(f)
+            )
         else:
             out.append(p)
     return out
@@ -94,12 +132,85 @@ def draw(rgb: np.ndarray, faces: list[dict]) -> np.ndarray:
     return canvas
 
 
+def track_videos(
+    sources: list[pathlib.Path | int],
+    network: tracking.Network,
+    config,
+    out_dir: pathlib.Path,
+    scheme: str,
+    scheme_index: np.ndarray,
+) -> int:
+    """Tracks faces through each video file or camera index; returns the number that failed.
+
+    ``network``: (B, S, S, 3) normalised crops → (points (B, 124, 2) in heatmap index space,
+    heatmaps (B, S_hm, S_hm, 124)).
+    """
+    batch_faces = _BATCH_FACES.value
+    landmarker = tracking.CropLandmarker(network, int(config.img_size), batch_faces=batch_faces)
+    extra = {
+        "batching": "per_frame" if batch_faces else "per_face",
+        "csam_reduction": str(config.model.csam_reduction),
+    }
+    try:
+        face_detector = detector.FaceDetector(max_side=_DET_MAX_SIDE.value)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"videos need the face detector: {e}", file=sys.stderr)
+        return len(sources)
+    failures, used_stems = 0, set()
+    for n, src in enumerate(sources, 1):
+        try:
+            source = video.VideoSource(src)
+        except ValueError as e:
+            print(f"[video {n}/{len(sources)}] {e}, skipped", flush=True)
+            failures += 1
+            continue
+        stem = f"camera{src}" if isinstance(src, int) else src.stem
+        while stem in used_stems:
+            stem += "_"
+        used_stems.add(stem)
+        print(f"[video {n}/{len(sources)}] {source.name} ({source.fps:g} frames/s)", flush=True)
+        tracker = tracking.Tracker(
+            landmarker,
+            face_detector,
+            detect_every=_DETECT_EVERY.value,
+            max_missed=_MAX_MISSED.value,
+            max_faces=_MAX_FACES.value,
+            min_confidence=_MIN_CONFIDENCE.value,
+            smooth=_SMOOTH.value == "oneeuro",
+            min_cutoff=_MIN_CUTOFF.value,
+            beta=_BETA.value,
+        )
+        try:
+            summary = video.run_video(
+                source, tracker, out_dir, stem, scheme=scheme, scheme_index=scheme_index,
+                extra=extra, max_frames=_MAX_FRAMES.value,
+                progress=video.Progress(source.num_frames),
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            print(f"interrupted; {out_dir / stem}.jsonl / .mp4 hold the frames so far")
+            return failures
+        print(
+            f"  {summary['frames']} frames in {summary['seconds']:.1f} s "
+            f"({summary['frames'] / max(summary['seconds'], 1e-9):.2f} frames/s), "
+            f"detector on {summary['detector_calls']} frames, tracks {summary['tracks']}: "
+            f"{summary['jsonl']}, {summary['video']}",
+            flush=True,
+        )
+    return failures
+
+
 def main(argv: list[str]) -> int:
-    images = list_images(argv[1:])
-    if not images:
+    inputs = list_images(argv[1:])
+    images = [p for p in inputs if not video.is_video(p)]
+    sources: list[pathlib.Path | int] = [p for p in inputs if video.is_video(p)]
+    if _CAMERA.value is not None:
+        sources.append(_CAMERA.value)
+    if not inputs and not sources:
         print("no input images (give files or folders after the flags)", file=sys.stderr)
         return 2
     config = _CONFIG.value
+    if _BATCH_FACES.value:
+        config.model.csam_reduction = "sample"
     out_dir = pathlib.Path(_OUT.value)
     out_dir.mkdir(parents=True, exist_ok=True)
     boxes = detector.load_boxes_json(_BOXES.value) if _BOXES.value else {}
@@ -115,10 +226,17 @@ def main(argv: list[str]) -> int:
     scheme_index = (
         np.arange(landmarks.NUM_UNIFIED) if scheme == "unified" else landmarks.unified_index(scheme)
     )
+    failures = 0
+    if sources:
+
+        def network(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            out = step(variables, {"image": images})
+            return np.asarray(out["points"]), np.asarray(out["heatmaps"])
+
+        failures += track_videos(sources, network, config, out_dir, scheme, scheme_index)
     face_detector = None
     detector_error = None
     used_stems: set[str] = set()
-    failures = 0
     for n, path in enumerate(images, 1):
         t0 = time.time()
         prefix = f"[{n}/{len(images)}] {path}"
@@ -178,8 +296,9 @@ def main(argv: list[str]) -> int:
         cv2.imwrite(str(out_dir / f"{stem}.png"), draw(rgb, faces))
         msg = f"{len(faces)} face(s)" if faces else record["note"]
         print(f"{prefix}: {msg} ({time.time() - t0:.1f} s)", flush=True)
-    print(f"done: {len(images) - failures}/{len(images)} images written to {out_dir}")
-    return 1 if failures == len(images) else 0
+    total = len(images) + len(sources)
+    print(f"done: {total - failures}/{total} inputs written to {out_dir}")
+    return 1 if failures == total else 0
 
 
 if __name__ == "__main__":

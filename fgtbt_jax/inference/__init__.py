@@ -1,1 +1,1 @@
-"""Inference on photos: face detection and the crop → landmarks pipeline."""
+"""Inference: face detection, the crop → landmarks pipeline, video tracking and smoothing."""
