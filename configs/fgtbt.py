@@ -96,6 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.shuffle_buffer = 1000
     c.data.prefetch = 2
     c.data.demo_num_images = 64  # per dataset, for the bundled synthetic set
+    c.data.demo_image_size = ()  # (width, height) of every demo photo; () = random 160–256 px
+    c.data.demo_seed = 0
+    c.data.num_parallel_calls = -1  # tf.data map parallelism (≤ 0: AUTOTUNE)
+    c.data.threads = 0  # tf.data private thread pool size (0: the shared pool)
+    c.data.cv2_threads = 1  # OpenCV threads inside tf.data (which already runs a sample per core)
     c.data.synthetic_eval_images = 16  # per dataset, evaluation set of source "synthetic"
 
     # Loss (SPEC §3).

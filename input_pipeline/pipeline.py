@@ -108,7 +108,7 @@ def _load_builder(dataset: str, config, *, prepare_official: bool = True):
     else:
         b = builders.get_builder(name, data_dir, _builder_config(config))
     if not b.is_prepared():
-        manual = config.data.get("manual_dir", "")
+        manual = config.data.manual_dir
         if _builder_config(config) == "demo" and name != "pts_folder":
             ensure_demo_data(config)
         elif prepare_official and manual:
@@ -381,18 +381,18 @@ def _cv2_threads(config) -> None:
     import cv2
 
     # tf.data already runs one sample per core; OpenCV's own pool would oversubscribe.
-    cv2.setNumThreads(int(config.data.get("cv2_threads", 1)))
+    cv2.setNumThreads(int(config.data.cv2_threads))
 
 
 def _parallel(config) -> int:
-    n = int(config.data.get("num_parallel_calls", -1))
+    n = int(config.data.num_parallel_calls)
     return tf.data.AUTOTUNE if n <= 0 else n
 
 
 def _options(config) -> tf.data.Options:
     opts = tf.data.Options()
     opts.deterministic = True
-    threads = int(config.data.get("threads", 0))
+    threads = int(config.data.threads)
     if threads > 0:
         opts.threading.private_threadpool_size = threads
     return opts
@@ -597,13 +597,13 @@ def ensure_demo_data(config, *, datasets: Sequence[str] = landmarks.DATASETS) ->
     """Prepare the synthetic ``demo`` datasets in ``config.data.data_dir`` if missing.
 
     Settings: ``config.data.demo_num_images`` (training faces per dataset) and, read with
-    defaults, ``demo_image_size`` (None = random 160–256 px) and ``demo_seed`` (0). Prepared
+    defaults, ``demo_image_size`` (() = random 160–256 px) and ``demo_seed``. Prepared
     datasets with other settings are regenerated. See :func:`prepare_demo`.
     """
     prepare_demo(
         config.data.data_dir,
         int(config.data.demo_num_images),
-        image_size=config.data.get("demo_image_size", None),
-        seed=int(config.data.get("demo_seed", 0)),
+        image_size=tuple(config.data.demo_image_size) or None,
+        seed=int(config.data.demo_seed),
         datasets=datasets,
     )

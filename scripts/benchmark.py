@@ -292,9 +292,7 @@ def run_torch_case(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     if spec["mode"] == "train":
-        weights = torch.from_numpy(landmarks.fmb_weights(float(config.loss.get("beta", 0.9)))).to(
-            dev
-        )
+        weights = torch.from_numpy(landmarks.fmb_weights(float(config.loss.beta))).to(dev)
         fwd = torch.compile(model) if compiled else None
         step = torch_loss.make_train_step(
             model,
@@ -303,7 +301,7 @@ def run_torch_case(spec: dict) -> dict:
             betas=(float(config.optim.b1), float(config.optim.b2)),
             eps=float(config.optim.eps),
             weight_decay=float(config.optim.weight_decay),
-            ema_decay=ema_decay(config) if config.get("ema", True) else None,
+            ema_decay=ema_decay(config) if config.ema else None,
             loss_cfg=config.loss,
             autocast_dtype=autocast_dtype,
             forward=fwd,

@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
                 print(f"{ds}/{subset}: done ({time.time() - t0:.0f} s)", flush=True)
     report = acc.gathered().report(
         checkpoint=str(_CHECKPOINT.value),
-        config=str(config.get("preset", "")),
+        config=str(config.preset),
         img_size=int(config.img_size),
         heatmap_size=int(config.heatmap_size),
         refine=_REFINE.value,
