@@ -44,6 +44,7 @@ class FGTBT(nn.Module):
     stat_groups: int = 1
     remat: bool = False
     dtype: jnp.dtype = jnp.float32
+    fft: str = "fft"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -64,6 +65,7 @@ class FGTBT(nn.Module):
             self.stat_groups,
             self.remat,
             self.dtype,
+            fft=self.fft,
             name="backbone",
         )(images, train)
         return DecodeHead(
@@ -102,6 +104,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
         stat_groups=stat_groups,
         remat=m.get("remat", False),
         dtype=_DTYPES[m.dtype],
+        fft=m.fft,
     )
 
 
