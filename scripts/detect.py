@@ -18,7 +18,9 @@ images not listed there, from the Haar-cascade detector (``fgtbt_jax.inference.d
 Images without a face get a JSON with ``"faces": []`` and a note; unreadable images are
 reported and skipped.
 Each face runs as its own batch of one (the network's CSAM statistics span the batch), with the
-test-time flip unless ``--noflip``.
+test-time flip unless ``--noflip``. ``--backend onnx --checkpoint model.onnx`` runs a model from
+``scripts/export.py --format onnx --decode`` with onnxruntime, without importing JAX (its crop
+size, flip and refinement are the export's; ``--config`` is not used).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -38,9 +41,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fgtbt_jax import landmarks, transforms  # noqa: E402
-from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.inference import detector  # noqa: E402
-from fgtbt_jax.models.fgtbt import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 SCHEMES = (*landmarks.DATASETS, "unified")
@@ -57,9 +58,16 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _SCHEME = flags.DEFINE_enum("scheme", "unified", SCHEMES, "Landmark scheme of 'landmarks'.")
 _BOXES = flags.DEFINE_string("boxes", None, "JSON file with face boxes per image.")
 _REFINE = flags.DEFINE_enum(
-    "refine", "dark", decoding.REFINEMENTS, "Sub-pixel refinement of the heatmap maxima."
+    # decoding.REFINEMENTS, spelled out: importing decoding imports JAX (--backend onnx must not).
+    "refine",
+    "dark",
+    ("none", "quarter", "dark"),
+    "Sub-pixel refinement of the heatmap maxima.",
 )
 _FLIP = flags.DEFINE_bool("flip", True, "Test-time horizontal flip (average with the mirror).")
+_BACKEND = flags.DEFINE_enum(
+    "backend", "jax", ["jax", "onnx"], "jax: a checkpoint; onnx: an exported .onnx model."
+)
 _MAX_FACES = flags.DEFINE_integer("max_faces", 10, "At most this many faces per image.")
 _DET_MAX_SIDE = flags.DEFINE_integer(
     "detector_max_side", 480, "Longest image side the face detector works at."
@@ -94,6 +102,41 @@ def draw(rgb: np.ndarray, faces: list[dict]) -> np.ndarray:
     return canvas
 
 
+def make_predictor(config) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, int]], int, tuple]:
+    """``(predict, crop size, (mean, std))``; ``predict``: (1, S, S, 3) normalized float32 NHWC
+    → (points (1, 124, 2) in heatmap index space, heatmap size)."""
+    if _BACKEND.value == "onnx":
+        from fgtbt_jax.inference.onnx_backend import OnnxPredictor
+
+        onnx_model = OnnxPredictor(_CHECKPOINT.value)
+        wanted = {"decode": True, "with_flip": _FLIP.value, "refine": _REFINE.value}
+        got = {k: getattr(onnx_model, k) for k in wanted}
+        if got != wanted:
+            raise ValueError(f"{_CHECKPOINT.value} was exported with {got}; flags ask {wanted}")
+        meta = onnx_model.metadata
+        mean, std = (
+            np.asarray(meta[k].split(","), np.float32) for k in ("fgtbt.mean", "fgtbt.std")
+        )
+        return (
+            lambda x: (onnx_model(x)["points"], onnx_model.heatmap_size),
+            onnx_model.img_size,
+            (mean, std),
+        )
+    import fgtbt_jax
+    from fgtbt_jax.evaluation import decoding
+    from fgtbt_jax.models.fgtbt import IMAGENET_MEAN, IMAGENET_STD
+
+    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
+    step = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
+
+    def predict(images: np.ndarray) -> tuple[np.ndarray, int]:
+        out = step(variables, {"image": images})
+        return np.asarray(out["points"]), int(out["heatmaps"].shape[1])
+
+    mean_std = (np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32))
+    return predict, int(config.img_size), mean_std
+
+
 def main(argv: list[str]) -> int:
     images = list_images(argv[1:])
     if not images:
@@ -104,13 +147,7 @@ def main(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     boxes = detector.load_boxes_json(_BOXES.value) if _BOXES.value else {}
 
-    import fgtbt_jax
-
-    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
-    step = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
-    size = int(config.img_size)
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD, np.float32)
+    predict, size, (mean, std) = make_predictor(config)
     scheme = _SCHEME.value
     scheme_index = (
         np.arange(landmarks.NUM_UNIFIED) if scheme == "unified" else landmarks.unified_index(scheme)
@@ -151,12 +188,8 @@ def main(argv: list[str]) -> int:
                     face.box, box_to_landmark_box=1.0, center_shift_y=0.0
                 )
             crop = transforms.crop_image(rgb, center, scale, size).astype(np.float32)
-            batch = {"image": ((crop / 255.0 - mean) / std)[None]}
-            out = step(variables, batch)
-            hm_size = int(out["heatmaps"].shape[1])
-            pts = transforms.inverse_transform_points(
-                np.asarray(out["points"])[0], center, scale, hm_size
-            )
+            points, hm_size = predict(((crop / 255.0 - mean) / std)[None])
+            pts = transforms.inverse_transform_points(points[0], center, scale, hm_size)
             faces.append(
                 {
                     "box": [float(v) for v in face.box],

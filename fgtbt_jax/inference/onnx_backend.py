@@ -25,9 +25,7 @@ class OnnxPredictor:
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"no ONNX model at {self.path}")
-        self.session = ort.InferenceSession(
-            self.path, options, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         if "fgtbt.img_size" not in self.metadata:
             raise ValueError(f"{self.path} has no fgtbt.* metadata (not from scripts/export.py)")
@@ -36,6 +34,9 @@ class OnnxPredictor:
         self.with_flip = self.metadata["fgtbt.with_flip"] == "true"
         self.decode = self.metadata["fgtbt.decode"] == "true"
         self.refine = self.metadata["fgtbt.refine"]
+        # Normalization of the input: (rgb / 255 - mean) / std.
+        self.mean = np.asarray(self.metadata["fgtbt.mean"].split(","), np.float32)
+        self.std = np.asarray(self.metadata["fgtbt.std"].split(","), np.float32)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
