@@ -36,7 +36,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", str(ROOT / "configs" / "fgtbt.py") + ":release", "Config, e.g. :release"
 )
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Release-layout .pth, state dict or orbax directory.", required=True
+    "checkpoint", None, "Release-layout .pth, state dict or orbax directory."
+)
+_RANDOM_INIT = flags.DEFINE_bool(
+    "random_init", False, "No checkpoint: random parameters (config.seed), for verification runs."
 )
 _FORMAT = flags.DEFINE_enum("format", "onnx", ["onnx", "stablehlo"], "Artifact format.")
 _BATCH = flags.DEFINE_string("batch", "dynamic", "Batch size, or 'dynamic'.")
@@ -57,7 +60,19 @@ def main(argv: list[str]) -> None:
         config.model.fft = "dft"
     batch = None if _BATCH.value == "dynamic" else int(_BATCH.value)
     size = int(config.img_size)
-    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
+    if _RANDOM_INIT.value == bool(_CHECKPOINT.value):
+        raise app.UsageError("give exactly one of --checkpoint and --random_init")
+    if _RANDOM_INIT.value:
+        import jax
+
+        from fgtbt_jax.models.fgtbt import build_model, init_variables
+
+        model = build_model(config.model)
+        variables = jax.jit(lambda k: init_variables(model, k, size))(
+            jax.random.PRNGKey(config.seed)
+        )
+    else:
+        model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
     fn = function.inference_fn(
         model, variables, with_flip=_WITH_FLIP.value, decode=_DECODE.value, refine=_REFINE.value
     )
@@ -70,6 +85,7 @@ def main(argv: list[str]) -> None:
         batch=_BATCH.value,
     )
     meta["fgtbt.fft"] = str(config.model.fft)
+    meta["fgtbt.weights"] = "random init" if _RANDOM_INIT.value else str(_CHECKPOINT.value)
     out = pathlib.Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
