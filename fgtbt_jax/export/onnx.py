@@ -54,6 +54,19 @@ def inline_remat(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def _value_is_graph_connected(ctx: Any, value: Any) -> bool:
+    """jax2onnx's check, without scanning every node of the graph for every output.
+
+    jax2onnx 0.17 compares each new output against the outputs of all nodes built so far,
+    quadratic in the graph size (minutes for the tiny model, hours for the release one). A value
+    is a node's output exactly when it has a producer; inputs and initializers as before.
+    """
+    if value.producer() is not None:
+        return True
+    builder = ctx.builder
+    return any(v is value for v in builder.inputs) or any(v is value for v in builder.initializers)
+
+
 def export(
     fn: Callable[[jax.Array], tuple[jax.Array, ...]],
     img_size: int,
@@ -69,18 +82,24 @@ def export(
     ``model.fft="dft"`` (ONNX has no complex FFT that the converter can emit).
     """
     import jax2onnx
+    from jax2onnx.converter import output_binding
 
     # jax2onnx logs a traceback for each optional plugin whose package is not installed.
     logging.getLogger("jax2onnx").setLevel(logging.ERROR)
     shape = ("B" if batch is None else batch, img_size, img_size, 3)
-    model = jax2onnx.to_onnx(
-        inline_remat(fn),
-        [shape],
-        model_name="fgtbt",
-        opset=opset,
-        input_names=["images"],
-        output_names=list(output_names),
-    )
+    original = output_binding._value_is_graph_connected
+    output_binding._value_is_graph_connected = _value_is_graph_connected
+    try:
+        model = jax2onnx.to_onnx(
+            inline_remat(fn),
+            [shape],
+            model_name="fgtbt",
+            opset=opset,
+            input_names=["images"],
+            output_names=list(output_names),
+        )
+    finally:
+        output_binding._value_is_graph_connected = original
     for key, value in metadata.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
