@@ -59,6 +59,9 @@ def main(argv: list[str]) -> None:
         print("ONNX: using model.fft=dft (the FFT high-pass as real matmuls)")
         config.model.fft = "dft"
     batch = None if _BATCH.value == "dynamic" else int(_BATCH.value)
+    if _FORMAT.value == "onnx" and _DECODE.value and batch is None:
+        # jax2onnx 0.17 cannot lower the arg-max decoding's `%` on a symbolic dimension.
+        raise app.UsageError("ONNX with --decode needs a fixed --batch (e.g. --batch 1)")
     size = int(config.img_size)
     if _RANDOM_INIT.value == bool(_CHECKPOINT.value):
         raise app.UsageError("give exactly one of --checkpoint and --random_init")
