@@ -1,7 +1,7 @@
 r"""Exports the eval function as ONNX or serialized StableHLO, and verifies it in its runtime.
 
   python scripts/export.py --config configs/fgtbt.py:release --checkpoint fgtbt_b4.pth \
-      --format onnx --with_flip --decode --out fgtbt_b4.onnx --verify
+      --format onnx --with_flip --decode --batch 1 --out fgtbt_b4.onnx --verify
   python scripts/export.py --config configs/fgtbt.py:release --checkpoint ckpt/fgtbt_b4 \
       --format stablehlo --batch dynamic --out fgtbt_b4.shlo
 
