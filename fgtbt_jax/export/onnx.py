@@ -1,4 +1,4 @@
-"""ONNX export through jax2onnx (the ``export`` extra), opset 17 by default, dynamic batch."""
+"""ONNX export through jax2onnx (the ``export`` extra), opset 18 by default, dynamic batch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from jax.extend import core as jex_core
 
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 18  # jax2onnx emits ReduceMean with an axes input (opset 18)
 
 
 def _eval_inlined(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:

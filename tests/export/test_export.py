@@ -45,7 +45,7 @@ def onnx_path(tiny_fn, tmp_path_factory):
     proto = onnx_export.export(
         fn, config.img_size, 1, output_names=function.output_names(True), metadata=meta
     )
-    assert proto.opset_import[0].version >= 17
+    assert proto.opset_import[0].version >= 18
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     path.write_bytes(proto.SerializeToString())
     return path
