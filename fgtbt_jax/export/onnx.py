@@ -100,6 +100,9 @@ def export(
         )
     finally:
         output_binding._value_is_graph_connected = original
+        # Traces cached while jax2onnx had jnp functions patched hold its primitives (e.g.
+        # 'jax.numpy.einsum'), which later jax.jit calls in this process cannot lower.
+        jax.clear_caches()
     for key, value in metadata.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
