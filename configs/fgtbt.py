@@ -46,6 +46,8 @@ def model_config(variant: str = "b4") -> ml_collections.ConfigDict:
     m.drop_path_rate = 0.1  # stochastic depth, linear over all blocks
     m.decoder_dropout = 0.1  # Dropout2d before linear_pred
     m.hpf_sigma = 20.0  # Gaussian high-pass radius of the FFT prompt (SPEC §2.1)
+    # High-pass prompt: "fft" (jnp.fft) or "dft" (the same operator as real matmuls, for ONNX).
+    m.fft = "fft"
     m.prompt_scale_factor = 4  # prompt widths are E/4
     # CSAM statistics: "batch" reduces over (batch, A, A) as the reference does (a sample's
     # output depends on its batch); "sample" reduces over (A, A) only.

@@ -36,6 +36,10 @@ import numpy as np
 
 from fgtbt_jax import landmarks
 
+# The network's input normalization (RGB in [0, 1]), as the reference's torchvision transform.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 _ArrayLike = np.ndarray | list | tuple
 
 

@@ -48,8 +48,8 @@ import tensorflow_datasets as tfds  # noqa: E402
 from fgtbt_jax import landmarks, transforms  # noqa: E402
 from input_pipeline import builders, demo, formats  # noqa: E402
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
+STD = np.array(transforms.IMAGENET_STD, np.float32)
 # (256, 1, 3) float32: the normalised value of every uint8 level per channel (float64 math)
 _NORM_LUT = (
     ((np.arange(256.0)[:, None] / 255.0 - MEAN.astype(np.float64)) / STD.astype(np.float64))

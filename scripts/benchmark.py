@@ -11,6 +11,9 @@ Cases (one row each): framework ``jax`` | ``torch-eager`` | ``torch-compile`` ×
 and ``eval_flip`` (the same with the test-time flip: two forward passes). Synthetic data of the
 configured shapes; parameters are random (the speed does not depend on their values).
 
+``--frameworks onnxruntime`` adds the eval modes exported to ONNX and run by onnxruntime on
+the CPU (``run_onnxruntime_case``; needs the ``export`` extra).
+
 Every case runs in a fresh subprocess, so that the frameworks neither share thread pools nor
 each other's memory high-water mark. Timing: ``--warmup`` untimed steps after compilation, then
 ``--steps`` steps each synchronised (``block_until_ready`` / ``cuda.synchronize``);
@@ -48,7 +51,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FRAMEWORKS = ("jax", "torch-eager", "torch-compile")
+FRAMEWORKS = ("jax", "torch-eager", "torch-compile", "onnxruntime")
 MODES = ("train", "eval", "eval_flip")
 
 
@@ -364,7 +367,60 @@ def run_torch_case(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def run_onnxruntime_case(spec: dict) -> dict:
+    """Eval modes only: the eval step (arg-max decoding, flip for ``eval_flip``) exported to ONNX
+    (``scripts/export.py``'s path, ``model.fft=dft``, random init) and run by onnxruntime on the
+    CPU with ``threads`` intra-op threads; ``compile_seconds`` = export + session creation."""
+    if spec["mode"] == "train":
+        return _case(spec, error="onnxruntime: eval modes only")
+    import jax
+    import onnxruntime as ort
+
+    from fgtbt_jax.export import function
+    from fgtbt_jax.export import onnx as onnx_export
+    from fgtbt_jax.models.fgtbt import build_model, init_variables
+
+    rss0 = _current_rss()
+    config = load_config(spec["config"], spec.get("overrides", ()))
+    config.model.fft = "dft"
+    if spec["dtype"] != "float32":
+        return _case(spec, error="onnxruntime: float32 only")
+    model = build_model(config.model)
+    variables = jax.jit(lambda k: init_variables(model, k, config.img_size))(jax.random.PRNGKey(0))
+    fn = function.inference_fn(
+        model, variables, with_flip=spec["mode"] == "eval_flip", decode=True, refine="none"
+    )
+    images = synthetic_batch(spec["batch"], config.img_size, config.heatmap_size)["image"]
+    t0 = time.perf_counter()
+    proto = onnx_export.export(
+        fn, config.img_size, spec["batch"], output_names=function.output_names(True), metadata={}
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    compile_seconds = time.perf_counter() - t0
+    del proto, variables
+
+    def run_step():
+        return session.run(None, {"images": images})
+
+    times = _timed_loop(run_step, lambda out: out, spec["warmup"], spec["steps"])
+    return _case(
+        spec,
+        step_seconds=times,
+        compile_seconds=compile_seconds,
+        peak_rss_delta_bytes=_peak_rss() - rss0,
+        device="cpu",
+        backend_versions={"onnxruntime": ort.__version__},
+    )
+
+
 def _worker(spec: dict) -> dict:
+    if spec["framework"] == "onnxruntime":
+        return run_onnxruntime_case(spec)
     if spec["framework"] == "matmul":
         return measure_jax_matmul_peak(spec.get("size", 4096))
     if spec["framework"] == "jax":

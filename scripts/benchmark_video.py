@@ -152,7 +152,8 @@ def main() -> int:
 
             def network(images, step=step, variables=variables):
                 out = step(variables, {"image": images})
-                return np.asarray(out["points"]), np.asarray(out["heatmaps"])
+                heatmaps = np.asarray(out["heatmaps"])
+                return np.asarray(out["points"]), heatmaps.max(axis=(1, 2)), heatmaps.shape[1]
 
             landmarker = tracking.CropLandmarker(network, config.img_size, batch_faces=False)
             t0 = time.perf_counter()

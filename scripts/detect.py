@@ -18,7 +18,9 @@ images not listed there, from the Haar-cascade detector (``fgtbt_jax.inference.d
 Images without a face get a JSON with ``"faces": []`` and a note; unreadable images are
 reported and skipped.
 Each face runs as its own batch of one (the network's CSAM statistics span the batch), with the
-test-time flip unless ``--noflip``.
+test-time flip unless ``--noflip``. ``--backend onnx --checkpoint model.onnx`` runs a model from
+``scripts/export.py --format onnx --decode`` with onnxruntime, without importing JAX (its crop
+size, flip and refinement are the export's; ``--config`` is not used).
 
 Videos (files OpenCV's ``VideoCapture`` reads, e.g. ``.mp4``, ``.avi``, ``.mov``; or a live
 device with ``--camera N``) are tracked (``fgtbt_jax.inference.tracking``): the detector runs
@@ -51,9 +53,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fgtbt_jax import landmarks, transforms  # noqa: E402
-from fgtbt_jax.evaluation import decoding
-from fgtbt_jax.inference import detector, smoothing, tracking, video  # noqa: E402
-from fgtbt_jax.models.fgtbt import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from fgtbt_jax.inference import detector, smoothing, tracking, video
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 SCHEMES = (*landmarks.DATASETS, "unified")
@@ -70,9 +70,16 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _SCHEME = flags.DEFINE_enum("scheme", "unified", SCHEMES, "Landmark scheme of 'landmarks'.")
 _BOXES = flags.DEFINE_string("boxes", None, "JSON file with face boxes per image.")
 _REFINE = flags.DEFINE_enum(
-    "refine", "dark", decoding.REFINEMENTS, "Sub-pixel refinement of the heatmap maxima."
+    # decoding.REFINEMENTS, spelled out: importing decoding imports JAX (--backend onnx must not).
+    "refine",
+    "dark",
+    ("none", "quarter", "dark"),
+    "Sub-pixel refinement of the heatmap maxima.",
 )
 _FLIP = flags.DEFINE_bool("flip", True, "Test-time horizontal flip (average with the mirror).")
+_BACKEND = flags.DEFINE_enum(
+    "backend", "jax", ["jax", "onnx"], "jax: a checkpoint; onnx: an exported .onnx model."
+)
 _MAX_FACES = flags.DEFINE_integer("max_faces", 10, "At most this many faces per image.")
 _DET_MAX_SIDE = flags.DEFINE_integer(
     "detector_max_side", 480, "Longest image side the face detector works at."
@@ -135,6 +142,7 @@ def draw(rgb: np.ndarray, faces: list[dict]) -> np.ndarray:
 def track_videos(
     sources: list[pathlib.Path | int],
     network: tracking.Network,
+    img_size: int,
     config,
     out_dir: pathlib.Path,
     scheme: str,
@@ -142,11 +150,11 @@ def track_videos(
 ) -> int:
     """Tracks faces through each video file or camera index; returns the number that failed.
 
-    ``network``: (B, S, S, 3) normalised crops → (points (B, 124, 2) in heatmap index space,
-    heatmaps (B, S_hm, S_hm, 124)).
+    ``network``: the :data:`tracking.Network` contract (normalised (B, S, S, 3) crops of side
+    ``img_size`` → heatmap points, peaks and heatmap size).
     """
     batch_faces = _BATCH_FACES.value
-    landmarker = tracking.CropLandmarker(network, int(config.img_size), batch_faces=batch_faces)
+    landmarker = tracking.CropLandmarker(network, img_size, batch_faces=batch_faces)
     extra = {
         "batching": "per_frame" if batch_faces else "per_face",
         "csam_reduction": str(config.model.csam_reduction),
@@ -199,6 +207,44 @@ def track_videos(
     return failures
 
 
+def make_predictor(config) -> tuple[tracking.Network, int, tuple]:
+    """``(network, crop size, (mean, std))``; ``network``: (B, S, S, 3) normalized float32 NHWC
+    → (points (B, 124, 2) in heatmap index space, heatmap peaks (B, 124), heatmap size)."""
+    if _BACKEND.value == "onnx":
+        from fgtbt_jax.inference.onnx_backend import OnnxPredictor
+
+        onnx_model = OnnxPredictor(_CHECKPOINT.value)
+        wanted = {"decode": True, "with_flip": _FLIP.value, "refine": _REFINE.value}
+        got = {k: getattr(onnx_model, k) for k in wanted}
+        if got != wanted:
+            raise ValueError(f"{_CHECKPOINT.value} was exported with {got}; flags ask {wanted}")
+        meta = onnx_model.metadata
+        mean, std = (
+            np.asarray(meta[k].split(","), np.float32) for k in ("fgtbt.mean", "fgtbt.std")
+        )
+        return (
+            lambda x: (*(onnx_model(x)[k] for k in ("points", "scores")), onnx_model.heatmap_size),
+            onnx_model.img_size,
+            (mean, std),
+        )
+    import fgtbt_jax
+    from fgtbt_jax.evaluation import decoding
+
+    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
+    step = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
+
+    def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        out = step(variables, {"image": images})
+        heatmaps = np.asarray(out["heatmaps"])
+        return np.asarray(out["points"]), heatmaps.max(axis=(1, 2)), heatmaps.shape[1]
+
+    mean_std = (
+        np.asarray(transforms.IMAGENET_MEAN, np.float32),
+        np.asarray(transforms.IMAGENET_STD, np.float32),
+    )
+    return predict, int(config.img_size), mean_std
+
+
 def main(argv: list[str]) -> int:
     inputs = list_images(argv[1:])
     images = [p for p in inputs if not video.is_video(p)]
@@ -215,25 +261,14 @@ def main(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     boxes = detector.load_boxes_json(_BOXES.value) if _BOXES.value else {}
 
-    import fgtbt_jax
-
-    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
-    step = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
-    size = int(config.img_size)
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD, np.float32)
+    predict, size, (mean, std) = make_predictor(config)
     scheme = _SCHEME.value
     scheme_index = (
         np.arange(landmarks.NUM_UNIFIED) if scheme == "unified" else landmarks.unified_index(scheme)
     )
     failures = 0
     if sources:
-
-        def network(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            out = step(variables, {"image": images})
-            return np.asarray(out["points"]), np.asarray(out["heatmaps"])
-
-        failures += track_videos(sources, network, config, out_dir, scheme, scheme_index)
+        failures += track_videos(sources, predict, size, config, out_dir, scheme, scheme_index)
     face_detector = None
     detector_error = None
     used_stems: set[str] = set()
@@ -269,12 +304,8 @@ def main(argv: list[str]) -> int:
                     face.box, box_to_landmark_box=1.0, center_shift_y=0.0
                 )
             crop = transforms.crop_image(rgb, center, scale, size).astype(np.float32)
-            batch = {"image": ((crop / 255.0 - mean) / std)[None]}
-            out = step(variables, batch)
-            hm_size = int(out["heatmaps"].shape[1])
-            pts = transforms.inverse_transform_points(
-                np.asarray(out["points"])[0], center, scale, hm_size
-            )
+            points, _, hm_size = predict(((crop / 255.0 - mean) / std)[None])
+            pts = transforms.inverse_transform_points(points[0], center, scale, hm_size)
             faces.append(
                 {
                     "box": [float(v) for v in face.box],

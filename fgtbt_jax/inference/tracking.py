@@ -35,7 +35,7 @@ import numpy as np
 from fgtbt_jax import landmarks, transforms
 from fgtbt_jax.inference import detector as detector_lib
 from fgtbt_jax.inference import smoothing
-from fgtbt_jax.models.fgtbt import IMAGENET_MEAN, IMAGENET_STD
+from fgtbt_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Crop = tuple[np.ndarray, float]  # (centre (2,) x, y in pixels, scale = crop box side / 200)
 TRACK_SCHEME = "300W"  # the points whose box defines the crop (the detector is calibrated to it)
@@ -52,16 +52,17 @@ class FacePrediction:
 
 
 Predictor = Callable[[np.ndarray, Sequence[Crop]], list[FacePrediction]]
-Network = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+Network = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, int]]
 
 
 class CropLandmarker:
     """Landmarks of faces in a frame: crop → network → heatmap points → image pixels.
 
     ``network`` maps a float32 (B, S, S, 3) NHWC ImageNet-normalised batch of crops
-    (``S = img_size``) to ``(points, heatmaps)``: points (B, 124, 2) in heatmap index space and
-    heatmaps (B, S_hm, S_hm, 124) (flip-averaged when the test-time flip is on); any backend
-    that keeps this contract plugs in.
+    (``S = img_size``) to ``(points, peaks, heatmap_size)``: points (B, 124, 2) in heatmap
+    index space, peaks (B, 124) the maxima of the (flip-averaged, with the test-time flip)
+    heatmaps of side ``heatmap_size``; any backend that keeps this contract plugs in (JAX, or
+    an ONNX export with ``--decode``, whose ``scores`` are those maxima).
 
     ``batch_faces=False`` runs each face as its own batch of one, which is how the reference
     evaluates (its CSAM statistics span the batch, so a face's result depends on its batch
@@ -88,11 +89,9 @@ class CropLandmarker:
         groups = [images] if self.batch_faces else [images[i : i + 1] for i in range(len(crops))]
         points, peaks = [], []
         for g in groups:
-            p, h = self.network(g)
-            h = np.asarray(h, np.float32)
-            hm_size = h.shape[1]
+            p, peak, hm_size = self.network(g)
             points.append(np.asarray(p, np.float64))
-            peaks.append(h.max(axis=(1, 2)).mean(-1))
+            peaks.append(np.asarray(peak, np.float32).mean(-1))
         return [
             FacePrediction(transforms.inverse_transform_points(p, center, scale, hm_size), float(c))
             for (center, scale), p, c in zip(

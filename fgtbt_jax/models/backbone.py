@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fgtbt_jax.models.layers import (
     BatchNorm,
@@ -40,6 +41,29 @@ def high_pass(x: jax.Array, sigma: float = 20.0) -> jax.Array:
     spec = spec * mask[None, :, :, None]
     out = jnp.fft.ifft2(jnp.fft.ifftshift(spec, axes=(1, 2)), axes=(1, 2), norm="forward")
     return jnp.abs(jnp.real(out))
+
+
+def _low_pass_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) real matrix L with ``L @ v = IFFT(g · FFT(v))`` for the centred 1-D Gaussian g.
+
+    g is even on the frequency circle, so L is a real symmetric circulant; built in float64.
+    """
+    k = np.arange(n) - n // 2
+    g = np.fft.ifftshift(np.exp(-(k.astype(np.float64) ** 2) / (2.0 * sigma**2)))
+    return np.fft.ifft(g[:, None] * np.fft.fft(np.eye(n), axis=0), axis=0).real
+
+
+def high_pass_dft(x: jax.Array, sigma: float = 20.0) -> jax.Array:
+    """:func:`high_pass` with real matrices instead of ``jnp.fft`` (``model.fft="dft"``).
+
+    For exporters without complex FFTs (ONNX). The mask M = 1 − g(r)·g(c) is separable, so the
+    result is ``|x − L_H x L_Wᵀ|`` with the real circulant low-pass matrices L of the 1-D DFTs:
+    two matmuls, equal to the FFT path within float32 rounding. x: (B, H, W, C) NHWC.
+    """
+    x = x.astype(jnp.float32)
+    lh = jnp.asarray(_low_pass_matrix(x.shape[1], sigma), jnp.float32)
+    lw = jnp.asarray(_low_pass_matrix(x.shape[2], sigma), jnp.float32)
+    return jnp.abs(x - jnp.einsum("ij,bjkc,lk->bilc", lh, x, lw))
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -218,6 +242,7 @@ class PromptGenerator(nn.Module):
     stat_groups: int = 1
     dtype: Dtype = jnp.float32
     kernels: str = "xla"
+    fft: str = "fft"
 
     def setup(self):
         dims = [e // self.scale_factor for e in self.embed_dims]
@@ -266,7 +291,10 @@ class PromptGenerator(nn.Module):
 
     def handcrafted_prompts(self, image: jax.Array, train: bool) -> list[jax.Array]:
         """High-pass image (B, H, W, 3) → per-stage handcrafted tokens hc_s (B, N_s, E_s/4)."""
-        x = high_pass(image, self.hpf_sigma).astype(self.dtype)
+        if self.fft not in ("fft", "dft"):
+            raise ValueError(f"model.fft must be 'fft' or 'dft', got {self.fft!r}")
+        hpf = high_pass if self.fft == "fft" else high_pass_dft
+        x = hpf(image, self.hpf_sigma).astype(self.dtype)
         out = []
         for gen in self.handcrafted:
             tokens, h, w = gen(x, train)
@@ -308,6 +336,7 @@ class MixVisionTransformer(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     kernels: str = "xla"
+    fft: str = "fft"
 
     @nn.compact
     def __call__(self, image: jax.Array, train: bool) -> list[jax.Array]:
@@ -320,6 +349,7 @@ class MixVisionTransformer(nn.Module):
             self.stat_groups,
             self.dtype,
             self.kernels,
+            fft=self.fft,
             name="prompt_generator",
         )
         hcs = prompt.handcrafted_prompts(image, train)

@@ -20,9 +20,8 @@ import ml_collections
 from fgtbt_jax.models.backbone import MixVisionTransformer
 from fgtbt_jax.models.decoder import DecodeHead
 from fgtbt_jax.ops import kernel_ops, resolve_kernels
+from fgtbt_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -50,6 +49,7 @@ class FGTBT(nn.Module):
     remat: bool = False
     dtype: jnp.dtype = jnp.float32
     kernels: str = "xla"
+    fft: str = "fft"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -72,6 +72,7 @@ class FGTBT(nn.Module):
             self.remat,
             self.dtype,
             self.kernels,
+            fft=self.fft,
             name="backbone",
         )(images, train)
         return DecodeHead(
@@ -114,6 +115,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
         remat=m.get("remat", False),
         dtype=_DTYPES[m.dtype],
         kernels=resolve_kernels(m.kernels),
+        fft=m.fft,
     )
 
 

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from fgtbt_jax import landmarks, transforms
-from fgtbt_jax.models.fgtbt import IMAGENET_MEAN, IMAGENET_STD
+from fgtbt_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _TEMPLATE_SEED = 20_240_601
 _EVAL_STREAM = 1_000_003  # keeps evaluation samples apart from training steps

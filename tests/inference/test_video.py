@@ -286,9 +286,8 @@ def test_crop_landmarker_batching_and_geometry(batch_faces):
         calls.append(images.shape)
         b, s = images.shape[0], images.shape[1] // 2
         points = np.full((b, 124, 2), s / 2 + 1.0)
-        heatmaps = np.zeros((b, s, s, 124), np.float32)
-        heatmaps[:, 3, 4] = np.linspace(0.2, 0.8, 124)
-        return points, heatmaps
+        peaks = np.broadcast_to(np.linspace(0.2, 0.8, 124, dtype=np.float32), (b, 124))
+        return points, peaks, s
 
     landmarker = tracking.CropLandmarker(network, 32, batch_faces=batch_faces)
     rgb = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
