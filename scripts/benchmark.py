@@ -381,7 +381,7 @@ def run_onnxruntime_case(spec: dict) -> dict:
     from fgtbt_jax.models.fgtbt import build_model, init_variables
 
     rss0 = _current_rss()
-    config = load_config(spec["config"], spec.get("overrides", ()))
+    config = config_from_spec(spec)
     config.model.fft = "dft"
     if spec["dtype"] != "float32":
         return _case(spec, error="onnxruntime: float32 only")

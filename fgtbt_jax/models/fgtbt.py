@@ -22,7 +22,6 @@ from fgtbt_jax.models.decoder import DecodeHead
 from fgtbt_jax.ops import kernel_ops, resolve_kernels
 from fgtbt_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
