@@ -136,9 +136,10 @@ class DecodeHead(nn.Module):
         n = len(feats)
         h, w = feats[0].shape[1:3]
         linear = [
-            KernelBias((f.shape[-1], d), name=f"linear_c{s + 1}")() for s, f in enumerate(feats)
+            KernelBias((f.shape[-1], d), dtype=dt, name=f"linear_c{s + 1}")()
+            for s, f in enumerate(feats)
         ]
-        fuse, _ = KernelBias((1, 1, n * d, d), use_bias=False, name="linear_fuse_conv")()
+        fuse, _ = KernelBias((1, 1, n * d, d), use_bias=False, dtype=dt, name="linear_fuse_conv")()
         fuse = fuse.reshape(n, d, d)  # blocks in concatenation order [c4, c3, c2, c1]
         x = None
         for s, (f, (kc, bc)) in enumerate(zip(feats, linear, strict=True)):
@@ -155,10 +156,12 @@ class DecodeHead(nn.Module):
         x = conv(256, 1, dtype=dt, name="linear_pred")(x)
         x = Bottleneck(128, 64, self.stat_groups, dt, name="conv1")(x, train)
         # ConvTranspose2d(k=4, s=2, p=1) then conv2 (3×3, no bias), fused.
-        kt, bt = KernelBias((4, 4, 128, x.shape[-1]), name="upSample")()
-        w2, _ = KernelBias((3, 3, 128, self.num_landmarks), use_bias=False, name="conv2")()
+        kt, bt = KernelBias((4, 4, 128, x.shape[-1]), dtype=dt, name="upSample")()
+        w2, _ = KernelBias(
+            (3, 3, 128, self.num_landmarks), use_bias=False, dtype=dt, name="conv2"
+        )()
         out = upsample_conv3x3(x, kt, bt, w2)
         if self.is_initializing():
             # ``conv_seg`` is in the release checkpoint but unused; keep it for strict export.
-            KernelBias((1, 1, 128, self.num_landmarks), name="conv_seg")()
+            KernelBias((1, 1, 128, self.num_landmarks), dtype=dt, name="conv_seg")()
         return out

@@ -22,6 +22,18 @@ Dtype = Any
 gelu = jax.checkpoint(functools.partial(nn.gelu, approximate=False))
 
 
+def param_dtype(dtype: Dtype) -> jnp.dtype:
+    """The dtype of parameters, normalization statistics, the FFT and the loss for a compute
+    ``dtype``: float32 for float32 and bfloat16 compute, float64 for float64 (everything then
+    runs in float64; it needs ``jax_enable_x64``)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def dense(features: int, *, dtype: Dtype, name: str | None = None) -> nn.Dense:
+    """``nn.Dense`` computing in ``dtype`` with parameters in ``param_dtype(dtype)``."""
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype(dtype), name=name)
+
+
 def group_mean(x: jax.Array, axes: tuple[int, ...], groups: int) -> jax.Array:
     """Mean of ``x`` over ``axes`` (which include the batch axis 0), per group of samples.
 
@@ -61,7 +73,7 @@ class BatchNorm(nn.Module):
     Train mode normalizes with the biased batch variance and updates the running variance with
     the *unbiased* one (PyTorch), ``running = (1 - momentum) * running + momentum * batch`` with
     PyTorch's momentum 0.1 (Flax's 0.9). ``num_batches_tracked`` is kept as PyTorch does.
-    Statistics are computed in float32 whatever the compute dtype.
+    Parameters and statistics are kept in ``param_dtype(dtype)`` (float32 for bfloat16).
     """
 
     momentum: float = 0.1
@@ -74,10 +86,11 @@ class BatchNorm(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         axis = self.axis % x.ndim
         c = x.shape[axis]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        pd = param_dtype(self.dtype)
+        scale = self.param("scale", nn.initializers.ones, (c,), pd)
+        bias = self.param("bias", nn.initializers.zeros, (c,), pd)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), pd))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), pd))
         tracked = self.variable(
             "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
         )
@@ -94,7 +107,7 @@ class BatchNorm(nn.Module):
             return y
         shape = _channel_shape(x, axis)
         mean, var = ra_mean.value.reshape(shape), ra_var.value.reshape(shape)
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = (x.astype(pd) - mean) * jax.lax.rsqrt(var + self.epsilon)
         return (y * scale.reshape(shape) + bias.reshape(shape)).astype(self.dtype)
 
 
@@ -129,7 +142,7 @@ def _batch_norm_train(
 
 
 def _batch_norm_train_fwd(x, scale, bias, groups, epsilon, dtype, axis):
-    xf = x.astype(jnp.float32)
+    xf = x.astype(param_dtype(dtype))
     mean_g, var_g, centered, rstd_g = _bn_stats(xf, groups, epsilon, axis)
     y = centered * expand_groups(rstd_g, xf, groups, axis)
     shape = _channel_shape(x, axis)
@@ -140,8 +153,8 @@ def _batch_norm_train_fwd(x, scale, bias, groups, epsilon, dtype, axis):
 def _batch_norm_train_bwd(groups, epsilon, dtype, axis, res, cts):
     x, scale, mean_g, rstd_g = res
     gy, g_mean, g_var = cts
-    xf = x.astype(jnp.float32)
-    gy = gy.astype(jnp.float32)
+    xf = x.astype(param_dtype(dtype))
+    gy = gy.astype(xf.dtype)
     axes = tuple(a for a in range(x.ndim) if a != axis)
 
     def expand(stat):
@@ -208,7 +221,7 @@ def _conv_weight_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: Pad
     h, w = x.shape[1], x.shape[2]
     c, o = x.shape[-1], g.shape[-1]
     ho, wo = g.shape[1], g.shape[2]
-    f32 = jnp.float32
+    acc = param_dtype(x.dtype)  # float32 accumulation at least
     if c <= o:
         # Tie x to g (0·g[0]) so that XLA does not compute the shifted copies of x early in
         # the forward pass and keep them alive until the backward pass.
@@ -216,7 +229,7 @@ def _conv_weight_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: Pad
         xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
         cols = jnp.concatenate([xp[:, :, j : j + wo] for j in range(kw)], axis=-1)
         rows = [
-            jnp.einsum("bhwk,bhwo->ko", cols[:, i : i + ho], g, preferred_element_type=f32)
+            jnp.einsum("bhwk,bhwo->ko", cols[:, i : i + ho], g, preferred_element_type=acc)
             for i in range(kh)
         ]
         return jnp.stack(rows).reshape(kh, kw, c, o)
@@ -224,7 +237,7 @@ def _conv_weight_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: Pad
     cols = jnp.concatenate([gp[:, :, kw - 1 - j : kw - 1 - j + w] for j in range(kw)], axis=-1)
     rows = [
         jnp.einsum(
-            "bhwc,bhwk->ck", x, cols[:, kh - 1 - i : kh - 1 - i + h], preferred_element_type=f32
+            "bhwc,bhwk->ck", x, cols[:, kh - 1 - i : kh - 1 - i + h], preferred_element_type=acc
         )
         for i in range(kh)
     ]
@@ -350,8 +363,8 @@ def _depthwise_bwd(res, g: jax.Array):
     # A data dependence on g (adding 0·g[0]) keeps XLA from computing the nine shifted copies
     # of x early in the forward pass and holding them until here.
     x = x + 0 * g[:1, :1, :1, :1].astype(x.dtype)
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(jnp.float32)
-    gf = g.astype(jnp.float32)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(param_dtype(x.dtype))
+    gf = g.astype(xp.dtype)
     dw = jnp.stack(
         [
             jnp.sum(xp[:, i : i + h, j : j + wd] * gf, axis=(0, 1, 2))
@@ -411,9 +424,10 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
         shape = (k, k, x.shape[-1] // self.groups, self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        pd = param_dtype(self.dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, pd)
         bias = (
-            self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            self.param("bias", nn.initializers.zeros, (self.features,), pd)
             if self.use_bias
             else None
         )
@@ -425,16 +439,19 @@ class Conv(nn.Module):
 class KernelBias(nn.Module):
     """Declares the parameters of an ``nn.Dense`` / ``nn.Conv`` / ``nn.ConvTranspose`` of
     kernel shape ``shape`` (same names and initializers) and returns ``(kernel, bias)``
-    (bias None without ``use_bias``), for layers computed together in a fused form."""
+    (bias None without ``use_bias``), for layers computed together in a fused form. The
+    parameters are in ``param_dtype(dtype)``."""
 
     shape: tuple[int, ...]
     use_bias: bool = True
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array | None]:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
+        pd = param_dtype(self.dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, pd)
         bias = (
-            self.param("bias", nn.initializers.zeros, (self.shape[-1],), jnp.float32)
+            self.param("bias", nn.initializers.zeros, (self.shape[-1],), pd)
             if self.use_bias
             else None
         )
@@ -460,7 +477,7 @@ def conv(
 def _layer_norm(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype
 ) -> jax.Array:
-    xf = x.astype(jnp.float32)
+    xf = x.astype(param_dtype(dtype))
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     centered = xf - mean
     var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
@@ -468,8 +485,9 @@ def _layer_norm(
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis (statistics in float32), with ``nn.LayerNorm``'s parameters
-    ``scale`` and ``bias``. Rematerialized: the backward pass keeps only the input."""
+    """LayerNorm over the last axis with ``nn.LayerNorm``'s parameters ``scale`` and ``bias``
+    (statistics and parameters in ``param_dtype(dtype)``). Rematerialized: the backward pass
+    keeps only the input."""
 
     epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
@@ -477,8 +495,9 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        pd = param_dtype(self.dtype)
+        scale = self.param("scale", nn.initializers.ones, (c,), pd)
+        bias = self.param("bias", nn.initializers.zeros, (c,), pd)
         return _layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 

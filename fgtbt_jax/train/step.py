@@ -52,7 +52,8 @@ def make_loss_fn(
     Train-mode forward (batch statistics, dropout / drop-path from ``rngs``) and FMB loss with
     the class-balanced weights of ``config.loss.beta``.
     """
-    weights = jnp.asarray(landmarks.fmb_weights(float(config.loss.get("beta", 0.9))))
+    # float64 on the host; the loss rounds them to its own dtype (that of the heatmaps).
+    weights = landmarks.fmb_weights(float(config.loss.get("beta", 0.9)), np.float64)
 
     def loss_fn(
         params: PyTree, batch_stats: PyTree, batch: Mapping[str, jax.Array], rngs: PyTree
