@@ -186,7 +186,7 @@ def run_jax_case(spec: dict) -> dict:
     import jax
 
     from fgtbt_jax.evaluation import decoding
-    from fgtbt_jax.models.fgtbt import build_model
+    from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested
     from fgtbt_jax.train import sharding
     from fgtbt_jax.train import state as train_state
     from fgtbt_jax.train import step as train_step
@@ -194,6 +194,7 @@ def run_jax_case(spec: dict) -> dict:
     rss0 = _current_rss()
     config = load_config(spec["config"], spec.get("overrides", ()))
     config.model.dtype = spec["dtype"]
+    enable_x64_if_requested(config.model)
     config.model.remat = bool(spec.get("remat", False))
     mesh = sharding.make_mesh(spec.get("devices") or None)
     model = build_model(config.model)
@@ -466,7 +467,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", default="configs/fgtbt.py:release", help="path.py:preset")
     p.add_argument("--batch", type=int, default=None, help="default: 4 × data.batch_per_dataset")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
     p.add_argument("--steps", type=int, default=5, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument(

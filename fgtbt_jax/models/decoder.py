@@ -73,7 +73,7 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> j
     """PyTorch ``ConvTranspose2d(k=4, s=2, p=1)`` on NHWC as a 3×3 convolution to the four
     output phases plus depth-to-space. ``kernel`` (4, 4, C_out, C_in) is the Flax
     ``ConvTranspose(transpose_kernel=True)`` layout (= torch weight .transpose(2, 3, 1, 0))."""
-    t = jnp.asarray(_taps("up"))
+    t = jnp.asarray(_taps("up"), kernel.dtype)
     c_out = kernel.shape[2]
     k3 = jnp.einsum("aek,bfl,klci->efiabc", t, t, kernel).reshape(3, 3, kernel.shape[3], -1)
     y = conv_s1(x, k3.astype(x.dtype), ((1, 1), (1, 1)))
@@ -94,7 +94,7 @@ def upsample_conv3x3(x: jax.Array, kt: jax.Array, bt: jax.Array, w2: jax.Array) 
     """
     b, h, w, _ = x.shape
     c_out = w2.shape[-1]
-    both = jnp.asarray(_taps("up_conv"))
+    both = jnp.asarray(_taps("up_conv"), kt.dtype)
     kc = jnp.einsum("aedk,bfgl,klci,dgco->efiabo", both, both, kt, w2)
     kc = kc.reshape(3, 3, x.shape[-1], 4 * c_out).astype(x.dtype)
     out = _depth_to_space(conv_s1(x, kc, ((1, 1), (1, 1))), c_out)

@@ -123,7 +123,7 @@ def make_train_step(
             "loss": total,
             "loss_per_dataset": per_dataset,
             "dataset_present": loss.dataset_presence(batch["dataset_id"]),
-            "lr": jnp.asarray(schedule(state.step // accum), jnp.float32),
+            "lr": jnp.asarray(schedule(state.step // accum), float),  # float64 with x64
             "grad_norm": optax.global_norm(grads),
         }
         if return_grads:
