@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from fgtbt_jax import landmarks, transforms  # noqa: E402
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.inference import detector  # noqa: E402
-from fgtbt_jax.models.fgtbt import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from fgtbt_jax.models.fgtbt import IMAGENET_MEAN, IMAGENET_STD, enable_x64_if_requested  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 SCHEMES = (*landmarks.DATASETS, "unified")
@@ -100,6 +100,7 @@ def main(argv: list[str]) -> int:
         print("no input images (give files or folders after the flags)", file=sys.stderr)
         return 2
     config = _CONFIG.value
+    enable_x64_if_requested(config.model)
     out_dir = pathlib.Path(_OUT.value)
     out_dir.mkdir(parents=True, exist_ok=True)
     boxes = detector.load_boxes_json(_BOXES.value) if _BOXES.value else {}

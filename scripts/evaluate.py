@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from fgtbt_jax import landmarks  # noqa: E402
 from fgtbt_jax.evaluation import decoding, metrics, reports
+from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -56,6 +57,7 @@ def main(argv: list[str]) -> None:
     from input_pipeline import pipeline
 
     config = _CONFIG.value
+    enable_x64_if_requested(config.model)
     protocols = metrics.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
     datasets = _DATASETS.value or list(config.data.datasets)
     for ds in datasets:

@@ -37,7 +37,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation.evaluator import Evaluator
-from fgtbt_jax.models.fgtbt import build_model, init_variables  # noqa: E402
+from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables  # noqa: E402
 from fgtbt_jax.ops import resolve_kernels  # noqa: E402
 from fgtbt_jax.porting import convert, pretrained, pth
 from fgtbt_jax.train import checkpointing, sharding, synthetic
@@ -352,6 +352,7 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sharding.maybe_initialize_distributed()  # before any other JAX call
+    enable_x64_if_requested(_CONFIG.value.model)  # before any array is created
     code = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if code:
         sys.exit(code)
