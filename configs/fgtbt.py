@@ -52,7 +52,8 @@ def model_config(variant: str = "b4") -> ml_collections.ConfigDict:
     # CSAM statistics: "batch" reduces over (batch, A, A) as the reference does (a sample's
     # output depends on its batch); "sample" reduces over (A, A) only.
     m.csam_reduction = "batch"
-    # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
+    # Compute dtype: "float32", "bfloat16" (parameters, statistics, FFT and loss stay float32) or
+    # "float64" (everything float64, for numerical debugging; the scripts enable jax_enable_x64).
     m.dtype = "float32"
     # Rematerialize each transformer block in the backward pass (saves memory).
     m.remat = False

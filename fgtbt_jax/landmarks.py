@@ -61,11 +61,12 @@ def fmb_beta() -> float:
     return float(_table()["fmb_beta"])
 
 
-def fmb_weights(beta: float | None = None) -> np.ndarray:
-    """(124,) float32 class-balanced weights w_j = (1 - β) / (1 - β^n_j) (SPEC §3)."""
+def fmb_weights(beta: float | None = None, dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """(124,) class-balanced weights w_j = (1 - β) / (1 - β^n_j) (SPEC §3), computed in float64
+    and returned as ``dtype``."""
     beta = fmb_beta() if beta is None else beta
     n = occurrence_counts().astype(np.float64)
-    return ((1.0 - beta) / (1.0 - beta**n)).astype(np.float32)
+    return ((1.0 - beta) / (1.0 - beta**n)).astype(dtype)
 
 
 def annotation_mask() -> np.ndarray:

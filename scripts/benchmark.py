@@ -23,7 +23,8 @@ FLOP count (``compiled.cost_analysis()``).
 
 Configuration: ``--config path.py:preset`` and any ``--config.FIELD=VALUE`` override
 (ml_collections ``config_flags``, as in train.py), e.g. ``--config.model.kernels=xla`` or
-``=cpu`` (each JAX row records the resolved ``kernels``), ``--config.model.dtype=bfloat16``,
+``=cpu`` (each JAX row records the resolved ``kernels``), ``--config.model.dtype=bfloat16``
+(or ``=float64``, which switches on ``jax_enable_x64`` in the JAX worker),
 ``--config.model.remat=True``.
 
 Output: ``--json`` writes a list of case dicts (see ``_case`` for the fields) and a markdown
@@ -169,13 +170,14 @@ def run_jax_case(spec: dict) -> dict:
     import jax
 
     from fgtbt_jax.evaluation import decoding
-    from fgtbt_jax.models.fgtbt import build_model
+    from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested
     from fgtbt_jax.train import sharding
     from fgtbt_jax.train import state as train_state
     from fgtbt_jax.train import step as train_step
 
     rss0 = _current_rss()
     config = config_from_spec(spec)
+    enable_x64_if_requested(config.model)  # before any array is created
     mesh = sharding.make_mesh(spec.get("devices") or None)
     model = build_model(config.model)
     batch_np = synthetic_batch(spec["batch"], config.img_size, config.heatmap_size)

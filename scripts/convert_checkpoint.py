@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from fgtbt_jax.models.fgtbt import build_model, init_variables  # noqa: E402
+from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables  # noqa: E402
 from fgtbt_jax.porting import (
     convert,
     pretrained,
@@ -44,6 +44,7 @@ _PREFIX = flags.DEFINE_string(
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
+    enable_x64_if_requested(config.model)
     src, dst = pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value)
     if _REPORT.value:
         model = build_model(config.model)

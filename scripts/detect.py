@@ -229,7 +229,9 @@ def make_predictor(config) -> tuple[tracking.Network, int, tuple]:
         )
     import fgtbt_jax
     from fgtbt_jax.evaluation import decoding
+    from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 
+    enable_x64_if_requested(config.model)
     model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
     step = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
 

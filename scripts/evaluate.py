@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from fgtbt_jax import landmarks  # noqa: E402
 from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports  # noqa: E402
+from fgtbt_jax.models.fgtbt import enable_x64_if_requested  # noqa: E402
 from fgtbt_jax.train import sharding  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -66,6 +67,7 @@ def main(argv: list[str]) -> None:
     from input_pipeline import pipeline
 
     config = _CONFIG.value
+    enable_x64_if_requested(config.model)
     protocols = metrics.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
     datasets = _DATASETS.value or list(config.data.datasets)
     for ds in datasets:

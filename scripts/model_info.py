@@ -18,7 +18,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fgtbt_jax.models.fgtbt import build_model, init_variables  # noqa: E402
+from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables  # noqa: E402
 from fgtbt_jax.porting import convert
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,6 +32,7 @@ _FORWARD = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
+    enable_x64_if_requested(config.model)
     model = build_model(config.model)
     abstract = convert.abstract_variables(model, config.img_size)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))

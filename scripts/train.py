@@ -25,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 from fgtbt_jax.train import sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sharding.maybe_initialize_distributed()  # before any other JAX call
+    enable_x64_if_requested(_CONFIG.value.model)  # before any array is created
     code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if code:
         sys.exit(code)

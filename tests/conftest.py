@@ -29,6 +29,13 @@ def ref_outputs() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def ref_float64() -> dict[str, np.ndarray]:
+    """The original implementation run entirely in float64 (README of the reference data)."""
+    with np.load(REFERENCE / "tiny_reference_float64.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="session")
 def eval_ref() -> dict[str, np.ndarray]:
     with np.load(REFERENCE / "eval_and_transform_reference.npz") as f:
         return {k: f[k] for k in f.files}

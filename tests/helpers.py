@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import numpy as np
 
@@ -70,3 +71,31 @@ def subprocess_env() -> dict[str, str]:
         filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])
     )
     return env
+
+
+_BLOCKING_RUNNER = """
+import importlib.util, runpy, sys
+BLOCKED = tuple(sys.argv[1].split(","))
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked in this test)")
+sys.meta_path.insert(0, Block())
+_find_spec = importlib.util.find_spec
+def find_spec(name, package=None):  # "is it installed?" probes see it absent too
+    return None if name.split(".")[0] in BLOCKED else _find_spec(name, package)
+importlib.util.find_spec = find_spec
+sys.argv = sys.argv[2:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    print("BLOCKED_MODULES_LOADED", loaded)
+"""
+
+
+def blocked_command(blocked: tuple[str, ...], script: str | os.PathLike, *args: str) -> list[str]:
+    """A command running ``script`` with ``args`` where importing any of the ``blocked``
+    top-level modules fails (as if not installed); it prints ``BLOCKED_MODULES_LOADED [...]``
+    at exit, which must be ``[]``."""
+    return [sys.executable, "-c", _BLOCKING_RUNNER, ",".join(blocked), str(script), *args]

@@ -18,11 +18,13 @@ from fgtbt_jax.models.layers import (
     Dtype,
     KernelBias,
     conv,
+    dense,
     expand_groups,
     gelu,
     group_max,
     group_mean,
     layer_norm,
+    param_dtype,
 )
 
 
@@ -30,13 +32,14 @@ def high_pass(x: jax.Array, sigma: float = 20.0) -> jax.Array:
     """|real(IFFT(M · FFT(x)))| with a Gaussian high-pass M centred on the shifted spectrum.
 
     x: (B, H, W, C) NHWC. Forward-normalized FFT (divide by H·W on the way in, not on the way
-    back), as the reference. Computed in float32.
+    back), as the reference. Computed in float32 (complex64), or in float64 (complex128) for
+    float64 input.
     """
-    x = x.astype(jnp.float32)
+    x = x.astype(param_dtype(x.dtype))
     h, w = x.shape[1], x.shape[2]
     spec = jnp.fft.fftshift(jnp.fft.fft2(x, axes=(1, 2), norm="forward"), axes=(1, 2))
-    rows = jnp.arange(h, dtype=jnp.float32)[:, None] - h // 2
-    cols = jnp.arange(w, dtype=jnp.float32)[None, :] - w // 2
+    rows = jnp.arange(h, dtype=x.dtype)[:, None] - h // 2
+    cols = jnp.arange(w, dtype=x.dtype)[None, :] - w // 2
     mask = 1.0 - jnp.exp(-(rows**2 + cols**2) / (2.0 * sigma**2))
     spec = spec * mask[None, :, :, None]
     out = jnp.fft.ifft2(jnp.fft.ifftshift(spec, axes=(1, 2)), axes=(1, 2), norm="forward")
@@ -58,11 +61,12 @@ def high_pass_dft(x: jax.Array, sigma: float = 20.0) -> jax.Array:
 
     For exporters without complex FFTs (ONNX). The mask M = 1 − g(r)·g(c) is separable, so the
     result is ``|x − L_H x L_Wᵀ|`` with the real circulant low-pass matrices L of the 1-D DFTs:
-    two matmuls, equal to the FFT path within float32 rounding. x: (B, H, W, C) NHWC.
+    two matmuls, equal to the FFT path within float32 rounding. x: (B, H, W, C) NHWC;
+    computed in float32, or float64 for float64 input.
     """
-    x = x.astype(jnp.float32)
-    lh = jnp.asarray(_low_pass_matrix(x.shape[1], sigma), jnp.float32)
-    lw = jnp.asarray(_low_pass_matrix(x.shape[2], sigma), jnp.float32)
+    x = x.astype(param_dtype(x.dtype))
+    lh = jnp.asarray(_low_pass_matrix(x.shape[1], sigma), x.dtype)
+    lw = jnp.asarray(_low_pass_matrix(x.shape[2], sigma), x.dtype)
     return jnp.abs(x - jnp.einsum("ij,bjkc,lk->bilc", lh, x, lw))
 
 
@@ -94,6 +98,13 @@ class OverlapPatchEmbed(nn.Module):
         return x, h, w
 
 
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q·kᵀ/√d)·v per head, entirely in the inputs' dtype. q (B, N, heads, d), k and v
+    (B, M, heads, d) → (B, N, heads, d)."""
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * q.shape[-1] ** -0.5
+    return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(logits, axis=-1), v)
+
+
 class Attention(nn.Module):
     """Efficient self-attention with spatial reduction ``sr`` of keys and values."""
 
@@ -107,7 +118,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
         b, n, c = x.shape
         hd = c // self.num_heads
-        q = nn.Dense(c, dtype=self.dtype, name="q")(x).reshape(b, n, self.num_heads, hd)
+        q = dense(c, dtype=self.dtype, name="q")(x).reshape(b, n, self.num_heads, hd)
         if self.sr_ratio > 1:
             kv_in = x.reshape(b, h, w, c)
             s = self.sr_ratio
@@ -116,10 +127,13 @@ class Attention(nn.Module):
             kv_in = layer_norm(1e-5, self.dtype, self.kernels, name="norm")(kv_in)
         else:
             kv_in = x
-        kv = nn.Dense(2 * c, dtype=self.dtype, name="kv")(kv_in)
+        kv = dense(2 * c, dtype=self.dtype, name="kv")(kv_in)
         kv = kv.reshape(b, -1, 2, self.num_heads, hd)  # k first, then v (SPEC §2.1)
-        out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])
-        return nn.Dense(c, dtype=self.dtype, name="proj")(out.reshape(b, n, c))
+        if q.dtype == jnp.float64:  # jax.nn.dot_product_attention's softmax is float32
+            out = _attention(q, kv[:, :, 0], kv[:, :, 1])
+        else:
+            out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])
+        return dense(c, dtype=self.dtype, name="proj")(out.reshape(b, n, c))
 
 
 class DWConv(nn.Module):
@@ -144,10 +158,10 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
         c = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        x = dense(self.hidden, dtype=self.dtype, name="fc1")(x)
         x = DWConv(self.hidden, dtype=self.dtype, kernels=self.kernels, name="dwconv")(x, h, w)
         x = gelu(x, self.kernels)
-        return nn.Dense(c, dtype=self.dtype, name="fc2")(x)
+        return dense(c, dtype=self.dtype, name="fc2")(x)
 
 
 class Block(nn.Module):
@@ -187,8 +201,8 @@ class CSAM(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         axis = self.axis % x.ndim
         c = x.shape[axis]
-        fc1 = nn.Dense(c // 16, dtype=self.dtype, name="linear_0")
-        fc2 = nn.Dense(c, dtype=self.dtype, name="linear_2")
+        fc1 = dense(c // 16, dtype=self.dtype, name="linear_0")
+        fc2 = dense(c, dtype=self.dtype, name="linear_2")
 
         def mlp(v):
             return fc2(nn.relu(fc1(v)))
@@ -260,17 +274,17 @@ class PromptGenerator(nn.Module):
             for s, d in enumerate(dims)
         ]
         self.embedding = [
-            nn.Dense(d, dtype=dt, name=f"embedding_generator{s + 1}") for s, d in enumerate(dims)
+            dense(d, dtype=dt, name=f"embedding_generator{s + 1}") for s, d in enumerate(dims)
         ]
         self.lightweight = [
             [
-                nn.Dense(d, dtype=dt, name=f"lightweight_mlp{s + 1}_{i}_0")
+                dense(d, dtype=dt, name=f"lightweight_mlp{s + 1}_{i}_0")
                 for i in range(self.depths[s])
             ]
             for s, d in enumerate(dims)
         ]
         self.shared_mlp = [
-            nn.Dense(e, dtype=dt, name=f"shared_mlp{s + 1}") for s, e in enumerate(self.embed_dims)
+            dense(e, dtype=dt, name=f"shared_mlp{s + 1}") for s, e in enumerate(self.embed_dims)
         ]
         # The prompt map is processed in the reference's (B, C′, A·A) memory layout (channels on
         # axis 1), which is a free reshape of the (B, N, C′) tokens both ways.
@@ -281,7 +295,7 @@ class PromptGenerator(nn.Module):
         # 1×1 convolutions on that layout, applied as matmuls over axis 1 (with either kernels:
         # XLA lowers a 1×1 convolution to the same dot).
         self.conv = [
-            KernelBias((1, 1, e + 2 * d, e + 2 * d), name=f"conv{s + 1}")
+            KernelBias((1, 1, e + 2 * d, e + 2 * d), dtype=dt, name=f"conv{s + 1}")
             for s, (e, d) in enumerate(zip(self.embed_dims, dims, strict=True))
         ]
         self.csam = [
@@ -294,7 +308,7 @@ class PromptGenerator(nn.Module):
         if self.fft not in ("fft", "dft"):
             raise ValueError(f"model.fft must be 'fft' or 'dft', got {self.fft!r}")
         hpf = high_pass if self.fft == "fft" else high_pass_dft
-        x = hpf(image, self.hpf_sigma).astype(self.dtype)
+        x = hpf(image.astype(param_dtype(self.dtype)), self.hpf_sigma).astype(self.dtype)
         out = []
         for gen in self.handcrafted:
             tokens, h, w = gen(x, train)

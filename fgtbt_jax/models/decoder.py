@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fgtbt_jax.models.layers import BatchNorm, Dtype, KernelBias, conv
+from fgtbt_jax.models.layers import BatchNorm, Dtype, KernelBias, conv, dense, param_dtype
 from fgtbt_jax.ops import cpu, kernel_ops
 
 
@@ -60,15 +60,16 @@ class DecodeHead(nn.Module):
         h, w = feats[0].shape[1:3]
         if kn == "cpu":
             linear = [
-                KernelBias((f.shape[-1], d), name=f"linear_c{s + 1}")() for s, f in enumerate(feats)
+                KernelBias((f.shape[-1], d), dtype=dt, name=f"linear_c{s + 1}")()
+                for s, f in enumerate(feats)
             ]
             fuse, _ = KernelBias(
-                (1, 1, len(feats) * d, d), use_bias=False, name="linear_fuse_conv"
+                (1, 1, len(feats) * d, d), use_bias=False, dtype=dt, name="linear_fuse_conv"
             )()
             x = cpu.decoder_fuse(list(feats), linear, fuse, dt)
         else:
             # linear_c{s} per stage, resized to stage 1, concatenated as [c4, c3, c2, c1].
-            maps = [nn.Dense(d, dtype=dt, name=f"linear_c{s + 1}")(f) for s, f in enumerate(feats)]
+            maps = [dense(d, dtype=dt, name=f"linear_c{s + 1}")(f) for s, f in enumerate(feats)]
             maps = [maps[0]] + [kernel_ops(kn).resize_bilinear(m, h, w) for m in maps[1:]]
             x = jnp.concatenate(maps[::-1], axis=-1)
             x = conv(d, 1, bias=False, dtype=dt, kernels=kn, name="linear_fuse_conv")(x)
@@ -81,8 +82,10 @@ class DecodeHead(nn.Module):
         x = conv(256, 1, dtype=dt, kernels=kn, name="linear_pred")(x)
         x = Bottleneck(128, 64, self.stat_groups, dt, kn, name="conv1")(x, train)
         if kn == "cpu":
-            kt, bt = KernelBias((4, 4, 128, x.shape[-1]), name="upSample")()
-            w2, _ = KernelBias((3, 3, 128, self.num_landmarks), use_bias=False, name="conv2")()
+            kt, bt = KernelBias((4, 4, 128, x.shape[-1]), dtype=dt, name="upSample")()
+            w2, _ = KernelBias(
+                (3, 3, 128, self.num_landmarks), use_bias=False, dtype=dt, name="conv2"
+            )()
             out = cpu.upsample_conv3x3(x, kt, bt, w2)
         else:
             # PyTorch ConvTranspose2d(k=4, s=2, p=1): Flax padding k - 1 - p on each side, with
@@ -94,6 +97,7 @@ class DecodeHead(nn.Module):
                 padding=((2, 2), (2, 2)),
                 transpose_kernel=True,
                 dtype=dt,
+                param_dtype=param_dtype(dt),
                 name="upSample",
             )(x)
             out = conv(self.num_landmarks, 3, 1, 1, bias=False, dtype=dt, kernels=kn, name="conv2")(
@@ -101,5 +105,5 @@ class DecodeHead(nn.Module):
             )
         if self.is_initializing():
             # ``conv_seg`` is in the release checkpoint but unused; keep it for strict export.
-            KernelBias((1, 1, 128, self.num_landmarks), name="conv_seg")()
+            KernelBias((1, 1, 128, self.num_landmarks), dtype=dt, name="conv_seg")()
         return out

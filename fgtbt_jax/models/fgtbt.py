@@ -6,6 +6,11 @@
 
 ``images`` are NHWC float32, ImageNet-normalized. Training mode needs the ``dropout`` and
 ``drop_path`` rng streams and ``mutable=["batch_stats"]``.
+
+``model.dtype`` "float32" (default), "bfloat16" (bfloat16 compute; parameters, BatchNorm
+statistics, FFT and loss stay float32) or "float64" (everything in float64, complex128 FFT; for
+numerical debugging). float64 needs ``jax_enable_x64``: entry points call
+:func:`enable_x64_if_requested` before creating any array.
 """
 
 from __future__ import annotations
@@ -19,10 +24,21 @@ import ml_collections
 
 from fgtbt_jax.models.backbone import MixVisionTransformer
 from fgtbt_jax.models.decoder import DecodeHead
+from fgtbt_jax.models.layers import param_dtype
 from fgtbt_jax.ops import kernel_ops, resolve_kernels
 from fgtbt_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+def enable_x64_if_requested(model_config: ml_collections.ConfigDict) -> None:
+    """Switches on ``jax_enable_x64`` when ``model_config.dtype`` is "float64" (and only then).
+
+    Call it at the start of a program, before any JAX array exists: arrays created before keep
+    32-bit types.
+    """
+    if model_config.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
 
 
 class FGTBT(nn.Module):
@@ -55,7 +71,7 @@ class FGTBT(nn.Module):
         kernel_ops(self.kernels)  # rejects an unresolved or unknown value
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected NHWC RGB images (B, H, W, 3), got shape {images.shape}")
-        if images.dtype != jnp.float32:
+        if images.dtype not in (jnp.float32, param_dtype(self.dtype)):
             raise ValueError(f"images must be float32 (normalized), got {images.dtype}")
         feats = MixVisionTransformer(
             self.embed_dims,
@@ -97,6 +113,12 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
     m = model_config
     if m.dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
+    if m.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "model.dtype=float64 needs 64-bit JAX, which is off: call "
+            "fgtbt_jax.models.fgtbt.enable_x64_if_requested(config.model) at the start of the "
+            "program (the scripts do), use `with jax.enable_x64(True):`, or set JAX_ENABLE_X64=1"
+        )
     return FGTBT(
         embed_dims=tuple(m.embed_dims),
         num_heads=tuple(m.num_heads),

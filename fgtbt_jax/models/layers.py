@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from fgtbt_jax.ops import kernel_ops
-from fgtbt_jax.ops.xla import Dtype, channel_shape, expand_groups, group_max, group_mean
+from fgtbt_jax.ops.xla import (
+    Dtype,
+    channel_shape,
+    expand_groups,
+    group_max,
+    group_mean,
+    param_dtype,
+)
 
 __all__ = [
     "BatchNorm",
@@ -27,12 +34,19 @@ __all__ = [
     "KernelBias",
     "LayerNorm",
     "conv",
+    "dense",
     "expand_groups",
     "gelu",
     "group_max",
     "group_mean",
     "layer_norm",
+    "param_dtype",
 ]
+
+
+def dense(features: int, *, dtype: Dtype, name: str | None = None) -> nn.Dense:
+    """``nn.Dense`` computing in ``dtype`` with parameters in ``param_dtype(dtype)``."""
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype(dtype), name=name)
 
 
 def gelu(x: jax.Array, kernels: str = "xla") -> jax.Array:
@@ -46,7 +60,7 @@ class BatchNorm(nn.Module):
     Train mode normalizes with the biased batch variance and updates the running variance with
     the *unbiased* one (PyTorch), ``running = (1 - momentum) * running + momentum * batch`` with
     PyTorch's momentum 0.1 (Flax's 0.9). ``num_batches_tracked`` is kept as PyTorch does.
-    Statistics are computed in float32 whatever the compute dtype.
+    Parameters and statistics are kept in ``param_dtype(dtype)`` (float32 for bfloat16).
     """
 
     momentum: float = 0.1
@@ -60,10 +74,11 @@ class BatchNorm(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         axis = self.axis % x.ndim
         c = x.shape[axis]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        pd = param_dtype(self.dtype)
+        scale = self.param("scale", nn.initializers.ones, (c,), pd)
+        bias = self.param("bias", nn.initializers.zeros, (c,), pd)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), pd))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), pd))
         tracked = self.variable(
             "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
         )
@@ -82,7 +97,7 @@ class BatchNorm(nn.Module):
             return y
         shape = channel_shape(x, axis)
         mean, var = ra_mean.value.reshape(shape), ra_var.value.reshape(shape)
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = (x.astype(pd) - mean) * jax.lax.rsqrt(var + self.epsilon)
         return (y * scale.reshape(shape) + bias.reshape(shape)).astype(self.dtype)
 
 
@@ -121,9 +136,10 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
         shape = (k, k, x.shape[-1] // self.groups, self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        pd = param_dtype(self.dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, pd)
         bias = (
-            self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            self.param("bias", nn.initializers.zeros, (self.features,), pd)
             if self.use_bias
             else None
         )
@@ -135,16 +151,19 @@ class Conv(nn.Module):
 class KernelBias(nn.Module):
     """Declares the parameters of an ``nn.Dense`` / ``nn.Conv`` / ``nn.ConvTranspose`` of
     kernel shape ``shape`` (same names and initializers) and returns ``(kernel, bias)``
-    (bias None without ``use_bias``), for layers computed together in a fused form."""
+    (bias None without ``use_bias``), for layers computed together in a fused form. The
+    parameters are in ``param_dtype(dtype)``."""
 
     shape: tuple[int, ...]
     use_bias: bool = True
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array | None]:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
+        pd = param_dtype(self.dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, pd)
         bias = (
-            self.param("bias", nn.initializers.zeros, (self.shape[-1],), jnp.float32)
+            self.param("bias", nn.initializers.zeros, (self.shape[-1],), pd)
             if self.use_bias
             else None
         )
@@ -168,9 +187,9 @@ def conv(
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis (statistics in float32), with ``nn.LayerNorm``'s parameters
-    ``scale`` and ``bias``. With ``kernels="cpu"`` rematerialized (the backward pass keeps
-    only the input)."""
+    """LayerNorm over the last axis with ``nn.LayerNorm``'s parameters ``scale`` and ``bias``
+    (statistics and parameters in ``param_dtype(dtype)``). With ``kernels="cpu"``
+    rematerialized (the backward pass keeps only the input)."""
 
     epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
@@ -179,8 +198,9 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        pd = param_dtype(self.dtype)
+        scale = self.param("scale", nn.initializers.ones, (c,), pd)
+        bias = self.param("bias", nn.initializers.zeros, (c,), pd)
         return kernel_ops(self.kernels).layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 

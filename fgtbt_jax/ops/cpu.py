@@ -22,7 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgtbt_jax.ops import xla
-from fgtbt_jax.ops.xla import Dtype, Padding, channel_shape, expand_groups, group_mean
+from fgtbt_jax.ops.xla import (
+    Dtype,
+    Padding,
+    channel_shape,
+    expand_groups,
+    group_mean,
+    param_dtype,
+)
 
 # --------------------------------------------------------------------------------------------
 # Normalization and activation
@@ -51,7 +58,7 @@ def batch_norm_train(
 
 
 def _batch_norm_train_fwd(x, scale, bias, groups, epsilon, dtype, axis):
-    xf = x.astype(jnp.float32)
+    xf = x.astype(param_dtype(dtype))
     mean_g, var_g, centered, rstd_g = xla.batch_norm_statistics(xf, groups, epsilon, axis)
     y = centered * expand_groups(rstd_g, xf, groups, axis)
     shape = channel_shape(x, axis)
@@ -62,8 +69,8 @@ def _batch_norm_train_fwd(x, scale, bias, groups, epsilon, dtype, axis):
 def _batch_norm_train_bwd(groups, epsilon, dtype, axis, res, cts):
     x, scale, mean_g, rstd_g = res
     gy, g_mean, g_var = cts
-    xf = x.astype(jnp.float32)
-    gy = gy.astype(jnp.float32)
+    xf = x.astype(param_dtype(dtype))
+    gy = gy.astype(xf.dtype)
     axes = tuple(a for a in range(x.ndim) if a != axis)
 
     def expand(stat):
@@ -131,7 +138,7 @@ def conv_weight_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: Padd
     h, w = x.shape[1], x.shape[2]
     c, o = x.shape[-1], g.shape[-1]
     ho, wo = g.shape[1], g.shape[2]
-    f32 = jnp.float32
+    acc = param_dtype(x.dtype)  # float32 accumulation at least
     if c <= o:
         # Tie x to g (0·g[0]) so that XLA does not compute the shifted copies of x early in
         # the forward pass and keep them alive until the backward pass.
@@ -139,7 +146,7 @@ def conv_weight_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: Padd
         xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
         cols = jnp.concatenate([xp[:, :, j : j + wo] for j in range(kw)], axis=-1)
         rows = [
-            jnp.einsum("bhwk,bhwo->ko", cols[:, i : i + ho], g, preferred_element_type=f32)
+            jnp.einsum("bhwk,bhwo->ko", cols[:, i : i + ho], g, preferred_element_type=acc)
             for i in range(kh)
         ]
         return jnp.stack(rows).reshape(kh, kw, c, o)
@@ -147,7 +154,7 @@ def conv_weight_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: Padd
     cols = jnp.concatenate([gp[:, :, kw - 1 - j : kw - 1 - j + w] for j in range(kw)], axis=-1)
     rows = [
         jnp.einsum(
-            "bhwc,bhwk->ck", x, cols[:, kh - 1 - i : kh - 1 - i + h], preferred_element_type=f32
+            "bhwc,bhwk->ck", x, cols[:, kh - 1 - i : kh - 1 - i + h], preferred_element_type=acc
         )
         for i in range(kh)
     ]
@@ -283,8 +290,8 @@ def _depthwise_bwd(res, g: jax.Array):
     # A data dependence on g (adding 0·g[0]) keeps XLA's scheduler from computing the nine
     # shifted copies of x early in the forward pass and holding them until here.
     x = x + 0 * g[:1, :1, :1, :1].astype(x.dtype)
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(jnp.float32)
-    gf = g.astype(jnp.float32)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(param_dtype(x.dtype))
+    gf = g.astype(xp.dtype)
     dw = jnp.stack(
         [
             jnp.sum(xp[:, i : i + h, j : j + wd] * gf, axis=(0, 1, 2))
@@ -433,7 +440,7 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> j
     its multiply-adds hit inserted zeros) and its gradients are dilated convolutions too.
     Gain: not measured separately.
     """
-    t = jnp.asarray(_taps("up"))
+    t = jnp.asarray(_taps("up"), kernel.dtype)
     c_out = kernel.shape[2]
     k3 = jnp.einsum("aek,bfl,klci->efiabc", t, t, kernel).reshape(3, 3, kernel.shape[3], -1)
     y = conv_s1(x, k3.astype(x.dtype), ((1, 1), (1, 1)))
@@ -456,7 +463,7 @@ def upsample_conv3x3(x: jax.Array, kt: jax.Array, bt: jax.Array, w2: jax.Array) 
     w2 (3, 3, C_mid, C_out) HWIO. Returns (B, 2H, 2W, C_out).
     """
     c_out = w2.shape[-1]
-    both = jnp.asarray(_taps("up_conv"))
+    both = jnp.asarray(_taps("up_conv"), kt.dtype)
     kc = jnp.einsum("aedk,bfgl,klci,dgco->efiabo", both, both, kt, w2)
     kc = kc.reshape(3, 3, x.shape[-1], 4 * c_out).astype(x.dtype)
     out = _depth_to_space(conv_s1(x, kc, ((1, 1), (1, 1))), c_out)

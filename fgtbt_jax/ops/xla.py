@@ -19,6 +19,13 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
+def param_dtype(dtype: Dtype) -> jnp.dtype:
+    """The dtype of parameters, normalization statistics, the FFT and the loss for a compute
+    ``dtype``: float32 for float32 and bfloat16 compute, float64 for float64 (everything then
+    runs in float64; it needs ``jax_enable_x64``)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def group_mean(x: jax.Array, axes: tuple[int, ...], groups: int) -> jax.Array:
     """Mean of ``x`` over ``axes`` (which include the batch axis 0), per group of samples.
 
@@ -82,8 +89,9 @@ def batch_norm_train(
     axis: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Train-mode BatchNorm with batch statistics, channels on ``axis``: (normalized output in
-    ``dtype``, per-group mean and biased variance (groups, C)). Statistics in float32."""
-    xf = x.astype(jnp.float32)
+    ``dtype``, per-group mean and biased variance (groups, C)). Statistics in
+    ``param_dtype(dtype)`` (float32 for float32 and bfloat16)."""
+    xf = x.astype(param_dtype(dtype))
     mean_g, var_g, centered, rstd_g = batch_norm_statistics(xf, groups, epsilon, axis)
     y = centered * expand_groups(rstd_g, xf, groups, axis)
     shape = channel_shape(x, axis)
@@ -93,8 +101,8 @@ def batch_norm_train(
 def layer_norm(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype
 ) -> jax.Array:
-    """LayerNorm over the last axis, statistics in float32, output in ``dtype``."""
-    xf = x.astype(jnp.float32)
+    """LayerNorm over the last axis, statistics in ``param_dtype(dtype)``, output in ``dtype``."""
+    xf = x.astype(param_dtype(dtype))
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     centered = xf - mean
     var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)

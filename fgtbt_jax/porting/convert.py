@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from fgtbt_jax.models.fgtbt import FGTBT
+from fgtbt_jax.models.layers import param_dtype
 
 # (Flax dotted-path regex, PyTorch replacement), applied in order.
 RENAMES: tuple[tuple[str, str], ...] = (
@@ -255,10 +256,15 @@ def variables_from_state_dict(
             f"{len(unexpected)} unexpected keys in all)"
         )
         raise CheckpointMismatchError("\n".join(lines))
+    float_dtype = param_dtype(model.dtype)  # float64 for a float64 model
     flat = {}
     for e in entries:
-        x = _check_dtype(e.torch_key, np.asarray(state_dict[e.torch_key]), e.kind, source)
-        flat[(e.collection, *e.path)] = jnp.asarray(e.to_flax(x))
+        x = e.to_flax(
+            _check_dtype(e.torch_key, np.asarray(state_dict[e.torch_key]), e.kind, source)
+        )
+        flat[(e.collection, *e.path)] = jnp.asarray(
+            x if e.kind == "counter" else x.astype(float_dtype)
+        )
     return flax.traverse_util.unflatten_dict(flat)
 
 

@@ -27,19 +27,19 @@ DEFAULT_LOSS_CFG: dict[str, float] = {
 }
 
 
-def gaussian_table(sigma: float) -> tuple[np.ndarray, int]:
-    """float32 values of exp(-d / (2σ²)) for squared distances d = 0..2r², and r = ⌊3σ⌋.
+def gaussian_table(sigma: float, dtype: Any = np.float32) -> tuple[np.ndarray, int]:
+    """Values of exp(-d / (2σ²)) for squared distances d = 0..2r², and r = ⌊3σ⌋.
 
-    Computed in float64 on the host and rounded once to float32, as the reference draws its
+    Computed in float64 on the host and rounded once to ``dtype``, as the reference draws its
     targets; a lookup keeps device-side targets bit-identical to it.
     """
     radius = int(math.floor(3.0 * sigma))
     d = np.arange(2 * radius * radius + 1, dtype=np.float64)
-    return np.exp(-d / (2.0 * sigma * sigma)).astype(np.float32), radius
+    return np.exp(-d / (2.0 * sigma * sigma)).astype(dtype), radius
 
 
 def render_heatmaps(
-    coords: jax.Array, size: int | tuple[int, int], sigma: float = 3.0
+    coords: jax.Array, size: int | tuple[int, int], sigma: float = 3.0, dtype: Any = jnp.float32
 ) -> jax.Array:
     """Gaussian target heatmaps drawn from point coordinates.
 
@@ -48,14 +48,15 @@ def render_heatmaps(
         floats which are truncated toward zero like the reference's ``int()``.
       size: heatmap side ``S`` or ``(H, W)``.
       sigma: Gaussian standard deviation in pixels (static).
+      dtype: of the heatmaps (float32, or float64 for a float64 loss).
 
     Returns:
-      (B, H, W, K) float32, NHWC. Each map holds exp(-((c-x)² + (r-y)²) / 2σ²) (peak 1 at the
+      (B, H, W, K) ``dtype``, NHWC. Each map holds exp(-((c-x)² + (r-y)²) / 2σ²) (peak 1 at the
       point) inside the (2⌊3σ⌋+1)² window centred on the point, clipped to the map, and zero
       elsewhere; a point whose window lies entirely outside the map gives an all-zero map.
     """
     h, w = (size, size) if isinstance(size, int) else size
-    table, radius = gaussian_table(float(sigma))
+    table, radius = gaussian_table(float(sigma), dtype)
     coords = jnp.asarray(coords)
     if coords.ndim != 3 or coords.shape[-1] != 2:
         raise ValueError(f"coords must be (B, K, 2) (x, y) points, got shape {coords.shape}")
@@ -68,7 +69,7 @@ def render_heatmaps(
     dy = jnp.arange(h, dtype=jnp.int32)[None, :, None, None] - y  # (B, H, 1, K)
     inside = (jnp.abs(dx) <= radius) & (jnp.abs(dy) <= radius)  # (B, H, W, K)
     d2 = jnp.minimum(dx * dx + dy * dy, table.shape[0] - 1)
-    return jnp.where(inside, jnp.asarray(table)[d2], jnp.float32(0.0))
+    return jnp.where(inside, jnp.asarray(table)[d2], jnp.zeros((), dtype))
 
 
 def adaptive_wing(
@@ -84,8 +85,9 @@ def adaptive_wing(
     With δ = |pred - target| and a = α - target: ω·ln(1 + (δ/ε)^a) where δ < θ, else A·δ - C
     with A = ω · a · (θ/ε)^(a-1) / (ε (1 + (θ/ε)^a)) and C = θ·A - ω·ln(1 + (θ/ε)^a).
     """
-    pred = pred.astype(jnp.float32)
-    target = target.astype(jnp.float32)
+    dtype = jnp.promote_types(jnp.promote_types(pred.dtype, target.dtype), jnp.float32)
+    pred = pred.astype(dtype)
+    target = target.astype(dtype)
     delta = jnp.abs(pred - target)
     a = alpha - target
     small = omega * jnp.log1p(jnp.power(delta / epsilon, a))
@@ -97,15 +99,16 @@ def adaptive_wing(
 
 def weight_map(target: jax.Array, threshold: float = 0.2, scale: float = 10.0) -> jax.Array:
     """1 + scale·[maxpool3×3(target) ≥ threshold] (stride 1, padding 1), NHWC (B, H, W, K)."""
+    target = target.astype(jnp.promote_types(target.dtype, jnp.float32))
     pooled = jax.lax.reduce_window(
-        target.astype(jnp.float32),
+        target,
         -jnp.inf,
         jax.lax.max,
         window_dimensions=(1, 3, 3, 1),
         window_strides=(1, 1, 1, 1),
         padding=((0, 0), (1, 1), (1, 1), (0, 0)),
     )
-    return 1.0 + scale * (pooled >= threshold).astype(jnp.float32)
+    return 1.0 + scale * (pooled >= threshold).astype(target.dtype)
 
 
 def dataset_presence(dataset_id: jax.Array, num_datasets: int = 4) -> jax.Array:
@@ -135,25 +138,29 @@ def fmb_loss(
     """Fine-grained multi-task balancing loss over a batch mixing datasets (SPEC §3).
 
     Args:
-      pred: (B, H, W, 124) predicted heatmaps, NHWC (float32 or bfloat16; the loss is computed
-        in float32).
+      pred: (B, H, W, 124) predicted heatmaps, NHWC (float32 or bfloat16: the loss is computed
+        in float32; float64: in float64).
       coords: (B, 124, 2) int32 ``(x, y)`` heatmap-space targets in unified slots (values of
         unannotated slots are ignored).
       mask: (B, 124) bool, True where the sample's dataset annotates the unified landmark.
       dataset_id: (B,) int32 in ``0..num_datasets-1`` (``landmarks.DATASETS`` order).
-      weights: (124,) per-landmark weights w_j (``landmarks.fmb_weights()``).
+      weights: (124,) per-landmark weights w_j (``landmarks.fmb_weights()``; pass float64
+        ones for a float64 loss).
       num_datasets: number of dataset ids (static).
       loss_cfg: ``config.loss`` (or any mapping) with omega, theta, epsilon, alpha, sigma,
         weight_map_threshold, weight_map_scale; missing fields take the defaults.
 
     Returns:
-      ``(total, per_dataset)``: per_dataset (num_datasets,) float32 holds L_d = mean over d's
-      landmarks j of w_j · mean over (d's samples annotating j, rows, cols) of the weighted
-      Adaptive Wing loss, and 0 for datasets absent from the batch (see ``dataset_presence``);
+      ``(total, per_dataset)`` in the loss dtype: per_dataset (num_datasets,) holds L_d = mean
+      over d's landmarks j of w_j · mean over (d's samples annotating j, rows, cols) of the
+      weighted Adaptive Wing loss, and 0 for datasets absent from the batch (see
+      ``dataset_presence``);
       total = Σ_d L_d.
     """
     cfg = _cfg(loss_cfg)
-    pred = jnp.asarray(pred).astype(jnp.float32)
+    pred = jnp.asarray(pred)
+    dtype = jnp.promote_types(pred.dtype, jnp.float32)
+    pred = pred.astype(dtype)
     coords, mask, dataset_id = jnp.asarray(coords), jnp.asarray(mask), jnp.asarray(dataset_id)
     b, h, w, k = pred.shape
     if coords.shape != (b, k, 2) or mask.shape != (b, k) or dataset_id.shape != (b,):
@@ -161,22 +168,20 @@ def fmb_loss(
             f"fmb_loss: pred {pred.shape} needs coords {(b, k, 2)}, mask {(b, k)}, "
             f"dataset_id {(b,)}; got {coords.shape}, {mask.shape}, {dataset_id.shape}"
         )
-    target = render_heatmaps(coords, (h, w), cfg["sigma"])
+    target = render_heatmaps(coords, (h, w), cfg["sigma"], dtype)
     per_pixel = adaptive_wing(
         pred, target, cfg["omega"], cfg["theta"], cfg["epsilon"], cfg["alpha"]
     ) * weight_map(target, cfg["weight_map_threshold"], cfg["weight_map_scale"])
     per_map = jnp.mean(per_pixel, axis=(1, 2))  # (B, K): mean over rows, cols
 
-    maskf = mask.astype(jnp.float32)
-    onehot = (dataset_id[:, None] == jnp.arange(num_datasets)[None, :]).astype(
-        jnp.float32
-    )  # (B, D)
+    maskf = mask.astype(dtype)
+    onehot = (dataset_id[:, None] == jnp.arange(num_datasets)[None, :]).astype(dtype)  # (B, D)
     # Plain sums, not matmuls: accelerators may run float32 matmuls at reduced precision.
     sums = jnp.sum(onehot[:, :, None] * (per_map * maskf)[:, None, :], axis=0)  # (D, K)
     counts = jnp.sum(onehot[:, :, None] * maskf[:, None, :], axis=0)  # (D, K): d's samples with j
     annotated = counts > 0
     per_landmark = jnp.where(annotated, sums / jnp.maximum(counts, 1.0), 0.0)
-    weighted = per_landmark * jnp.asarray(weights, jnp.float32)[None, :]
-    n_landmarks = jnp.sum(annotated, axis=1).astype(jnp.float32)
+    weighted = per_landmark * jnp.asarray(weights, dtype)[None, :]
+    n_landmarks = jnp.sum(annotated, axis=1).astype(dtype)
     per_dataset = jnp.sum(weighted, axis=1) / jnp.maximum(n_landmarks, 1.0)
     return jnp.sum(per_dataset), per_dataset

@@ -43,7 +43,7 @@ def make_schedule(optim_cfg: Mapping[str, Any] | Any) -> optax.Schedule:
         return steps
 
     def schedule(count: jax.Array) -> jax.Array:
-        ramp = jnp.minimum(1.0, (jnp.asarray(count, jnp.float32) + 1.0) / warmup)
+        ramp = jnp.minimum(1.0, (jnp.asarray(count, float) + 1.0) / warmup)  # float64 with x64
         return steps(count) * ramp
 
     return schedule

@@ -52,7 +52,8 @@ def make_loss_fn(
     Train-mode forward (batch statistics, dropout / drop-path from ``rngs``) and FMB loss with
     the class-balanced weights of ``config.loss.beta``.
     """
-    weights = jnp.asarray(landmarks.fmb_weights(float(config.loss.beta)))
+    # float64 on the host; the loss rounds them to its own dtype (that of the heatmaps).
+    weights = landmarks.fmb_weights(float(config.loss.beta), np.float64)
 
     def loss_fn(
         params: PyTree, batch_stats: PyTree, batch: Mapping[str, jax.Array], rngs: PyTree
@@ -122,7 +123,7 @@ def make_train_step(
             "loss": total,
             "loss_per_dataset": per_dataset,
             "dataset_present": loss.dataset_presence(batch["dataset_id"]),
-            "lr": jnp.asarray(schedule(state.step // accum), jnp.float32),
+            "lr": jnp.asarray(schedule(state.step // accum), float),  # float64 with x64
             "grad_norm": optax.global_norm(grads),
         }
         if return_grads:

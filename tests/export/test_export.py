@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("jax2onnx")
 pytest.importorskip("onnxruntime")
 
-from helpers import subprocess_env  # noqa: E402
+from helpers import blocked_command, subprocess_env  # noqa: E402
 
 from configs import fgtbt  # noqa: E402
 from fgtbt_jax import load_pretrained  # noqa: E402
@@ -99,21 +99,7 @@ def test_stablehlo_round_trip_per_sample_csam(ref_dir, tmp_path):
     assert verify.relative_diff(batched[1:2], alone) < 1e-5
 
 
-BLOCKED_RUN = """
-import runpy, sys
-BLOCKED = ("jax", "jaxlib", "flax", "tensorflow", "optax", "orbax")
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, Block())
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-finally:
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-    print("BLOCKED_MODULES_LOADED", loaded)
-"""
+NO_JAX = ("jax", "jaxlib", "flax", "tensorflow", "optax", "orbax")
 
 
 def test_detect_onnx_backend_without_jax(onnx_path, real_faces_dir, tmp_path):
@@ -130,7 +116,7 @@ def test_detect_onnx_backend_without_jax(onnx_path, real_faces_dir, tmp_path):
     config = str(ROOT / "configs" / "fgtbt.py") + ":reference_tiny"
     jax_cmd = [sys.executable, script, "--checkpoint", ckpt, "--config", config]
     jax_cmd += ["--out", str(tmp_path / "jax"), *common]
-    onnx_cmd = [sys.executable, "-c", BLOCKED_RUN, script, "--backend", "onnx"]
+    onnx_cmd = blocked_command(NO_JAX, script, "--backend", "onnx")
     onnx_cmd += ["--checkpoint", str(onnx_path), "--out", str(tmp_path / "onnx"), *common]
     for cmd in (jax_cmd, onnx_cmd):
         res = subprocess.run(
