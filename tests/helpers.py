@@ -99,3 +99,13 @@ def blocked_command(blocked: tuple[str, ...], script: str | os.PathLike, *args: 
     top-level modules fails (as if not installed); it prints ``BLOCKED_MODULES_LOADED [...]``
     at exit, which must be ``[]``."""
     return [sys.executable, "-c", _BLOCKING_RUNNER, ",".join(blocked), str(script), *args]
+
+
+def _tiny_loss_config():
+    from configs import fgtbt
+
+    return fgtbt.get_config("tiny").loss
+
+
+# config.loss of the presets (the loss has no defaults of its own).
+TINY_LOSS = _tiny_loss_config()

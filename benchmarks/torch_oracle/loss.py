@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fgtbt_jax.train.loss import DEFAULT_LOSS_CFG, gaussian_table
+from fgtbt_jax.train.loss import gaussian_table, loss_fields
 
 
 def render_heatmaps(
@@ -62,16 +62,14 @@ def fmb_loss(
     weights: torch.Tensor,
     *,
     num_datasets: int = 4,
-    loss_cfg: Mapping[str, Any] | Any | None = None,
+    loss_cfg: Mapping[str, Any] | Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FMB loss of NCHW heatmaps ``pred`` (B, K, H, W); returns ``(total, per_dataset (D,))``.
 
     ``coords`` (B, K, 2) integer ``(x, y)`` heatmap-space targets, ``mask`` (B, K) bool,
     ``dataset_id`` (B,) int, ``weights`` (K,) per-landmark weights. Computed in float32.
     """
-    cfg = dict(DEFAULT_LOSS_CFG)
-    if loss_cfg is not None:
-        cfg.update({k: float(loss_cfg[k]) for k in cfg if k in loss_cfg})
+    cfg = loss_fields(loss_cfg)
     pred = pred.float()
     b, k, h, w = pred.shape
     target = render_heatmaps(coords, h, w, cfg["sigma"])
@@ -96,12 +94,12 @@ def make_train_step(
     model: torch.nn.Module,
     weights: torch.Tensor,
     *,
+    loss_cfg: Mapping[str, Any] | Any,
     lr: float = 2.5e-4,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.01,
     ema_decay: float | None = None,
-    loss_cfg: Mapping[str, Any] | Any | None = None,
     autocast_dtype: torch.dtype | None = None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:

@@ -15,16 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Defaults of config.loss (configs/fgtbt.py).
-DEFAULT_LOSS_CFG: dict[str, float] = {
-    "omega": 14.0,
-    "theta": 0.5,
-    "epsilon": 1.0,
-    "alpha": 2.1,
-    "sigma": 3.0,
-    "weight_map_threshold": 0.2,
-    "weight_map_scale": 10.0,
-}
+# The fields of ``config.loss`` (configs/fgtbt.py) the loss reads.
+LOSS_FIELDS: tuple[str, ...] = (
+    "omega",
+    "theta",
+    "epsilon",
+    "alpha",
+    "sigma",
+    "weight_map_threshold",
+    "weight_map_scale",
+)
 
 
 def gaussian_table(sigma: float, dtype: Any = np.float32) -> tuple[np.ndarray, int]:
@@ -116,13 +116,14 @@ def dataset_presence(dataset_id: jax.Array, num_datasets: int = 4) -> jax.Array:
     return jnp.any(jnp.asarray(dataset_id)[:, None] == jnp.arange(num_datasets)[None, :], axis=0)
 
 
-def _cfg(loss_cfg: Mapping[str, Any] | Any | None) -> dict[str, float]:
-    cfg = dict(DEFAULT_LOSS_CFG)
-    if loss_cfg is not None:
-        for key in cfg:
-            if key in loss_cfg:
-                cfg[key] = float(loss_cfg[key])
-    return cfg
+def loss_fields(loss_cfg: Mapping[str, Any] | Any) -> dict[str, float]:
+    """The :data:`LOSS_FIELDS` of ``config.loss`` as floats; a missing one is an error."""
+    missing = [k for k in LOSS_FIELDS if k not in loss_cfg]
+    if missing:
+        raise KeyError(
+            f"loss config lacks {missing} (the fields of config.loss in configs/fgtbt.py)"
+        )
+    return {k: float(loss_cfg[k]) for k in LOSS_FIELDS}
 
 
 def fmb_loss(
@@ -133,7 +134,7 @@ def fmb_loss(
     weights: jax.Array,
     *,
     num_datasets: int = 4,
-    loss_cfg: Mapping[str, Any] | Any | None = None,
+    loss_cfg: Mapping[str, Any] | Any,
 ) -> tuple[jax.Array, jax.Array]:
     """Fine-grained multi-task balancing loss over a batch mixing datasets (SPEC §3).
 
@@ -148,7 +149,7 @@ def fmb_loss(
         ones for a float64 loss).
       num_datasets: number of dataset ids (static).
       loss_cfg: ``config.loss`` (or any mapping) with omega, theta, epsilon, alpha, sigma,
-        weight_map_threshold, weight_map_scale; missing fields take the defaults.
+        weight_map_threshold, weight_map_scale (:data:`LOSS_FIELDS`).
 
     Returns:
       ``(total, per_dataset)`` in the loss dtype: per_dataset (num_datasets,) holds L_d = mean
@@ -157,7 +158,7 @@ def fmb_loss(
       ``dataset_presence``);
       total = Σ_d L_d.
     """
-    cfg = _cfg(loss_cfg)
+    cfg = loss_fields(loss_cfg)
     pred = jnp.asarray(pred)
     dtype = jnp.promote_types(pred.dtype, jnp.float32)
     pred = pred.astype(dtype)

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import subprocess_env, tiny_torch_model, torch_reference_batch
+from helpers import TINY_LOSS, subprocess_env, tiny_torch_model, torch_reference_batch
 
 from fgtbt_jax import landmarks
 
@@ -44,7 +44,7 @@ def test_torch_fmb_loss_matches_reference(ref_outputs):
     pred = torch.from_numpy(ref_outputs["train_heatmaps_nchw"])
     weights = torch.from_numpy(ref_outputs["fmb_weights_124"])
     total, per_dataset = torch_loss.fmb_loss(
-        pred, batch["coords"], batch["mask"], batch["dataset_id"], weights
+        pred, batch["coords"], batch["mask"], batch["dataset_id"], weights, loss_cfg=TINY_LOSS
     )
     want = [float(ref_outputs[f"train_loss_{n}"]) for n in landmarks.DATASETS]
     np.testing.assert_allclose(per_dataset.numpy(), want, rtol=1e-5)
@@ -64,7 +64,7 @@ def test_torch_train_step_matches_reference_adamw_step(ref_dir, ref_outputs):
 
     model = tiny_torch_model(ref_dir, drop_path_rate=0.0, decoder_dropout=0.0)
     weights = torch.from_numpy(ref_outputs["fmb_weights_124"])
-    step = torch_loss.make_train_step(model, weights, ema_decay=0.5)
+    step = torch_loss.make_train_step(model, weights, loss_cfg=TINY_LOSS, ema_decay=0.5)
     loss = step(torch_reference_batch(ref_outputs))
     np.testing.assert_allclose(float(loss), float(ref_outputs["train_loss_total"]), rtol=1e-5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import pathlib
@@ -25,7 +26,6 @@ def _unified_batch(ref_outputs: dict[str, np.ndarray]):
     return pred, batch["coords"], batch["mask"], batch["dataset_id"]
 
 
-_loss = jax.jit(loss.fmb_loss)
 _render = jax.jit(loss.render_heatmaps, static_argnums=(1, 2))
 
 
@@ -35,6 +35,10 @@ def _load_config(preset: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(preset)
+
+
+LOSS = _load_config("tiny").loss
+_loss = jax.jit(functools.partial(loss.fmb_loss, loss_cfg=LOSS))
 
 
 def test_gaussian_targets_match_reference_exactly(eval_ref):
@@ -163,7 +167,9 @@ def test_fmb_loss_gradient_finite_and_masked(ref_outputs):
     pred = pred.copy()
     pred[:, :10] = target[:, :10]
 
-    grad = jax.jit(jax.grad(lambda p: loss.fmb_loss(p, coords, mask, ds, w)[0]))(pred)
+    grad = jax.jit(jax.grad(lambda p: loss.fmb_loss(p, coords, mask, ds, w, loss_cfg=LOSS)[0]))(
+        pred
+    )
     grad = np.asarray(grad)
     assert np.all(np.isfinite(grad))
     # Unannotated channels get no gradient; annotated ones do.
@@ -185,4 +191,4 @@ def test_fmb_loss_bfloat16(ref_outputs):
 def test_fmb_loss_bad_shapes(ref_outputs):
     pred, coords, mask, ds = _unified_batch(ref_outputs)
     with pytest.raises(ValueError, match="coords"):
-        loss.fmb_loss(pred, coords[:, :10], mask, ds, landmarks.fmb_weights())
+        loss.fmb_loss(pred, coords[:, :10], mask, ds, landmarks.fmb_weights(), loss_cfg=LOSS)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import reference_batch, tiny_torch_model, torch_reference_batch
+from helpers import TINY_LOSS, reference_batch, tiny_torch_model, torch_reference_batch
 
 from configs import fgtbt
 from fgtbt_jax import landmarks
@@ -118,7 +118,7 @@ def _float64_grads(ref_dir, ref_outputs, hpf_nchw: np.ndarray) -> dict[str, np.n
         heatmaps = model(batch["image"].double())
     weights = torch.from_numpy(ref_outputs["fmb_weights_124"])
     total, _ = torch_loss.fmb_loss(
-        heatmaps, batch["coords"], batch["mask"], batch["dataset_id"], weights
+        heatmaps, batch["coords"], batch["mask"], batch["dataset_id"], weights, loss_cfg=TINY_LOSS
     )
     total.backward()
     return {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
