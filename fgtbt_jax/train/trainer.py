@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
+from fgtbt_jax.ops import resolve_kernels
 from fgtbt_jax.train import checkpointing, sharding, synthetic, writers
 from fgtbt_jax.train import state as train_state
 from fgtbt_jax.train import step as train_step
@@ -256,7 +257,7 @@ def train_and_evaluate(
         f"({global_batch / mesh.size:g} per device); "
         f"{'FSDP' if config.sharding.fsdp else 'data-parallel, replicated'} parameters; "
         f"{'cross-device' if cross else 'per-device'} batch statistics; "
-        f"model.kernels {model.kernels}"
+        f"model.kernels {resolve_kernels(config.model.kernels)}"
     )
 
     writer = writers.MetricWriter(workdir, start)
