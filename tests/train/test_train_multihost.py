@@ -113,6 +113,13 @@ def _log(path: pathlib.Path) -> list[dict]:
 
 
 @pytest.mark.slow  # three processes compile the real tiny network (about a minute on 2 cores)
+# Not yet seen to pass on this project's 2-core machines: its one full run died when the
+# coordination service lost a heartbeat during a compile at load ~97, and a later run had not
+# finished after 18 min at load ~8. Opt in until it is measured on an idle machine.
+@pytest.mark.skipif(
+    os.environ.get("FGTBT_MULTIHOST_TEST") != "1",
+    reason="two-process lifecycle test (minutes of compiles); set FGTBT_MULTIHOST_TEST=1",
+)
 def test_two_process_lifecycle_matches_one_process_with_two_devices(tmp_path):
     from input_pipeline import pipeline
 
