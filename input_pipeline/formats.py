@@ -110,6 +110,31 @@ class FaceRecord:
     attributes: dict[str, bool] = dataclasses.field(default_factory=dict)
 
 
+def _file_record(
+    path: PathLike,
+    row: int,
+    rel: str,
+    pts: np.ndarray,
+    center: tuple[float, float],
+    scale: float,
+    image_roots: Sequence[PathLike],
+    check_images: bool,
+) -> FaceRecord:
+    """A record of an annotation row naming its image file ``rel`` (resolved against
+    ``image_roots`` when ``check_images``)."""
+    if scale <= 0:
+        raise AnnotationError(path, row, f"scale must be positive, got {scale}")
+    return FaceRecord(
+        image_id=rel.strip().replace("\\", "/"),
+        landmarks=pts,
+        center=np.array(center),
+        scale=float(scale),
+        source=os.fspath(path),
+        row=row,
+        image_path=resolve_image(image_roots, rel, path, row) if check_images else rel,
+    )
+
+
 def _float(file, row, value: str, what: str) -> float:
     try:
         v = float(value)
@@ -204,23 +229,9 @@ def _read_csv(
                 box = 0.0
             else:
                 scale, box, cx, cy = meta
-            if scale <= 0:
-                raise AnnotationError(path, line, f"scale must be positive, got {scale}")
-            image_path = (
-                resolve_image(image_roots, cols[0], path, line) if check_images else cols[0]
-            )
-            records.append(
-                FaceRecord(
-                    image_id=cols[0].strip().replace("\\", "/"),
-                    landmarks=pts,
-                    center=np.array([cx, cy]),
-                    scale=float(scale),
-                    box_size=float(box),
-                    source=os.fspath(path),
-                    row=line,
-                    image_path=image_path,
-                )
-            )
+            rel = cols[0]
+            record = _file_record(path, line, rel, pts, (cx, cy), scale, image_roots, check_images)
+            records.append(dataclasses.replace(record, box_size=float(box)))
         except AnnotationError as e:
             log.handle(e)
     if not records and not log.count:
@@ -337,20 +348,9 @@ def read_300w_tsv(
             scale = _float(path, line_no, cols[3], "scale")
             cx = _float(path, line_no, cols[4], "center_w")
             cy = _float(path, line_no, cols[5], "center_h")
-            if scale <= 0:
-                raise AnnotationError(path, line_no, f"scale must be positive, got {scale}")
             rel = cols[0]
-            image_path = resolve_image(image_roots, rel, path, line_no) if check_images else rel
             records.append(
-                FaceRecord(
-                    image_id=rel.strip().replace("\\", "/"),
-                    landmarks=pts,
-                    center=np.array([cx, cy]),
-                    scale=scale,
-                    source=os.fspath(path),
-                    row=line_no,
-                    image_path=image_path,
-                )
+                _file_record(path, line_no, rel, pts, (cx, cy), scale, image_roots, check_images)
             )
         except AnnotationError as e:
             log.handle(e)

@@ -203,9 +203,7 @@ def run_jax_case(spec: dict) -> dict:
     else:
         from fgtbt_jax.models.fgtbt import init_variables
 
-        variables = jax.jit(lambda k: init_variables(model, k, config.img_size))(
-            jax.random.PRNGKey(0)
-        )
+        variables = init_variables(model, jax.random.PRNGKey(0), config.img_size)
         rep = sharding.replicated(mesh)
         variables = jax.device_put(variables, rep)
         images = jax.device_put(batch_np["image"], sharding.data_sharding(mesh))
@@ -388,7 +386,7 @@ def run_onnxruntime_case(spec: dict) -> dict:
     if spec["dtype"] != "float32":
         return _case(spec, error="onnxruntime: float32 only")
     model = build_model(config.model)
-    variables = jax.jit(lambda k: init_variables(model, k, config.img_size))(jax.random.PRNGKey(0))
+    variables = init_variables(model, jax.random.PRNGKey(0), config.img_size)
     fn = function.inference_fn(
         model, variables, with_flip=spec["mode"] == "eval_flip", decode=True, refine="none"
     )

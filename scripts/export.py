@@ -71,9 +71,7 @@ def main(argv: list[str]) -> None:
         from fgtbt_jax.models.fgtbt import build_model, init_variables
 
         model = build_model(config.model)
-        variables = jax.jit(lambda k: init_variables(model, k, size))(
-            jax.random.PRNGKey(config.seed)
-        )
+        variables = init_variables(model, jax.random.PRNGKey(config.seed), size)
     else:
         model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
     fn = function.inference_fn(

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     print(f"state-dict tensors: {len(entries)}")
     if _FORWARD.value:
         b, s = _FORWARD.value, config.img_size
-        variables = jax.jit(lambda k: init_variables(model, k, s))(jax.random.key(config.seed))
+        variables = init_variables(model, jax.random.key(config.seed), s)
         images = jax.random.normal(jax.random.key(1), (b, s, s, 3), jax.numpy.float32)
         apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
         t0 = time.perf_counter()

@@ -1,11 +1,19 @@
-"""Shared test fixtures: the reference data copied from ../shared/reference into tests/fixtures."""
+"""Shared test fixtures: the reference data copied from ../shared/reference into tests/fixtures.
+
+The test process has eight CPU devices (``jax_num_cpu_devices``, set here before any backend
+starts) so that sharding tests run in-process on a mesh like a v5e-8's; everything else runs on
+the first device as usual.
+"""
 
 from __future__ import annotations
 
 import pathlib
 
+import jax
 import numpy as np
 import pytest
+
+jax.config.update("jax_num_cpu_devices", 8)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "reference"

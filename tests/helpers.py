@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import sys
 
 import numpy as np
@@ -62,15 +63,25 @@ def torch_reference_batch(ref_outputs: dict[str, np.ndarray]) -> dict:
     return batch
 
 
-def subprocess_env() -> dict[str, str]:
-    """The environment for a child Python process: CPU JAX, no inherited JAX / XLA settings,
-    the project and tests/ importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python process: CPU JAX, no inherited JAX / XLA settings or
+    cluster variables (a child never joins a job by accident), the project and tests/
+    importable, then ``extra``."""
+    cluster = ("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster)}
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])
     )
+    env.update(extra)
     return env
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a ``jax.distributed`` coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 _BLOCKING_RUNNER = """

@@ -10,7 +10,10 @@ the architecture.
 
 from __future__ import annotations
 
-import textwrap
+import json
+import os
+import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -70,23 +73,25 @@ def toy_config(**overrides: object) -> ml_collections.ConfigDict:
     return c
 
 
-# ``python -c RUNNER '{"workdir": ..., "overrides": {...}, "pause_at": k, "go": path}'`` runs
-# fgtbt_jax.train.trainer's training loop with the toy network (cwd = repository root). With
-# ``pause_at`` it prints ``AT_STEP k`` before step k and waits for the file ``go``.
-RUNNER = textwrap.dedent(
-    """
-    import json, os, sys, time
-    from toy_model import build_toy, toy_config
+def toy_command(args: dict) -> list[str]:
+    """The command that runs :func:`main` with ``args`` in a child process (cwd = repository
+    root, tests/ on ``PYTHONPATH``: ``helpers.subprocess_env``)."""
+    return [sys.executable, __file__, json.dumps(args)]
 
+
+def main(args: dict) -> int:
+    """fgtbt_jax.train.trainer's training loop with the toy network, in this process (joins a
+    ``jax.distributed`` job when JAX_COORDINATOR_ADDRESS etc. are set). ``args``: ``workdir``,
+    ``overrides`` (toy_config fields), optional ``pause_at`` k and ``go`` path: print
+    ``AT_STEP k`` before step k and wait for the file ``go``."""
     from fgtbt_jax.train import sharding, trainer
 
-    sharding.maybe_initialize_distributed()  # JAX_COORDINATOR_ADDRESS etc., if set
-    args = json.loads(sys.argv[1])
+    sharding.maybe_initialize_distributed()
     config = toy_config(**args.get("overrides", {}))
     if args.get("pause_at"):
         batches = trainer.train_batches
 
-        def paused(config, start):  # stops before step `pause_at` until the parent says go
+        def paused(config, start):
             for step, batch in enumerate(batches(config, start), start=start + 1):
                 if step == args["pause_at"]:
                     print(f"AT_STEP {step}", flush=True)
@@ -95,6 +100,8 @@ RUNNER = textwrap.dedent(
                 yield batch
 
         trainer.train_batches = paused
-    sys.exit(trainer.train_and_evaluate(config, args["workdir"], build=build_toy))
-    """
-)
+    return trainer.train_and_evaluate(config, args["workdir"], build=build_toy)
+
+
+if __name__ == "__main__":
+    sys.exit(main(json.loads(sys.argv[1])))

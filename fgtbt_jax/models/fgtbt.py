@@ -141,9 +141,15 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
 
 
 def init_variables(model: FGTBT, rng: jax.Array, img_size: int) -> dict:
-    """Random initial variables ``{'params', 'batch_stats'}`` for (1, img_size, img_size, 3)."""
-    x = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
-    return dict(model.init({"params": rng}, x, train=False))
+    """Random initial variables ``{'params', 'batch_stats'}`` for (1, img_size, img_size, 3)
+    NHWC, computed by a jitted init compiled with the kernels' ``INIT_COMPILER_OPTIONS``."""
+
+    def init(key: jax.Array) -> dict:
+        x = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
+        return dict(model.init({"params": key}, x, train=False))
+
+    options = kernel_ops(model.kernels).INIT_COMPILER_OPTIONS
+    return jax.jit(init, compiler_options=options)(rng)
 
 
 def normalize_images(images_uint8: jax.Array) -> jax.Array:

@@ -18,6 +18,9 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 
 CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
+# Compiler options of the one-off jitted parameter initialisation (None: the backend's own).
+INIT_COMPILER_OPTIONS: dict[str, Any] | None = None
+
 
 def param_dtype(dtype: Dtype) -> jnp.dtype:
     """The dtype of parameters, normalization statistics, the FFT and the loss for a compute

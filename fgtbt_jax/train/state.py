@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from fgtbt_jax.models.fgtbt import FGTBT
+from fgtbt_jax.ops import kernel_ops, resolve_kernels
 from fgtbt_jax.train import optim, sharding
 
 PyTree = Any
@@ -169,7 +170,10 @@ def create_train_state(
     abstract = jax.eval_shape(init, init_key, train_key)
     shardings = state_sharding(abstract, mesh, bool(config.sharding.fsdp))
     if variables is None:
-        state = jax.jit(init, out_shardings=shardings)(init_key, train_key)
+        options = kernel_ops(resolve_kernels(config.model.kernels)).INIT_COMPILER_OPTIONS
+        state = jax.jit(init, out_shardings=shardings, compiler_options=options)(
+            init_key, train_key
+        )
     else:
         host = jax.tree.map(np.asarray, jax.device_get(flax.core.unfreeze(dict(variables))))
         expected = jax.tree.structure(abstract.variables())

@@ -196,7 +196,7 @@ def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | N
         return variables
     if config.init_backbone:
         init_key, _ = train_state.seed_keys(int(config.seed))
-        variables = jax.jit(lambda key: init_variables(model, key, int(config.img_size)))(init_key)
+        variables = init_variables(model, init_key, int(config.img_size))
         state_dict = convert.state_dict_from_release(
             pth.load_pth(config.init_backbone), config.init_backbone
         )

@@ -10,69 +10,26 @@ writes the report.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
+
+from helpers import free_port, subprocess_env
 
 from configs import fgtbt
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHECKPOINT = ROOT / "tests" / "fixtures" / "reference" / "tiny_checkpoint.pth"
 
-RUNNER = r"""
-import json, runpy, sys
-from fgtbt_jax.train import sharding
-sharding.maybe_initialize_distributed()
-import jax
-import numpy as np
-from configs import fgtbt
-import fgtbt_jax
-from fgtbt_jax.evaluation.evaluator import Evaluator
-
-args = json.loads(sys.argv[1])
-config = fgtbt.get_config("reference_tiny")
-config.data.data_dir = args["data_dir"]
-config.data.demo_num_images = 4
-config.eval_batch_size = 4
-_, variables = fgtbt_jax.load_pretrained(args["checkpoint"], config)
-mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-variables = jax.tree.map(
-    lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda i: np.asarray(x)[i]),
-    variables,
-)
-print("EVALUATOR " + json.dumps(Evaluator(config)(variables, ("300W",))), flush=True)
-sys.argv = ["evaluate.py", "--config", "configs/fgtbt.py:reference_tiny",
-            f"--config.data.data_dir={args['data_dir']}", "--config.data.demo_num_images=4",
-            "--checkpoint", args["checkpoint"], "--out", args["out"], "--batch_size", "4",
-            "--datasets", "300W"]
-runpy.run_path("scripts/evaluate.py", run_name="__main__")
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = pathlib.Path(__file__).with_name("evaluate_worker.py")
 
 
 def _start(data_dir: pathlib.Path, out: pathlib.Path, **env_extra: str) -> subprocess.Popen:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))
-    }
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        **env_extra,
-    )
+    env = subprocess_env(**env_extra)
     args = {"data_dir": str(data_dir), "checkpoint": str(CHECKPOINT), "out": str(out)}
     return subprocess.Popen(
-        [sys.executable, "-c", RUNNER, json.dumps(args)],
+        [sys.executable, str(WORKER), json.dumps(args)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -96,7 +53,7 @@ def test_two_processes_evaluate_like_one(tmp_path):
     pipeline.ensure_demo_data(config)  # once, before the processes read it
     assert pipeline.eval_size(config, "300W") == 10
 
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         _start(
             tmp_path / "tfds",

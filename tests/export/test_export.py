@@ -29,10 +29,16 @@ EXPORT = dict(with_flip=True, decode=True, refine="dark")  # what detect.py runs
 
 
 @pytest.fixture(scope="module")
-def tiny_fn(ref_dir):
+def tiny_dft(ref_dir):
+    """(config, model, variables): the reference checkpoint with the exportable high-pass."""
     config = fgtbt.get_config("reference_tiny")
     config.model.fft = "dft"
-    model, variables = load_pretrained(ref_dir / "tiny_checkpoint.pth", config)
+    return config, *load_pretrained(ref_dir / "tiny_checkpoint.pth", config)
+
+
+@pytest.fixture(scope="module")
+def tiny_fn(tiny_dft):
+    config, model, variables = tiny_dft
     return config, function.inference_fn(model, variables, **EXPORT)
 
 
@@ -64,10 +70,8 @@ def test_onnx_decoded_matches_jax(tiny_fn, onnx_path):
         assert r["relative"] < 1e-4, r
 
 
-def test_onnx_heatmaps_dynamic_batch_1_and_3(ref_dir, tmp_path):
-    config = fgtbt.get_config("reference_tiny")
-    config.model.fft = "dft"
-    model, variables = load_pretrained(ref_dir / "tiny_checkpoint.pth", config)
+def test_onnx_heatmaps_dynamic_batch_1_and_3(tiny_dft, tmp_path):
+    config, model, variables = tiny_dft
     fn = function.inference_fn(model, variables, with_flip=False, decode=False, refine="none")
     meta = function.metadata(config, batch="dynamic", with_flip=False, decode=False, refine="none")
     proto = onnx_export.export(fn, 96, None, output_names=("heatmaps",), metadata=meta)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from helpers import subprocess_env
 
 from fgtbt_jax.train import aot
 
@@ -23,15 +23,6 @@ ROOT = pathlib.Path(__file__).parents[2]
 
 def _run(tmp_path: pathlib.Path, *args: str) -> list[dict]:
     out = tmp_path / "aot.json"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("JAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "XLA_FLAGS"))
-    }
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -43,7 +34,7 @@ def _run(tmp_path: pathlib.Path, *args: str) -> list[dict]:
             *args,
         ],
         cwd=ROOT,
-        env=env,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=1800,

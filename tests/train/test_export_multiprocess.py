@@ -7,15 +7,13 @@ the checkpoint holds seeded random weights of the tiny network's shapes.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import socket
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
+from helpers import free_port, subprocess_env
 
 from configs import fgtbt
 from fgtbt_jax.models.fgtbt import build_model
@@ -23,58 +21,20 @@ from fgtbt_jax.porting import convert, pth
 
 ROOT = pathlib.Path(__file__).parents[2]
 
-SCRIPT = textwrap.dedent(
-    """
-    import pathlib, sys
-    from fgtbt_jax.train import sharding
-    sharding.maybe_initialize_distributed()
-    import jax, numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from configs import fgtbt
-    from fgtbt_jax.models.fgtbt import build_model
-    from fgtbt_jax.porting import convert, pretrained
-    from fgtbt_jax.train import checkpointing
-    from fgtbt_jax.train.state import TrainState
-
-    work = pathlib.Path(sys.argv[1])
-    config = fgtbt.get_config("tiny")
-    abstract = convert.abstract_variables(build_model(config.model), config.img_size)
-    rng = np.random.default_rng(0)
-    host = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), abstract)
-    rep = NamedSharding(sharding.make_mesh(), P())
-    v = jax.tree.map(lambda x: jax.device_put(x, rep), host)
-    state = TrainState(
-        step=jax.device_put(np.int32(5), rep), params=v["params"], batch_stats=v["batch_stats"],
-        opt_state={}, ema_params=v["params"], ema_batch_stats=v["batch_stats"],
-        rng=jax.device_put(np.zeros(2, np.uint32), rep),
-    )
-    with checkpointing.Checkpointer(work) as ckpt:
-        ckpt.save(state)
-    print("EXPORTED", pretrained.export_ema_pth(work, work / "ema.pth", config), flush=True)
-    """
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = pathlib.Path(__file__).with_name("export_worker.py")
 
 
 def test_export_on_two_processes_written_once(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, str(tmp_path)],
+            [sys.executable, str(WORKER), str(tmp_path)],
             cwd=ROOT,
-            env={
-                **env,
-                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                "JAX_NUM_PROCESSES": "2",
-                "JAX_PROCESS_ID": str(i),
-            },
+            env=subprocess_env(
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

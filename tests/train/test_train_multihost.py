@@ -11,16 +11,15 @@ job dies at a barrier (issue #13).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from helpers import free_port, subprocess_env
 
 from configs import fgtbt
 from fgtbt_jax.porting import pth
@@ -29,12 +28,6 @@ ROOT = pathlib.Path(__file__).parents[2]
 TOTAL = 3
 PREEMPTED = 143
 TIMEOUT = 1800  # seconds per phase (generous: a busy 2-core machine compiles slowly)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(data_dir: pathlib.Path) -> list[str]:
@@ -51,14 +44,7 @@ def _overrides(data_dir: pathlib.Path) -> list[str]:
 def _start(
     workdir: pathlib.Path, data_dir: pathlib.Path, name: str, **env_extra: str
 ) -> tuple[subprocess.Popen, pathlib.Path, pathlib.Path]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))
-    }
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=str(ROOT),
+    env = subprocess_env(
         # The rerun reuses the first run's executables.
         JAX_COMPILATION_CACHE_DIR=str(workdir.parents[1] / "jax_cache"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -81,7 +67,7 @@ def _start(
 
 
 def _two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, run: str) -> list:
-    port = _free_port()
+    port = free_port()
     return [
         _start(
             workdir,
@@ -112,14 +98,7 @@ def _log(path: pathlib.Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-@pytest.mark.slow  # three processes compile the real tiny network (about a minute on 2 cores)
-# Not yet seen to pass on this project's 2-core machines: its one full run died when the
-# coordination service lost a heartbeat during a compile at load ~97, and a later run had not
-# finished after 18 min at load ~8. Opt in until it is measured on an idle machine.
-@pytest.mark.skipif(
-    os.environ.get("FGTBT_MULTIHOST_TEST") != "1",
-    reason="two-process lifecycle test (minutes of compiles); set FGTBT_MULTIHOST_TEST=1",
-)
+@pytest.mark.slow  # three processes compile the real tiny network (~20 min at load 6 on 2 cores)
 def test_two_process_lifecycle_matches_one_process_with_two_devices(tmp_path):
     from input_pipeline import pipeline
 

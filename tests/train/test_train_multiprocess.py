@@ -10,15 +10,13 @@ rows reach the global array in another order: rounds of datasets instead of data
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
-from toy_model import RUNNER, build_toy, toy_config
+from helpers import free_port, subprocess_env
+from toy_model import build_toy, toy_command, toy_config
 
 from fgtbt_jax.train import checkpointing, sharding
 from fgtbt_jax.train import state as train_state
@@ -27,28 +25,11 @@ ROOT = pathlib.Path(__file__).parents[2]
 OVERRIDES = {"sharding.cross_device_stats": True, "total_steps": 4}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(workdir: pathlib.Path, **env_extra: str) -> subprocess.Popen:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))
-    }
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(
-            filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])
-        ),
-        **env_extra,
-    )
-    args = json.dumps({"workdir": str(workdir), "overrides": OVERRIDES})
+    env = subprocess_env(**env_extra)
+    args = {"workdir": str(workdir), "overrides": OVERRIDES}
     return subprocess.Popen(
-        [sys.executable, "-c", RUNNER, args],
+        toy_command(args),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -69,7 +50,7 @@ def _restore(workdir: pathlib.Path) -> train_state.TrainState:
 
 
 def test_two_processes_match_one(tmp_path):
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         _start(
             tmp_path / "two",

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from helpers import subprocess_env
-from toy_model import RUNNER
+from toy_model import toy_command
 
 from fgtbt_jax.train import checkpointing, sharding
 from fgtbt_jax.train import state as train_state
@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).parents[2]
 
 def _start(args: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", RUNNER, json.dumps(args)],
+        toy_command(args),
         cwd=ROOT,
         env=subprocess_env(),
         stdout=subprocess.PIPE,

@@ -90,8 +90,9 @@ def test_tiny_preset_smoke_and_resume(tmp_path):
 
 
 def _toy(workdir: pathlib.Path, overrides: dict) -> int:
-    """The library's training loop in this process, with the toy network."""
-    return trainer.train_and_evaluate(toy_config(**overrides), workdir, build=build_toy)
+    """The library's training loop in this process, with the toy network on one device."""
+    config = toy_config(**{"sharding.num_devices": 1, **overrides})
+    return trainer.train_and_evaluate(config, workdir, build=build_toy)
 
 
 def test_evaluation_hook_and_best_checkpoints(tmp_path, capsys):

@@ -1,60 +1,57 @@
-"""Data-parallel and FSDP train steps on 8 fake CPU devices equal the single-device step.
+"""Data-parallel and FSDP train steps on the test process's 8 CPU devices (tests/conftest.py)
+equal the single-device step.
 
-Runs in a subprocess (XLA_FLAGS must be set before jax is imported) with the small stand-in
-network of tests/toy_model.py: what is tested is the train step's sharding (batch split over
-the ``data`` axis, replicated or FSDP-split state, BatchNorm / CSAM-style statistics across
-devices or per device), not the architecture.
+With the small stand-in network of tests/toy_model.py: what is tested is the train step's
+sharding (batch split over the ``data`` axis, replicated or FSDP-split state, BatchNorm /
+CSAM-style statistics across devices or per device), not the architecture.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
+import jax
+import numpy as np
+from toy_model import build_toy, toy_config
 
-ROOT = pathlib.Path(__file__).parents[2]
+from fgtbt_jax.train import sharding, synthetic
+from fgtbt_jax.train import state as train_state
+from fgtbt_jax.train import step as train_step
 
-SCRIPT = textwrap.dedent(
-    """
-    import jax
-    import numpy as np
 
-    from fgtbt_jax.train import sharding
-    from fgtbt_jax.train import synthetic
-    from fgtbt_jax.train import state as train_state
-    from fgtbt_jax.train import step as train_step
-    from toy_model import build_toy, toy_config
+def run(num_devices: int, fsdp: bool, stat_groups: int, steps: int = 2):
+    """``steps`` train steps of the toy network on 16-row batches over ``num_devices``."""
+    config = toy_config(
+        **{"data.batch_per_dataset": 4, "model.toy_width": 64, "sharding.fsdp": fsdp}
+    )
+    mesh = sharding.make_mesh(num_devices)
+    model = build_toy(config.model, stat_groups=stat_groups)
+    tx, schedule = train_state.make_optimizer(config)
+    state, shardings = train_state.create_train_state(config, build_toy(config.model), tx, mesh)
+    step = train_step.jit_train_step(
+        train_step.make_train_step(model, tx, schedule, config), shardings, mesh
+    )
+    losses = []
+    for t in range(steps):
+        batch = sharding.shard_batch(synthetic.global_batch(config, 0, t), mesh)
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
 
+
+def assert_close(a, b, what, atol=2e-6):
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        x, y = np.asarray(x), np.asarray(y)
+        if np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(
+                x, y, rtol=2e-5, atol=atol, err_msg=f"{what} {jax.tree_util.keystr(path)}"
+            )
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=what)
+
+
+def test_train_step_on_8_cpu_devices():
     assert jax.device_count() == 8, jax.devices()
-    config = toy_config(**{"data.batch_per_dataset": 4, "model.toy_width": 64})  # 16 rows
-
-    def run(num_devices, fsdp, stat_groups, steps=2):
-        config.sharding.fsdp = fsdp
-        mesh = sharding.make_mesh(num_devices)
-        model = build_toy(config.model, stat_groups=stat_groups)
-        tx, schedule = train_state.make_optimizer(config)
-        state, shardings = train_state.create_train_state(
-            config, build_toy(config.model), tx, mesh)
-        step = train_step.jit_train_step(
-            train_step.make_train_step(model, tx, schedule, config), shardings, mesh)
-        losses = []
-        for t in range(steps):
-            batch = sharding.shard_batch(synthetic.global_batch(config, 0, t), mesh)
-            state, metrics = step(state, batch)
-            losses.append(float(metrics["loss"]))
-        return state, losses
-
-    def assert_close(a, b, what, atol=2e-6):
-        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-            x, y = np.asarray(x), np.asarray(y)
-            if np.issubdtype(x.dtype, np.floating):
-                np.testing.assert_allclose(x, y, rtol=2e-5, atol=atol,
-                                           err_msg=f"{what} {jax.tree_util.keystr(path)}")
-            else:
-                np.testing.assert_array_equal(x, y, err_msg=what)
-
     single, loss_1 = run(1, False, 1)
     replicated, loss_r = run(8, False, 1)
     fsdp, loss_f = run(8, True, 1)
@@ -89,32 +86,3 @@ SCRIPT = textwrap.dedent(
     bs_p = np.asarray(per_device.batch_stats["bn1"]["var"])
     bs_1 = np.asarray(single.batch_stats["bn1"]["var"])
     assert not np.allclose(bs_p, bs_1, rtol=1e-4)
-    print("TRAIN_SHARDING_OK", loss_1, loss_p)
-    """
-)
-
-
-def test_train_step_on_8_cpu_devices():
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("JAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))
-    }
-    env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(
-            filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])
-        ),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0 and "TRAIN_SHARDING_OK" in proc.stdout, (
-        proc.stdout[-3000:] + proc.stderr[-5000:]
-    )
