@@ -119,6 +119,7 @@ def _file_record(
     scale: float,
     image_roots: Sequence[PathLike],
     check_images: bool,
+    box_size: float = 0.0,
 ) -> FaceRecord:
     """A record of an annotation row naming its image file ``rel`` (resolved against
     ``image_roots`` when ``check_images``)."""
@@ -132,6 +133,7 @@ def _file_record(
         source=os.fspath(path),
         row=row,
         image_path=resolve_image(image_roots, rel, path, row) if check_images else rel,
+        box_size=float(box_size),
     )
 
 
@@ -229,9 +231,11 @@ def _read_csv(
                 box = 0.0
             else:
                 scale, box, cx, cy = meta
-            rel = cols[0]
-            record = _file_record(path, line, rel, pts, (cx, cy), scale, image_roots, check_images)
-            records.append(dataclasses.replace(record, box_size=float(box)))
+            records.append(
+                _file_record(
+                    path, line, cols[0], pts, (cx, cy), scale, image_roots, check_images, box
+                )
+            )
         except AnnotationError as e:
             log.handle(e)
     if not records and not log.count:
