@@ -3,10 +3,18 @@
 The test process has eight CPU devices (``jax_num_cpu_devices``, set here before any backend
 starts) so that sharding tests run in-process on a mesh like a v5e-8's; everything else runs on
 the first device as usual.
+
+The whole run shares one JAX persistent compilation cache in pytest's cache folder
+(``.pytest_cache/d/jax_compilation_cache``), passed on to every child process by
+``helpers.subprocess_env``: the suite compiles the same tiny-network programs in many tests and
+processes (the train step of every ``train.py`` start, the evaluation step, the forward of each
+parity test), and on two cores a hit saves up to a minute per compile. A clean checkout starts
+with an empty cache; ``pytest --cache-clear`` empties it.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -14,6 +22,28 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+CACHE_SETTINGS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_compilation_cache_max_size",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config, "cache", None) is None:  # -p no:cacheprovider: no cache folder
+        return
+    if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR wins
+        cache = config.cache.mkdir("jax_compilation_cache")
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+    # Cache every compile over 0.2 s (the default, 1 s, leaves out most of the suite's jits);
+    # a size limit turns on JAX's file lock, so concurrent processes never read half a file.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+    for name in CACHE_SETTINGS:  # for every child process too
+        os.environ[name.upper()] = str(getattr(jax.config, name))
+
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "reference"

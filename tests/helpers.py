@@ -65,10 +65,11 @@ def torch_reference_batch(ref_outputs: dict[str, np.ndarray]) -> dict:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child Python process: CPU JAX, no inherited JAX / XLA settings or
-    cluster variables (a child never joins a job by accident), the project and tests/
-    importable, then ``extra``."""
+    cluster variables (a child never joins a job by accident) except the test run's compilation
+    cache (tests/conftest.py), the project and tests/ importable, then ``extra``."""
     cluster = ("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster)}
+    cache = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
+    env = {k: v for k, v in os.environ.items() if k.startswith(cache) or not k.startswith(cluster)}
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])
@@ -120,3 +121,17 @@ def _tiny_loss_config():
 
 # config.loss of the presets (the loss has no defaults of its own).
 TINY_LOSS = _tiny_loss_config()
+
+
+def distance_to_exact(
+    grads: dict[str, np.ndarray], ref_float64: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Per non-zero gradient of the float64 file: max|got - exact| / max|exact|."""
+    zero = set(ref_float64["grad_structurally_zero_names"].tolist())
+    out = {}
+    for key, exact in ref_float64.items():
+        name = key.removeprefix("grad/")
+        if key.startswith("grad/") and name not in zero:
+            got = np.asarray(grads[name], np.float64)
+            out[name] = float(np.abs(got - exact).max() / np.abs(exact).max())
+    return out

@@ -10,7 +10,13 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import TINY_LOSS, subprocess_env, tiny_torch_model, torch_reference_batch
+from helpers import (
+    TINY_LOSS,
+    distance_to_exact,
+    subprocess_env,
+    tiny_torch_model,
+    torch_reference_batch,
+)
 
 from fgtbt_jax import landmarks
 
@@ -57,7 +63,7 @@ def test_torch_fmb_loss_matches_reference(ref_outputs):
         )
 
 
-def test_torch_train_step_matches_reference_adamw_step(ref_dir, ref_outputs):
+def test_torch_train_step_matches_reference_adamw_step(ref_dir, ref_outputs, ref_float64):
     """One step of the benchmark's PyTorch training step from the tiny checkpoint: gradients
     and updated parameters equal the reference's (dropout / drop-path off, as it ran)."""
     from benchmarks.torch_oracle import loss as torch_loss
@@ -73,14 +79,18 @@ def test_torch_train_step_matches_reference_adamw_step(ref_dir, ref_outputs):
     with np.load(ref_dir / "tiny_reference_params_after_adamw_step.npz") as f:
         after = {k: f[k] for k in f.files}
     named = dict(model.named_parameters())
-    scale = max(np.abs(g).max() for g in grads.values())
-    for key, want in grads.items():
-        got = named[key].grad.numpy()
-        # Relative per tensor (float32 differences, the FFT's above all, grow through the
-        # train-mode BatchNorms to a few 1e-3), floored for tensors whose true gradient is ~0
-        # (biases before a BatchNorm), where only rounding noise remains.
-        tol = 1e-2 * max(np.abs(want).max(), 1e-3 * scale)
-        assert np.abs(got - want).max() <= tol, key
+    got = {key: named[key].grad.numpy() for key in grads}
+    # Float32 gradients of this step sit a few 1e-3 from exact arithmetic (the FFT's rounding
+    # grows through the train-mode BatchNorms), and where they land depends on the CPU's
+    # kernels: on an AVX-512 machine the original's file and this oracle are 1.6e-2 apart in
+    # linear_pred.weight while the oracle is the closer of the two to the float64 run. So each
+    # tensor is held to the float64 run: within 1e-2, or within 1.5× the original's own
+    # float32 distance where that is larger (measured on that machine: the oracle's median
+    # 1.6e-3, worst 1.2e-2; the original's 3.1e-3 / 2.4e-2).
+    ours, original = distance_to_exact(got, ref_float64), distance_to_exact(grads, ref_float64)
+    for key, err in ours.items():
+        assert err <= max(1e-2, 1.5 * original[key]), (key, err, original[key])
+    assert np.median(list(ours.values())) <= 1.5 * np.median(list(original.values()))
     for key, want in after.items():
         # AdamW's first step moves each weight by about ±lr: a sign flip of a ~0 gradient
         # shows up as 2·lr.

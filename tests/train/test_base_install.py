@@ -23,6 +23,7 @@ def test_train_on_synthetic_batches_without_extras(tmp_path: pathlib.Path):
         ROOT / "scripts" / "train.py",
         "--config", f"{ROOT / 'configs' / 'fgtbt.py'}:tiny",
         "--config.data.source=synthetic",
+        "--config.data.batch_per_dataset=1",  # test_train_script's programs: compiled once
         "--config.total_steps=2",
         "--config.eval_every=0",
         "--config.checkpoint_every=2",

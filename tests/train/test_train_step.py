@@ -34,7 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import TINY_LOSS, reference_batch, tiny_torch_model, torch_reference_batch
+from helpers import (
+    TINY_LOSS,
+    distance_to_exact,
+    reference_batch,
+    tiny_torch_model,
+    torch_reference_batch,
+)
 
 from configs import fgtbt
 from fgtbt_jax import landmarks
@@ -159,20 +165,6 @@ def _grad_errors(
     return max_err, l2_err
 
 
-def _distance_to_exact(
-    grads: dict[str, np.ndarray], ref_float64: dict[str, np.ndarray]
-) -> dict[str, float]:
-    """Per non-zero gradient of the float64 file: max|got - exact| / max|exact|."""
-    zero = set(ref_float64["grad_structurally_zero_names"].tolist())
-    out = {}
-    for key, exact in ref_float64.items():
-        name = key.removeprefix("grad/")
-        if key.startswith("grad/") and name not in zero:
-            got = np.asarray(grads[name], np.float64)
-            out[name] = float(np.abs(got - exact).max() / np.abs(exact).max())
-    return out
-
-
 @pytest.mark.slow  # shares one compile of the real train step (about 1-2 min)
 def test_gradients_match_reference(
     one_step, reference_grads, float64_grads, ref_float64, record_property
@@ -203,7 +195,7 @@ def test_gradients_match_reference(
     # Distance to exact arithmetic (the original's float64 run), ours beside the original's
     # float32 run, over the 291 non-zero gradients (measured: ours median 2.9e-3, worst 2.39e-2;
     # the original's median 3.1e-3, worst 2.41e-2, as its README states).
-    ours, original = _distance_to_exact(grads, ref_float64), _distance_to_exact(ref, ref_float64)
+    ours, original = distance_to_exact(grads, ref_float64), distance_to_exact(ref, ref_float64)
     assert len(ours) == len(original) == 291
     figures = {
         f"{who}_float32_vs_float64_{stat}": float(fn(list(errs.values())))
