@@ -142,12 +142,15 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
 
 def init_variables(model: FGTBT, rng: jax.Array, img_size: int) -> dict:
     """Random initial variables ``{'params', 'batch_stats'}`` for (1, img_size, img_size, 3)
-    NHWC, computed by a jitted init compiled with the kernels' ``INIT_COMPILER_OPTIONS``."""
+    NHWC, computed by a jitted init compiled with the kernels' ``INIT_COMPILER_OPTIONS`` (or,
+    under ``jax.jit`` / ``jax.eval_shape``, traced into the caller's program)."""
 
     def init(key: jax.Array) -> dict:
         x = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
         return dict(model.init({"params": key}, x, train=False))
 
+    if isinstance(rng, jax.core.Tracer):  # compiler options belong to the outermost jit
+        return init(rng)
     options = kernel_ops(model.kernels).INIT_COMPILER_OPTIONS
     return jax.jit(init, compiler_options=options)(rng)
 

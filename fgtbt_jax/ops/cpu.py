@@ -64,9 +64,8 @@ def batch_norm_train(
 
 
 def _batch_norm_train_fwd(x, scale, bias, groups, epsilon, dtype, axis):
-    out = xla.batch_norm_train(x, scale, bias, groups, epsilon, dtype, axis)
-    _, mean_g, var_g = out
-    return out, (x, scale, mean_g, jax.lax.rsqrt(var_g + epsilon))
+    out, rstd_g = xla.batch_norm_train_and_rstd(x, scale, bias, groups, epsilon, dtype, axis)
+    return out, (x, scale, out[1], rstd_g)
 
 
 def _batch_norm_train_bwd(groups, epsilon, dtype, axis, res, cts):

@@ -94,11 +94,26 @@ def batch_norm_train(
     """Train-mode BatchNorm with batch statistics, channels on ``axis``: (normalized output in
     ``dtype``, per-group mean and biased variance (groups, C)). Statistics in
     ``param_dtype(dtype)`` (float32 for float32 and bfloat16)."""
+    return batch_norm_train_and_rstd(x, scale, bias, groups, epsilon, dtype, axis)[0]
+
+
+def batch_norm_train_and_rstd(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    groups: int,
+    epsilon: float,
+    dtype: Dtype,
+    axis: int,
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """:func:`batch_norm_train`'s outputs and the per-group 1/sqrt(var + eps) (groups, C) it
+    normalized with (for a hand-written VJP, which then need not compute it again)."""
     xf = x.astype(param_dtype(dtype))
     mean_g, var_g, centered, rstd_g = batch_norm_statistics(xf, groups, epsilon, axis)
     y = centered * expand_groups(rstd_g, xf, groups, axis)
     shape = channel_shape(x, axis)
-    return (y * scale.reshape(shape) + bias.reshape(shape)).astype(dtype), mean_g, var_g
+    out = (y * scale.reshape(shape) + bias.reshape(shape)).astype(dtype)
+    return (out, mean_g, var_g), rstd_g
 
 
 def layer_norm(

@@ -11,7 +11,7 @@ import pytest
 from configs import fgtbt
 from fgtbt_jax import load_pretrained
 from fgtbt_jax.models.backbone import high_pass, tokens_as_view, view_as_tokens
-from fgtbt_jax.models.fgtbt import build_model
+from fgtbt_jax.models.fgtbt import build_model, init_variables
 
 
 def jit_apply(model, **kwargs):
@@ -183,3 +183,17 @@ def test_release_configuration_shapes(kernels):
     assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
         variables["batch_stats"]
     )
+
+
+def test_init_variables_under_a_trace():
+    """``init_variables`` inside ``jax.eval_shape`` (its own jitted init carries compiler
+    options, which only the outermost jit may): the variables' shapes and dtypes of
+    ``model.init``."""
+    config = fgtbt.get_config("reference_tiny")
+    model = build_model(config.model)
+    key = jax.random.key(0)
+    got = jax.eval_shape(lambda k: init_variables(model, k, 32), key)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    want = jax.eval_shape(lambda k, x: model.init({"params": k}, x, train=False), key, x)
+    assert jax.tree.structure(got) == jax.tree.structure(dict(want))
+    assert jax.tree.leaves(got) == jax.tree.leaves(want)
