@@ -1,8 +1,8 @@
 """Shared test fixtures: the reference data copied from ../shared/reference into tests/fixtures.
 
-The test process has eight CPU devices (``jax_num_cpu_devices``, set here before any backend
-starts) so that sharding tests run in-process on a mesh like a v5e-8's; everything else runs on
-the first device as usual.
+The test process runs JAX on the CPU (``JAX_PLATFORMS=cpu``, inherited by child processes) with
+eight CPU devices (``jax_num_cpu_devices``, set here before any backend starts) so that sharding
+tests run in-process on a mesh like a v5e-8's; everything else runs on the first device as usual.
 
 The whole run shares one JAX persistent compilation cache in pytest's cache folder
 (``.pytest_cache/d/jax_compilation_cache``), passed on to every child process by
@@ -21,6 +21,10 @@ import jax
 import numpy as np
 import pytest
 
+# The suite runs on the CPU, also where libtpu (the `tpu` extra, for the AOT test) or a GPU
+# plugin is installed: this process and every child it starts.
+os.environ["JAX_PLATFORMS"] = "cpu"
+jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 
 
