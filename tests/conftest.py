@@ -5,11 +5,11 @@ eight CPU devices (``jax_num_cpu_devices``, set here before any backend starts) 
 tests run in-process on a mesh like a v5e-8's; everything else runs on the first device as usual.
 
 The whole run shares one JAX persistent compilation cache in pytest's cache folder
-(``.pytest_cache/d/jax_compilation_cache``), passed on to every child process by
-``helpers.subprocess_env``: the suite compiles the same tiny-network programs in many tests and
-processes (the train step of every ``train.py`` start, the evaluation step, the forward of each
-parity test), and on two cores a hit saves up to a minute per compile. A clean checkout starts
-with an empty cache; ``pytest --cache-clear`` empties it.
+(``.pytest_cache/d/jax_compilation_cache``), passed on to every child process through the
+environment (which ``helpers.subprocess_env`` keeps): the suite compiles the same tiny-network
+programs in many tests and processes (the train step of every ``train.py`` start, the evaluation
+step, the forward of each parity test), and on two cores a hit saves up to a minute per compile.
+A clean checkout starts with an empty cache; ``pytest --cache-clear`` empties it.
 """
 
 from __future__ import annotations
