@@ -5,13 +5,14 @@ r"""Lowers the train, eval and flip-test eval steps and prints the SHA-256 of ea
   python scripts/lowered_programs.py --tree /tmp/old --config configs/fgtbt.py:release \
       --out_dir /tmp/hlo_old
 
-Nothing is compiled or computed (shapes only): the trainer's jitted train step (``train.state``
-/ ``train.step``, data parallel over this machine's devices) and the evaluator's eval step
-(``evaluation.decoding.make_eval_step``), batch ``--batch`` (default: one image per dataset),
-lowered as ``train.py`` and ``benchmark.py`` lower them. Two versions of the library whose
-programs hash alike compile to the same executables, so any speed difference between them is
-noise (how README "Speed" shows that the ``model.kernels`` switch did not change the CPU path).
-``--tree`` imports the library (and its ``configs/``) from another checkout instead of this one.
+Nothing is compiled or computed (shapes only): the programs ``scripts/aot_compile.py`` compiles
+for a TPU (``train.aot.train_step_and_args`` / ``eval_step_and_args``: the trainer's train step
+and the evaluator's flip-test eval step, with their shardings), here for this machine's
+devices, plus the eval step without the flip test on the same arguments. The batch is the
+config's (``data.batch_per_dataset`` per dataset). Two versions of the library whose programs
+hash alike compile to the same executables, so any speed difference between them is noise (how
+README "Speed" shows that the ``model.kernels`` switch did not change the CPU path). ``--tree``
+imports the library from another checkout instead of this one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fgtbt.py:release"
 )
 _TREE = flags.DEFINE_string("tree", None, "Checkout to import fgtbt_jax from (default: this one).")
-_BATCH = flags.DEFINE_integer("batch", 4, "Global batch of every step.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Also write <step>.mlir files here.")
 
 
@@ -35,37 +35,26 @@ def main(argv: list[str]) -> None:
     del argv
     sys.path.insert(0, _TREE.value or str(pathlib.Path(__file__).resolve().parents[1]))
     import jax
-    import numpy as np
 
     from fgtbt_jax.evaluation import decoding
     from fgtbt_jax.models.fgtbt import build_model
-    from fgtbt_jax.train import sharding
-    from fgtbt_jax.train import state as train_state
-    from fgtbt_jax.train import step as train_step
+    from fgtbt_jax.train import aot, sharding
 
     print("fgtbt_jax from", pathlib.Path(sys.modules["fgtbt_jax"].__file__).parent)
-    config, b = _CONFIG.value, _BATCH.value
-    size = config.img_size
+    config = _CONFIG.value
     mesh = sharding.make_mesh(None)
-    model = build_model(config.model)
-    tx, schedule = train_state.make_optimizer(config)
-    init = train_state.init_fn(model, tx, size)
-    state = jax.eval_shape(init, *train_state.seed_keys(int(config.seed)))
-    shardings = train_state.state_sharding(state, mesh, bool(config.sharding.fsdp))
-    batch = {
-        "image": jax.ShapeDtypeStruct((b, size, size, 3), np.float32),
-        "coords": jax.ShapeDtypeStruct((b, 124, 2), np.int32),
-        "mask": jax.ShapeDtypeStruct((b, 124), np.bool_),
-        "dataset_id": jax.ShapeDtypeStruct((b,), np.int32),
+    train, train_args = aot.train_step_and_args(config, mesh)
+    flip, eval_args = aot.eval_step_and_args(config, mesh)
+    plain = jax.jit(
+        decoding.make_eval_step(build_model(config.model), flip_test=False),
+        in_shardings=jax.tree.map(lambda a: a.sharding, eval_args),
+        out_shardings=sharding.data_sharding(mesh),  # as the flip-test step's
+    )
+    programs = {
+        "train": train.lower(*train_args),
+        "eval": plain.lower(*eval_args),
+        "eval_flip": flip.lower(*eval_args),
     }
-    step = train_step.make_train_step(model, tx, schedule, config)
-    programs = {"train": train_step.jit_train_step(step, shardings, mesh).lower(state, batch)}
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    images = {"image": batch["image"]}
-    in_shardings = (sharding.replicated(mesh), sharding.data_sharding(mesh))
-    for name, flip in (("eval", False), ("eval_flip", True)):
-        fn = decoding.make_eval_step(model, flip_test=flip)
-        programs[name] = jax.jit(fn, in_shardings=in_shardings).lower(variables, images)
     for name, lowered in programs.items():
         text = lowered.as_text()
         print(f"{name}: sha256 {hashlib.sha256(text.encode()).hexdigest()} ({len(text)} chars)")

@@ -21,7 +21,6 @@ def _hashes(out_dir: pathlib.Path, kernels: str) -> dict[str, str]:
             "--config.img_size=32",
             "--config.heatmap_size=16",
             f"--config.model.kernels={kernels}",
-            "--batch=4",
             f"--out_dir={out_dir}",
         ],
         cwd=ROOT,
