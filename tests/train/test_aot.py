@@ -102,3 +102,27 @@ def test_cuda_export_tiny(tmp_path):
         assert exported.nr_devices == 2
         images = [a for a in exported.in_avals if a.shape[1:] == (96, 96, 3)]
         assert [a.shape[0] for a in images] == [4]  # global batch 2 per device × 2 GPUs
+
+
+def test_readme_planning_tables_are_those_of_the_recorded_json(tmp_path):
+    """README's "Planning a pod run" tables are what scripts/aot_tables.py renders from
+    benchmarks/aot_tpu_release.json: rewriting a copy of README changes nothing."""
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/aot_tables.py",
+            "--json",
+            "benchmarks/aot_tpu_release.json",
+            "--readme",
+            str(readme),
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert readme.read_text() == (ROOT / "README.md").read_text()
