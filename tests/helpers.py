@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -76,6 +77,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python *args`` from the project root with ``subprocess_env()``, output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:

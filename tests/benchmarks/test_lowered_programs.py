@@ -6,28 +6,18 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import re
-import subprocess
-import sys
 
-from helpers import ROOT, subprocess_env
+from helpers import run_script
 
 
 def _hashes(out_dir: pathlib.Path, kernels: str) -> dict[str, str]:
-    r = subprocess.run(
-        [
-            sys.executable,
-            "scripts/lowered_programs.py",
-            "--config=configs/fgtbt.py:reference_tiny",
-            "--config.img_size=32",
-            "--config.heatmap_size=16",
-            f"--config.model.kernels={kernels}",
-            f"--out_dir={out_dir}",
-        ],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = run_script(
+        "scripts/lowered_programs.py",
+        "--config=configs/fgtbt.py:reference_tiny",
+        "--config.img_size=32",
+        "--config.heatmap_size=16",
+        f"--config.model.kernels={kernels}",
+        f"--out_dir={out_dir}",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     found = dict(re.findall(r"^(\w+): sha256 ([0-9a-f]{64}) ", r.stdout, re.M))

@@ -10,33 +10,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
-from helpers import subprocess_env
+from helpers import ROOT, run_script
 
 from fgtbt_jax.train import aot
-
-ROOT = pathlib.Path(__file__).parents[2]
 
 
 def _run(tmp_path: pathlib.Path, *args: str) -> list[dict]:
     out = tmp_path / "aot.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/aot_compile.py",
-            "--config",
-            "configs/fgtbt.py:tiny",
-            "--json",
-            str(out),
-            *args,
-        ],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
+    proc = run_script(
+        "scripts/aot_compile.py",
+        "--config",
+        "configs/fgtbt.py:tiny",
+        "--json",
+        str(out),
+        *args,
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -109,20 +98,12 @@ def test_readme_planning_tables_are_those_of_the_recorded_json(tmp_path):
     benchmarks/aot_tpu_release.json: rewriting a copy of README changes nothing."""
     readme = tmp_path / "README.md"
     readme.write_text((ROOT / "README.md").read_text())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/aot_tables.py",
-            "--json",
-            "benchmarks/aot_tpu_release.json",
-            "--readme",
-            str(readme),
-        ],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_script(
+        "scripts/aot_tables.py",
+        "--json",
+        "benchmarks/aot_tpu_release.json",
+        "--readme",
+        str(readme),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert readme.read_text() == (ROOT / "README.md").read_text()
