@@ -44,7 +44,9 @@ _OOM = (
 )
 
 
-def find(rows: list[dict], target: str, step: str, dtype: str, sharding: str, batch: int):
+def find(
+    rows: list[dict], target: str, step: str, dtype: str, sharding: str, batch: int
+) -> dict | None:
     """The row of one cell (``kernels=xla``, as ``auto`` resolves on TPU), or None."""
     key = (target, step, dtype, sharding, batch, "xla")
     fields = ("target", "step", "dtype", "sharding", "batch_per_device", "kernels")
