@@ -11,6 +11,7 @@ out-of-memory verdict, or "not measured". The second table lists every compiled 
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import re
@@ -84,26 +85,23 @@ def planning_table(rows: list[dict]) -> list[str]:
 
 def full_table(rows: list[dict]) -> list[str]:
     lines = [FULL_HEADER, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for target in TARGETS:
-        for step in ("train", "eval"):
-            for dtype in DTYPES:
-                for sharding, name in SHARDINGS.items():
-                    for b in BATCHES:
-                        r = find(rows, target, step, dtype, sharding, b)
-                        if r is None or r.get("status") != "compiled":
-                            continue
-                        m, roof = r["memory_bytes"], r["roofline"]
-                        lines.append(
-                            f"| {target} | {dtype} | {name} | {b} | "
-                            f"{'train' if step == 'train' else 'eval (flip test)'} | "
-                            f"{m['argument'] / GiB:.2f} ({m['alias'] / GiB:.2f}) | "
-                            f"{m['temp'] / GiB:.2f} | {m['total'] / GiB:.2f} | "
-                            f"{r['flops'] / 1e9:.1f} | {r['bytes_accessed'] / 1e9:.1f} | "
-                            f"{roof['arithmetic_intensity']:.1f} | "
-                            f"{roof['step_seconds_lower_bound'] * 1e3:.1f} | "
-                            f"{roof['images_per_second_per_chip_upper_bound']:.1f} | "
-                            f"{r['compile_seconds'] / 60:.1f} min |"
-                        )
+    cells = itertools.product(TARGETS, ("train", "eval"), DTYPES, SHARDINGS.items(), BATCHES)
+    for target, step, dtype, (sharding, name), b in cells:
+        r = find(rows, target, step, dtype, sharding, b)
+        if r is None or r.get("status") != "compiled":
+            continue
+        m, roof = r["memory_bytes"], r["roofline"]
+        lines.append(
+            f"| {target} | {dtype} | {name} | {b} | "
+            f"{'train' if step == 'train' else 'eval (flip test)'} | "
+            f"{m['argument'] / GiB:.2f} ({m['alias'] / GiB:.2f}) | "
+            f"{m['temp'] / GiB:.2f} | {m['total'] / GiB:.2f} | "
+            f"{r['flops'] / 1e9:.1f} | {r['bytes_accessed'] / 1e9:.1f} | "
+            f"{roof['arithmetic_intensity']:.1f} | "
+            f"{roof['step_seconds_lower_bound'] * 1e3:.1f} | "
+            f"{roof['images_per_second_per_chip_upper_bound']:.1f} | "
+            f"{r['compile_seconds'] / 60:.1f} min |"
+        )
     return lines
 
 

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 
 import jax
 import numpy as np
 import pytest
+from helpers import run_script
 
 from configs import fgtbt
 from fgtbt_jax import export_pth, load_pretrained
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.porting import convert, pretrained, pth
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def read_manifest(path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -156,12 +153,6 @@ def test_partial_backbone_import_reports(tiny_sd):
         np.asarray(variables["params"]["backbone"]["block1_0"]["attn"]["q"]["kernel"]),
     )
     assert "loaded" in report.table() and "head.weight" in report.table()
-
-
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
 
 
 def test_convert_script_both_directions(ref_dir, tmp_path, tiny_sd):
