@@ -52,6 +52,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fgtbt_jax import compiled as compiled_figures
+
 FRAMEWORKS = ("jax", "torch-eager", "torch-compile", "onnxruntime")
 MODES = ("train", "eval", "eval_flip")
 
@@ -138,31 +140,15 @@ def _case(spec: dict, **fields: Any) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _jax_flops(compiled: Any) -> float | None:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
-
-
 def _jax_memory(compiled: Any, device: Any) -> tuple[int | None, str | None]:
     stats = None
     with contextlib.suppress(Exception):
         stats = device.memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device.memory_stats:peak_bytes_in_use"
-    with contextlib.suppress(Exception):
-        m = compiled.memory_analysis()
-        if m is not None:
-            total = (
-                m.temp_size_in_bytes
-                + m.argument_size_in_bytes
-                + m.output_size_in_bytes
-                - m.alias_size_in_bytes
-            )
-            return int(total), "xla.memory_analysis:temp+argument+output-alias"
+    with contextlib.suppress(compiled_figures.Unavailable):
+        total = compiled_figures.memory(compiled)["total"]
+        return total, "xla.memory_analysis:temp+argument+output-alias"
     return None, None
 
 
@@ -218,7 +204,7 @@ def run_jax_case(spec: dict) -> dict:
 
     setup_seconds = t1 - t0
     times = _timed_loop(run_step, jax.block_until_ready, spec["warmup"], spec["steps"])
-    flops = _jax_flops(compiled)
+    flops = compiled_figures.flops(compiled)
     mem, source = _jax_memory(compiled, device)
     row = _case(
         spec,

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from fgtbt_jax import compiled as compiled_figures
 from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.models.fgtbt import build_model
@@ -228,30 +229,6 @@ def eval_step_and_args(
     return step, (variables, batch)
 
 
-def _cost(compiled: Any) -> dict[str, float]:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
-
-
-def memory_row(compiled: Any) -> dict[str, int]:
-    """Per-device bytes of a compiled executable; ``total`` = arguments + outputs − donated
-    (aliased) + temporaries."""
-    m = compiled.memory_analysis()
-    argument = int(m.argument_size_in_bytes)
-    output = int(m.output_size_in_bytes)
-    alias = int(m.alias_size_in_bytes)
-    temp = int(m.temp_size_in_bytes)
-    return {
-        "argument": argument,
-        "output": output,
-        "alias": alias,
-        "temp": temp,
-        "total": argument + output - alias + temp,
-    }
-
-
 def roofline(flops: float, bytes_accessed: float, batch_per_device: int, chip: Chip) -> dict:
     """Lower bound on the step time of one device from its FLOPs and HBM traffic.
 
@@ -351,8 +328,8 @@ def measure(
     }
     if target.platform == "tpu":
         compiled, times = compile_tpu(step, args)
-        memory = memory_row(compiled)
-        cost = _cost(compiled)
+        memory = compiled_figures.memory(compiled)
+        cost = compiled_figures.cost(compiled)
         flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
         row.update(
             compiled=True,

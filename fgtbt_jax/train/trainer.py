@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from fgtbt_jax import compiled as compiled_figures
 from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
@@ -163,20 +164,11 @@ def _report_progress(config: ml_collections.ConfigDict, writer: writers.MetricWr
 def _memory_line(compiled: Any) -> str:
     """Per-device bytes of a compiled executable (``memory_analysis()``), or why not."""
     try:
-        m = compiled.memory_analysis()
-    except Exception as e:  # backends without the analysis raise (e.g. NotImplementedError)
-        return f"memory analysis unavailable ({type(e).__name__}: {e})"
-    if m is None:
-        return "memory analysis unavailable on this backend"
-    fields = {
-        "argument": m.argument_size_in_bytes,
-        "output": m.output_size_in_bytes,
-        "temp": m.temp_size_in_bytes,
-        "alias": m.alias_size_in_bytes,
-    }
-    total = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]
-    parts = " ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in fields.items())
-    return f"train step memory per device: {parts}, total {total / 2**20:.1f} MiB"
+        m = compiled_figures.memory(compiled)
+    except compiled_figures.Unavailable as e:
+        return str(e)
+    parts = " ".join(f"{k} {m[k] / 2**20:.1f} MiB" for k in ("argument", "output", "temp", "alias"))
+    return f"train step memory per device: {parts}, total {m['total'] / 2**20:.1f} MiB"
 
 
 # ------------------------------------------------------------------------------------------
