@@ -1,0 +1,161 @@
+"""The traffic model (fgtbt_jax/traffic.py) on hand-written HLO, a CPU program and single-op
+programs compiled for TPU v5e, whose HBM traffic is worked out by hand from their shapes.
+
+The TPU programs compile in a child process (tests/traffic_single_ops.py; seconds) and are
+skipped where libtpu is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import ROOT, subprocess_env
+
+from fgtbt_jax import compiled as compiled_figures
+from fgtbt_jax import traffic
+
+MiB = 2**20
+
+
+def test_tiled_sizes():
+    # W=120 is the minor dim (layout 2,3,1,0), padded to 128 lanes; C=64 fills 8-row tiles.
+    (a,) = traffic.parse_arrays("bf16[4,120,120,64]{2,3,1,0:T(8,128)(2,1)}")
+    assert a.logical_bytes == 4 * 120 * 120 * 64 * 2
+    assert (a.tiled_bytes, a.memory_space) == (4 * 120 * 64 * 128 * 2, traffic.HBM)
+    (b,) = traffic.parse_arrays("bf16[3,3,1,128]{3,1,2,0:T(4,128)(2,1)S(1)}")
+    assert (b.tiled_bytes, b.memory_space) == (3 * 4 * 128 * 2, 1)  # the 1 padded to 4 rows
+    (s,) = traffic.parse_arrays("bf16[]{:T(256)}")
+    assert s.tiled_bytes == 256 * 2
+    (p,) = traffic.parse_arrays("pred[32,17]{0,1:T(8,128)(4,1)}")
+    assert p.tiled_bytes == 24 * 128  # physical [17, 32] → [24, 128] bytes
+    (c,) = traffic.parse_arrays("f32[100,300]{1,0}")  # CPU: no tiles, no memory space
+    assert (c.tiled_bytes, c.memory_space) == (120_000, traffic.HBM)
+    t = traffic.parse_arrays("(f32[8,128]{1,0:T(8,128)S(1)}, f32[2]{0:T(256)}, u32[]{:S(2)})")
+    assert [x.tiled_bytes for x in t] == [4096, 1024, 4]
+
+
+HLO = """\
+HloModule m, is_scheduled=true
+
+%fused_exp (p0: bf16[3,100]) -> f32[3,100] {
+  %p0 = bf16[3,100]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  %c = f32[3,100]{1,0:T(8,128)} convert(%p0)
+  ROOT %e = f32[3,100]{1,0:T(8,128)} exponential(%c)
+}
+
+%fused_dot (q0: f32[3,100], q1: f32[100,256]) -> f32[3,256] {
+  %q0 = f32[3,100]{1,0:T(8,128)} parameter(0)
+  %q1 = f32[100,256]{1,0:T(8,128)} parameter(1)
+  ROOT %d = f32[3,256]{1,0:T(8,128)} dot(%q0, %q1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (w: f32[3,256]) -> f32[3,256] {
+  %w = f32[3,256]{1,0:T(8,128)} parameter(0)
+  ROOT %n = f32[3,256]{1,0:T(8,128)} negate(%w)
+}
+
+%cond (v: f32[3,256]) -> pred[] {
+  %v = f32[3,256]{1,0:T(8,128)} parameter(0)
+  ROOT %k = pred[]{:T(512)} constant(true)
+}
+
+ENTRY %main (a: bf16[3,100], m: f32[100,256]) -> f32[3,256] {
+  %a = bf16[3,100]{1,0:T(8,128)(2,1)} parameter(0), metadata={op_name="a"}
+  %m = f32[100,256]{1,0:T(8,128)} parameter(1)
+  %cs = (bf16[3,100]{1,0:T(8,128)(2,1)S(1)}, bf16[3,100]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%a)
+  %cd = bf16[3,100]{1,0:T(8,128)(2,1)S(1)} copy-done(%cs)
+  %x = f32[3,100]{1,0:T(8,128)} fusion(%cd), kind=kLoop, calls=%fused_exp, metadata={op_name="jit(f)/transpose(jvp(M))/stage/exp"}
+  %b = f32[3,100]{1,0:T(8,128)} bitcast(%x)
+  %y = f32[3,256]{1,0:T(8,128)} fusion(%b, %m), kind=kOutput, calls=%fused_dot
+  ROOT %l = f32[3,256]{1,0:T(8,128)} while(%y), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+}
+"""  # noqa: E501
+
+
+def test_counting_rules_on_hand_written_hlo():
+    model = traffic.of_hlo(HLO)
+    rows = {r.name: r for r in model.rows}
+    # Views (parameter, bitcast) move nothing; the while body runs 3 times; its condition's
+    # constant moves nothing.
+    assert set(rows) == {"cs", "cd", "x", "y", "n"}
+    small, wide = 8 * 128 * 2, 8 * 128 * 4  # bf16[3,100] and f32[3,100]: one (8,128) tile
+    matrix, out = 104 * 256 * 4, 8 * 256 * 4  # f32[100,256] (rows to 104), f32[3,256]
+    assert (rows["cs"].read, rows["cs"].written) == ({0: small}, {})  # -start reads
+    assert (rows["cd"].read, rows["cd"].written) == ({}, {1: small})  # -done writes
+    assert (rows["x"].read, rows["x"].written) == ({1: small}, {0: wide})
+    assert rows["x"].op_name == "jit(f)/transpose(jvp(M))/stage/exp"
+    assert rows["y"].hbm_bytes == wide + matrix + out
+    assert rows["y"].flops == 2 * 3 * 256 * 100
+    assert (rows["n"].count, rows["n"].hbm_bytes) == (3, 3 * 2 * out)
+    assert model.hbm_bytes == small + wide + (wide + matrix + out) + 3 * 2 * out
+    assert model.on_chip_bytes == 2 * small
+    assert model.boundary_bytes == model.hbm_bytes + model.on_chip_bytes
+    assert model.matmul_flops == 2 * 3 * 256 * 100
+
+
+def test_cpu_program():
+    # CPU layouts carry no tiles or memory spaces: one loop fusion reads x and writes the result.
+    x = jax.ShapeDtypeStruct((100, 300), jnp.float32)
+    compiled = jax.jit(lambda v: jnp.tanh(v) * 2).lower(x).compile()
+    model = compiled_figures.traffic(compiled)
+    assert (model.hbm_bytes, model.on_chip_bytes) == (2 * 100 * 300 * 4, 0)
+
+
+@pytest.fixture(scope="module")
+def tpu_programs() -> dict:
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+    # Another process on the machine may hold libtpu's lock file; these compiles need no chip.
+    env = subprocess_env(ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    proc = subprocess.run(
+        [sys.executable, "tests/traffic_single_ops.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_tpu_elementwise_and_transpose(tpu_programs):
+    # Input and output once each, all in HBM; XLA's "bytes accessed" agrees.
+    full = 4 * 128 * 128 * 128 * 2
+    assert tpu_programs["elementwise"]["hbm_bytes"] == 2 * full
+    padded = 4 * 120 * 64 * 128 * 2  # W=120 is the minor dim: padded to 128 lanes
+    assert tpu_programs["elementwise_padded"]["hbm_bytes"] == 2 * padded
+    assert tpu_programs["transpose"]["hbm_bytes"] == 2 * 1024 * 2048 * 2
+    for name in ("elementwise", "elementwise_padded", "transpose"):
+        p = tpu_programs[name]
+        assert p["on_chip_bytes"] == 0 and p["xla_bytes_accessed"] == p["hbm_bytes"]
+
+
+def test_tpu_matmul(tpu_programs):
+    p = tpu_programs["matmul"]
+    a, b, c = 1024 * 512 * 2, 512 * 768 * 2, 1024 * 768 * 2
+    assert p["hbm_bytes"] == a + b + c
+    assert p["on_chip_bytes"] == 2 * a  # a is prefetched into VMEM, then read there
+    assert p["matmul_flops"] == 2 * 1024 * 512 * 768
+
+
+@pytest.mark.parametrize("name, weight", [("conv", 3 * 3 * 128 * 256), ("depthwise", 3 * 4 * 256)])
+def test_tpu_convolutions(tpu_programs, name, weight):
+    # x and y (4,128,128,128) bf16 cross HBM once; everything in between stays in VMEM. XLA:TPU
+    # prefetches the weight twice and reads two constants: a bf16 pad value (one 256-element
+    # tile, 512 B) and a pred[32,17] mask (24×128 B). The depthwise weight (3,3,1,128) is laid
+    # out with its 1-dim padded to 4 rows (T(4,128)): 3·4·128·2 B.
+    p = tpu_programs[name]
+    x = 4 * 128 * 128 * 128 * 2
+    assert p["hbm_bytes"] == 2 * x + 2 * weight + 512 + 24 * 128
+    # XLA's count takes the on-chip buffers for HBM traffic: over 7× the real figure.
+    assert p["xla_bytes_accessed"] > 7 * p["hbm_bytes"]
+    # The compiled convolution computes 17 rows for every 16 (window blocks of the output).
+    per_tap = 128 if name == "conv" else 1
+    assert p["matmul_flops"] == 2 * 4 * 128 * 128 * 128 * 9 * per_tap * 17 / 16
