@@ -82,6 +82,7 @@ _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([^\]]*)\](?:\{([^}]*)\})?")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
+_FRAME_ID = re.compile(r"\bstack_frame_id=(\d+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
@@ -192,6 +193,12 @@ class Instruction:
         m = _OP_NAME.search(self.attributes)
         return m.group(1) if m else ""
 
+    @property
+    def stack_frame(self) -> int:
+        """The ``stack_frame_id`` of the metadata (0: none)."""
+        m = _FRAME_ID.search(self.attributes)
+        return int(m.group(1)) if m else 0
+
     def called(self, key: str) -> list[str]:
         """Computations named by attribute ``key`` (``calls``, ``body``, ``to_apply`` …)."""
         m = re.search(rf"\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)", self.attributes)
@@ -202,10 +209,51 @@ class Instruction:
 
 @dataclasses.dataclass(frozen=True)
 class Module:
-    """The computations of an HLO module by name, each a list of instructions in order."""
+    """The computations of an HLO module by name, each a list of instructions in order, and
+    the Python stack of each ``stack_frame_id``: ``(file, function)`` pairs, innermost first."""
 
     computations: dict[str, list[Instruction]]
     entry: str
+    stacks: dict[int, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+
+
+def _stacks(text: str) -> dict[int, tuple[tuple[str, str], ...]]:
+    """The module's stack-frame tables (``FileNames`` … ``StackFrames``) as whole stacks."""
+    tables: dict[str, dict[int, str]] = {}
+    table = None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            table = tables.setdefault(line, {})
+            continue
+        m = re.match(r"^(\d+) (.*)$", line) if table is not None else None
+        if not m:
+            table = None
+            continue
+        table[int(m.group(1))] = m.group(2)
+    files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    locations = {}
+    for i, v in tables.get("FileLocations", {}).items():
+        f = re.search(r"file_name_id=(\d+)", v)
+        g = re.search(r"function_name_id=(\d+)", v)
+        locations[i] = (
+            files.get(int(f.group(1)), "").strip('"') if f else "",
+            functions.get(int(g.group(1)), "").strip('"') if g else "",
+        )
+    frames = {}
+    for i, v in tables.get("StackFrames", {}).items():
+        loc = re.search(r"file_location_id=(\d+)", v)
+        parent = re.search(r"parent_frame_id=(\d+)", v)
+        frames[i] = (int(loc.group(1)) if loc else 0, int(parent.group(1)) if parent else 0)
+    stacks = {}
+    for i in frames:
+        stack, j = [], i
+        while j in frames and len(stack) < 256:
+            loc, parent = frames[j]
+            stack.append(locations.get(loc, ("", "")))
+            # HLO text prints a frame's parent as its id + 1 (0: none).
+            j = parent - 1
+        stacks[i] = tuple(stack)
+    return stacks
 
 
 def parse_module(text: str) -> Module:
@@ -241,7 +289,7 @@ def parse_module(text: str) -> Module:
         computations[current].append(Instruction(name, op.group(1), shape, operands, tail[close:]))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
-    return Module(computations, entry)
+    return Module(computations, entry, _stacks(text))
 
 
 @dataclasses.dataclass
@@ -259,6 +307,7 @@ class Row:
     written: dict[int, int]
     flops: float
     count: int = 1
+    stack: tuple[tuple[str, str], ...] = ()
 
     @property
     def hbm_bytes(self) -> int:
@@ -348,7 +397,8 @@ def instruction_rows(module: Module, computation: str | None = None, count: int 
         if not ins.opcode.endswith("-start"):
             _add(written, ins.arrays)
         flops = _flops_of(ins, shapes) + sum(_fused_flops(module, c) for c in ins.called("calls"))
-        rows.append(Row(ins.name, ins.opcode, ins.op_name, read, written, flops, count))
+        stack = module.stacks.get(ins.stack_frame, ())
+        rows.append(Row(ins.name, ins.opcode, ins.op_name, read, written, flops, count, stack))
     return rows
 
 

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import pytest
 from helpers import ROOT, subprocess_env
 
+from fgtbt_jax import attribution, traffic
 from fgtbt_jax import compiled as compiled_figures
-from fgtbt_jax import traffic
 
 MiB = 2**20
 
@@ -159,3 +159,75 @@ def test_tpu_convolutions(tpu_programs, name, weight):
     # The compiled convolution computes 17 rows for every 16 (window blocks of the output).
     per_tap = 128 if name == "conv" else 1
     assert p["matmul_flops"] == 2 * 4 * 128 * 128 * 128 * 9 * per_tap * 17 / 16
+
+
+def _row(op_name: str, stack: tuple = (), hbm: int = 0) -> traffic.Row:
+    return traffic.Row("i", "fusion", op_name, {0: hbm}, {}, 0.0, 1, stack)
+
+
+@pytest.mark.parametrize(
+    "op_name, stack, expected",
+    [
+        (
+            "jit(train_step)/jvp(FGTBT)/backbone/patch_embed1/proj/conv_general_dilated",
+            (),
+            ("stem: patch_embed1", "forward"),
+        ),
+        (
+            "jit(train_step)/transpose(jvp(FGTBT))/backbone/block2_1/mlp/dwconv/dwconv/conv",
+            (),
+            ("stage 2 depthwise conv", "backward"),
+        ),
+        (
+            "jit(train_step)/transpose(jvp(FGTBT))/backbone/block3_0/mlp/fc1/dot_general",
+            (),
+            ("stage 3 Mix-FFN", "backward"),
+        ),
+        (
+            "jit(train_step)/jvp(FGTBT)/backbone/prompt_generator/lightweight_mlp4_1_0/dot",
+            (),
+            ("stage 4 prompt branch", "forward"),
+        ),
+        (
+            "jit(train_step)/jvp(FGTBT)/backbone/prompt_generator/shared_csam1/mul",
+            (),
+            ("stage 1 prompt CSAM", "forward"),
+        ),
+        (
+            "jit(train_step)/jvp(FGTBT)/backbone/prompt_generator/fft",
+            (("/x/fgtbt_jax/models/backbone.py", "high_pass"),),
+            ("FFT high-pass", "forward"),
+        ),
+        (
+            "jit(train_step)/mul",
+            (("/x/fgtbt_jax/train/optim.py", "ema_update"), ("/x/step.py", "train_step")),
+            ("EMA", "update"),
+        ),
+        (
+            "jit(train_step)/add",
+            (("/x/site-packages/optax/_src/transform.py", "update_fn"),),
+            ("optimizer", "update"),
+        ),
+        (
+            "jit(train_step)/jvp(FGTBT)/decode_head/linear_fuse_conv/conv",
+            (),
+            ("decoder", "forward"),
+        ),
+    ],
+)
+def test_parts(op_name, stack, expected):
+    row = _row(op_name, stack)
+    assert (attribution.part(row), attribution.direction(row.op_name)) == expected
+
+
+def test_by_part_sums():
+    rows = [
+        _row("jit(f)/jvp(M)/decode_head/a", hbm=3),
+        _row("jit(f)/jvp(M)/decode_head/b", hbm=4),
+        _row("jit(f)/transpose(jvp(M))/decode_head/c", hbm=10),
+    ]
+    parts = attribution.by_part(rows)
+    assert [(p.direction, p.hbm_bytes, p.instructions) for p in parts] == [
+        ("backward", 10, 1),
+        ("forward", 7, 2),
+    ]
