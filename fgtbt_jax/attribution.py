@@ -3,9 +3,9 @@
 Each top-level instruction of the traffic model (:mod:`fgtbt_jax.traffic`) is named by its
 HLO metadata: ``op_name`` carries the Flax module path (``…/backbone/block2_0/attn/…``) and
 JAX's transformations — ops of the backward pass carry ``transpose(jvp(…))`` — and the
-instruction's Python stack names code outside modules (the loss, the optimizer, the EMA, the
-FFT high-pass). A part is the first rule of :data:`PARTS` whose pattern matches
-``op_name | file:function …``; an instruction that XLA fused from several parts counts wholly
+instruction's innermost recorded Python frame names code outside modules (the loss, the
+optimizer, the EMA, the FFT high-pass). A part is the first rule of :data:`PARTS` whose pattern
+matches ``op_name | file:function``; an instruction that XLA fused from several parts counts wholly
 for the part that names the fusion (its root op).
 """
 
@@ -23,27 +23,29 @@ from fgtbt_jax import traffic
 # (label, pattern) in order; the label's {1}, {2} take the pattern's groups.
 PARTS: tuple[tuple[str, str], ...] = (
     ("EMA", r":ema_update\b"),
-    ("optimizer", r"optax/|/train/optim\.py:"),
     ("heatmap targets", r":render_heatmaps\b"),
     ("loss", r"/train/loss\.py:"),
     ("FFT high-pass", r":high_pass(_dft)?\b"),
     ("stem: patch_embed1", r"/backbone/patch_embed1/"),
-    ("stem: prompt handcrafted_generator1", r"/prompt_generator/handcrafted_generator1/"),
+    ("stem: prompt handcrafted_generator1", r"/prompt_generator[.\w]*/handcrafted_generator1/"),
     ("stage {1} patch embed", r"/backbone/patch_embed(\d)/"),
-    ("stage {1} prompt CSAM", r"/prompt_generator/shared_csam(\d)/"),
-    ("stage {1} prompt handcrafted", r"/prompt_generator/handcrafted_generator(\d)/"),
+    ("stage {1} prompt CSAM", r"/prompt_generator[.\w]*/shared_csam(\d)/"),
+    ("stage {1} prompt handcrafted", r"/prompt_generator[.\w]*/handcrafted_generator(\d)/"),
     (
         "stage {2} prompt branch",
-        r"/prompt_generator/(embedding_generator|lightweight_mlp|shared_mlp|bn|conv)(\d)",
+        r"/prompt_generator[.\w]*/(embedding_generator|lightweight_mlp|shared_mlp|bn|conv)(\d)",
     ),
     ("stage {1} attention", r"/backbone/block(\d)_\d+/attn/"),
     ("stage {1} depthwise conv", r"/backbone/block(\d)_\d+/mlp/dwconv/"),
     ("stage {1} Mix-FFN", r"/backbone/block(\d)_\d+/mlp/"),
     ("stage {1} block norms, residual", r"/backbone/block(\d)_\d+/"),
     ("stage {1} norm", r"/backbone/norm(\d)/"),
-    ("prompt branch (other)", r"/prompt_generator/"),
+    ("prompt branch (other)", r"/prompt_generator[.\w]*/"),
     ("decoder", r"/decode_head/"),
     ("backbone (other)", r"/backbone/"),
+    # Left in the step itself: optax's update (its frames are not recorded) and the metrics.
+    ("optimizer", r"optax/|/train/optim\.py:|/train/step\.py:\S*train_step$"),
+    ("parameter layout copies", r"^state\.(params|batch_stats)"),
 )
 
 
@@ -59,7 +61,8 @@ def direction(op_name: str) -> str:
 
 def part(row: traffic.Row, parts: Sequence[tuple[str, str]] = PARTS) -> str:
     """The model part of one instruction (``other`` when no rule matches)."""
-    key = row.op_name + " | " + " ".join(f"{f}:{fn}" for f, fn in row.stack)
+    file, function = row.stack[0] if row.stack else ("", "")
+    key = f"{row.op_name} | {file}:{function}"
     for label, pattern in parts:
         m = re.search(pattern, key)
         if m:

@@ -27,7 +27,8 @@ writes). It is a fusion-boundary count, not a simulation: on-chip bytes are list
 charged to HBM bandwidth.
 
 FLOPs per instruction count only the matrix units' work: ``2 · output elements · contraction
-size`` of every ``dot`` and ``convolution``, also inside fusions; elementwise work is not
+size`` of every ``dot`` and ``convolution``, also inside fusions (a convolution's window taps
+that fall on ``lhs_dilate`` holes are not counted; taps on padding are); elementwise work is not
 counted (XLA's ``cost_analysis()["flops"]`` includes it, so it is somewhat larger).
 """
 
@@ -345,7 +346,13 @@ def _flops_of(ins: Instruction, shapes: dict[str, list[Array]]) -> float:
         m = re.search(r"dim_labels=\w+_(\w+)->\w+", ins.attributes)
         if rhs and m:
             features_out = rhs[0].dims[m.group(1).index("o")]
-            return 2.0 * math.prod(out[0].dims) * math.prod(rhs[0].dims) / features_out
+            taps = math.prod(rhs[0].dims) / features_out
+            # An input gradient's lhs_dilate holes are zeros: per output, 1/∏dilation of the
+            # window's taps meet data.
+            dilate = re.search(r"lhs_dilate=([\dx]+)", ins.attributes)
+            if dilate:
+                taps /= math.prod(int(d) for d in dilate.group(1).split("x"))
+            return 2.0 * math.prod(out[0].dims) * taps
     return 0.0
 
 

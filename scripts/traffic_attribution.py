@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
     result = attribution.report(traffic.of_hlo(text), xla_cost)
     result["setup"] = {
         "preset": config.preset,
-        "target": _TARGET.value,
+        "target": None if _HLO.value else _TARGET.value,
         "batch_per_device": _BATCH.value,
         "dtype": dtype,
         "sharding": "fsdp" if fsdp else "data_parallel",

@@ -15,7 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import ROOT, subprocess_env
+from helpers import ROOT, run_script, subprocess_env
 
 from fgtbt_jax import attribution, traffic
 from fgtbt_jax import compiled as compiled_figures
@@ -205,7 +205,7 @@ def _row(op_name: str, stack: tuple = (), hbm: int = 0) -> traffic.Row:
         ),
         (
             "jit(train_step)/add",
-            (("/x/site-packages/optax/_src/transform.py", "update_fn"),),
+            (("/x/fgtbt_jax/train/step.py", "make_train_step.<locals>.train_step"),),
             ("optimizer", "update"),
         ),
         (
@@ -231,3 +231,48 @@ def test_by_part_sums():
         ("backward", 10, 1),
         ("forward", 7, 2),
     ]
+
+
+def test_attribution_script_tiny(tmp_path):
+    # The tiny preset's train step compiled for two CPU devices (one compile, no libtpu).
+    out = tmp_path / "traffic.json"
+    proc = run_script(
+        "scripts/traffic_attribution.py",
+        "--config",
+        "configs/fgtbt.py:tiny",
+        "--target",
+        "cpu:2",
+        "--batch_per_device",
+        "2",
+        "--json",
+        str(out),
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    totals, parts = result["totals"], result["parts"]
+    assert "| 1 |" in proc.stdout and "hbm_bytes" in proc.stdout
+    assert sum(p["hbm_bytes"] for p in parts) == totals["hbm_bytes"] > 0
+    assert totals["on_chip_bytes"] == 0  # CPU programs have no on-chip memory space
+    assert totals["xla_bytes_accessed"] > 0 and totals["xla_flops"] > 0
+    # XLA's count adds elementwise work but leaves out convolution taps on padding.
+    assert 0.8 * totals["xla_flops"] < totals["matmul_flops"] < 1.1 * totals["xla_flops"]
+    seen = {(p["part"], p["direction"]) for p in parts}
+    for key in [
+        ("stem: patch_embed1", "forward"),
+        ("stem: patch_embed1", "backward"),
+        ("stem: prompt handcrafted_generator1", "backward"),
+        ("FFT high-pass", "forward"),
+        ("decoder", "backward"),
+        ("loss", "forward"),
+        ("heatmap targets", "forward"),
+        ("optimizer", "update"),
+        ("EMA", "update"),
+        *[(f"stage {s} {what}", "backward") for s in "1234" for what in ("attention",)],
+        *[(f"stage {s} depthwise conv", "forward") for s in "1234"],
+        ("stage 1 prompt CSAM", "forward"),
+    ]:
+        assert key in seen, key
+    # Little is left unattributed.
+    other = sum(p["hbm_bytes"] for p in parts if p["part"] == "other")
+    assert other < 0.05 * totals["hbm_bytes"]
