@@ -40,7 +40,11 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sharding.maybe_initialize_distributed()  # before any other JAX call
     enable_x64_if_requested(_CONFIG.value.model)  # before any array is created
-    code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except trainer.BatchShapeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if code:
         sys.exit(code)
 
