@@ -116,7 +116,7 @@ def summary_line(summary: dict) -> str:
 
 
 def write_summary(workdir: pathlib.Path, summary: dict) -> pathlib.Path:
-    """Writes ``WORKDIR/goodput.json``; returns its path."""
+    """Writes ``summary`` (plus any extra keys the trainer adds) to ``WORKDIR/goodput.json``."""
     path = pathlib.Path(workdir) / GOODPUT_FILE
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path

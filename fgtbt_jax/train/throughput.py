@@ -94,6 +94,13 @@ class StepCost:
         mfu = per_device / self.peak_flops_per_device if self.peak_flops_per_device else None
         return {"tflops_per_device": per_device / 1e12, "mfu": mfu}
 
+    def record(self) -> dict[str, float | int | str | None]:
+        """The figures as a JSON-ready dict (with ``flops_per_image``)."""
+        per_image = None
+        if self.flops_per_step is not None:
+            per_image = self.flops_per_step / self.global_batch
+        return {**dataclasses.asdict(self), "flops_per_image": per_image}
+
     def line(self) -> str:
         """One log line: FLOPs per step and per image, and the peak MFU is measured against."""
         if self.flops_per_step is None:

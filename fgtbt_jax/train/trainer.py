@@ -452,6 +452,8 @@ def train_and_evaluate(
         step = pretrained.export_ema_pth(workdir, path, config)
         info(f"exported EMA weights of step {step} to {path}")
     summary = clock.summary()
+    if cost is not None:
+        summary["train_step"] = cost.record()
     info(("preempted, " if exit_code else "") + goodput.summary_line(summary))
     if jax.process_index() == 0:
         goodput.write_summary(workdir, summary)
