@@ -21,7 +21,7 @@ HOSTS = ("first", "all")
 
 class ProfileWindow:
     """The trace window of one run; call :meth:`before_step` / :meth:`after_step` around each
-    step and :meth:`close` at the end (stops a trace cut short by preemption)."""
+    step inside ``with window:`` (which stops a trace cut short by preemption or an error)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         p = config.get("profile") or ml_collections.ConfigDict()
@@ -58,6 +58,12 @@ class ProfileWindow:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+
+    def __enter__(self) -> ProfileWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def runs(self) -> list[pathlib.Path]:
         """The trace directories ``WORKDIR/plugins/profile/<run>`` written so far."""

@@ -387,59 +387,56 @@ def train_and_evaluate(
     window_steps, rate_logged = 0, False
     exit_code = 0
     clock.loop_started()
-    try:
-        with checkpointing.PreemptionHandler() as preemption:
-            for step in range(start + 1, total + 1):
-                if compiled is not None:
-                    profile.before_step(step, state)
-                with clock.measure("input_wait"):
-                    local = next(batches)
-                batch = global_batch_at(local)
-                if compiled is None:  # compile once, report what it needs, train with it
-                    compiled, cost = _compile(step_fn, state, batch, clock, mesh, config)
-                    profile.before_step(step, state)
-                state, metrics = compiled(state, batch)
-                window_steps += 1
-                if profile.after_step(step, (state, metrics)):
-                    info(f"profiled steps {profile.first}-{step} into {profile.runs()[-1]}")
-                progress.add(step, metrics)
-                if report_progress is not None:
-                    report_progress(step)
+    with checkpointing.PreemptionHandler() as preemption, profile:
+        for step in range(start + 1, total + 1):
+            if compiled is not None:
+                profile.before_step(step, state)
+            with clock.measure("input_wait"):
+                local = next(batches)
+            batch = global_batch_at(local)
+            if compiled is None:  # compile once, report what it needs, train with it
+                compiled, cost = _compile(step_fn, state, batch, clock, mesh, config)
+                profile.before_step(step, state)
+            state, metrics = compiled(state, batch)
+            window_steps += 1
+            if profile.after_step(step, (state, metrics)):
+                info(f"profiled steps {profile.first}-{step} into {profile.runs()[-1]}")
+            progress.add(step, metrics)
+            if report_progress is not None:
+                report_progress(step)
 
-                preempted = preemption.should_stop(step)
-                if step % int(config.log_every) == 0 or step in (start + 1, total) or preempted:
-                    values = progress.flush()
-                    values.update(clock.window(window_steps))
-                    values.update(cost.window(values["step_time_s"]))
-                    window_steps = 0
-                    writer.write_train(step, values)
-                    info(progress.line(step, values))
-                    if not rate_logged and start + 1 < step < total and not preempted:
-                        rate_logged = True  # once, after the warm-up window
-                        with clock.measure("input_wait"):
-                            batches, delivered = goodput.measure_delivery(
-                                batches, min(goodput.RATE_BATCHES, total - step)
-                            )
-                        _log_input_rate(delivered, len(local["dataset_id"]), values)
-                eval_metrics = None
-                if evaluator is not None and (step % int(config.eval_every) == 0 or step == total):
-                    eval_metrics = evaluate(step)
-                if (
-                    step % int(config.checkpoint_every) == 0
-                    or step == total
-                    or preempted
-                    or eval_metrics is not None
-                ):
-                    progress.flush()  # never checkpoint a state whose loss went non-finite
-                    save(eval_metrics)
-                if preempted:
-                    with clock.measure("checkpoint"):
-                        ckpt.wait()
-                    info(f"preempted: saved step {step}; rerun to resume")
-                    exit_code = PREEMPTED_EXIT_CODE
-                    break
-    finally:
-        profile.stop()
+            preempted = preemption.should_stop(step)
+            if step % int(config.log_every) == 0 or step in (start + 1, total) or preempted:
+                values = progress.flush()
+                values.update(clock.window(window_steps))
+                values.update(cost.window(values["step_time_s"]))
+                window_steps = 0
+                writer.write_train(step, values)
+                info(progress.line(step, values))
+                if not rate_logged and start + 1 < step < total and not preempted:
+                    rate_logged = True  # once, after the warm-up window
+                    with clock.measure("input_wait"):
+                        batches, delivered = goodput.measure_delivery(
+                            batches, min(goodput.RATE_BATCHES, total - step)
+                        )
+                    _log_input_rate(delivered, len(local["dataset_id"]), values)
+            eval_metrics = None
+            if evaluator is not None and (step % int(config.eval_every) == 0 or step == total):
+                eval_metrics = evaluate(step)
+            if (
+                step % int(config.checkpoint_every) == 0
+                or step == total
+                or preempted
+                or eval_metrics is not None
+            ):
+                progress.flush()  # never checkpoint a state whose loss went non-finite
+                save(eval_metrics)
+            if preempted:
+                with clock.measure("checkpoint"):
+                    ckpt.wait()
+                info(f"preempted: saved step {step}; rerun to resume")
+                exit_code = PREEMPTED_EXIT_CODE
+                break
     clock.loop_ended()
 
     with clock.measure("checkpoint"):

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
+from helpers import ROOT, subprocess_env
 from toy_model import build_toy, toy_config
 
 from fgtbt_jax import compiled as compiled_figures
@@ -123,3 +126,29 @@ def test_batch_that_cannot_split_fails_before_any_work(tmp_path):
     config = toy_config(**{"sharding.num_devices": 4, "data.batch_per_dataset": 3})
     mesh = sharding.make_mesh(4)
     assert trainer.check_batch(config, mesh) == 12
+
+
+def test_script_says_what_to_set_for_a_pod(tmp_path):
+    """scripts/train.py on 8 devices with the release's 1 image per dataset: one `error:` line
+    naming data.batch_per_dataset, exit 2, no traceback, nothing written."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/train.py",
+            "--config",
+            "configs/fgtbt.py:release",
+            "--workdir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "global batch of 4 images" in errors[0] and "8 devices" in errors[0]
+    assert "--config.data.batch_per_dataset=2" in errors[0]
+    assert not (tmp_path / "run").exists()
