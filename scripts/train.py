@@ -8,6 +8,9 @@ Any config field can be overridden (``--config.optim.lr=1e-4``). ``--config.data
 ``demo`` (default; the bundled synthetic face set, prepared on first use), ``official`` (TFDS
 datasets of the official files) or ``synthetic`` (in-memory batches, no TensorFlow).
 
+``--config.profile.num_steps=N`` traces N steps for TensorBoard's profile tab; step timing,
+TFLOP/s, MFU and the goodput summary are described in docs/observability.md.
+
 The loop is :func:`fgtbt_jax.train.trainer.train_and_evaluate` (WORKDIR layout, resumption and
 preemption are described there). SIGTERM (preemption) saves a checkpoint and exits with 143.
 

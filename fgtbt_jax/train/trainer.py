@@ -6,8 +6,10 @@ managers, restores, evaluation, the EMA export's restore) runs on all of them. P
 writes host-local files: the JSON-lines metrics, TensorBoard events and the exported ``.pth``.
 
 WORKDIR layout: ``checkpoints/`` (orbax; see :mod:`fgtbt_jax.train.checkpointing`),
-``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see :mod:`fgtbt_jax.train.writers`) and, at the
-end, ``config.export_pth``. A rerun with the same WORKDIR resumes from the latest checkpoint.
+``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see :mod:`fgtbt_jax.train.writers`), a profile
+window's trace in ``plugins/profile/`` (:mod:`fgtbt_jax.train.profiler`) and, at the end,
+``config.export_pth`` and ``goodput.json`` (:mod:`fgtbt_jax.train.goodput`; step timing, FLOPs
+and MFU: docs/observability.md). A rerun with the same WORKDIR resumes from the latest checkpoint.
 SIGTERM (preemption) makes every process save the same step and return
 :data:`PREEMPTED_EXIT_CODE`.
 """
