@@ -72,6 +72,10 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     out, err = interrupted.communicate(timeout=240)
     assert interrupted.returncode == 143, err[-5000:]
     assert "preempted: saved step 3" in out, out
+    # The goodput summary of the preempted run: logged, and its parts add up to its wall time.
+    assert "preempted, goodput" in out, out
+    summary = json.loads((cut / "goodput.json").read_text())
+    assert abs(sum(summary["parts_s"].values()) - summary["wall_s"]) < 1.0, summary
     # Steps 2 (regular) and 3 (on SIGTERM; checkpoint_every = 2) exist, nothing later.
     with checkpointing.Checkpointer(cut) as ckpt:
         assert ckpt.all_steps() == [2, 3]
