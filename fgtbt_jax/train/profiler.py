@@ -36,25 +36,39 @@ class ProfileWindow:
         self.enabled = self.num_steps > 0 and (hosts == "all" or jax.process_index() == 0)
         self.logdir = pathlib.Path(workdir)
         self.active = False
+        self._step: Any = None  # the open StepTraceAnnotation
 
     def before_step(self, step: int, state: Any) -> bool:
-        """Starts the trace before ``step`` if it opens the window; True if it did."""
-        if not self.enabled or self.active or step != self.first:
-            return False
-        jax.block_until_ready(state)  # the previous step is not part of the window
-        jax.profiler.start_trace(str(self.logdir))
-        self.active = True
-        return True
+        """Starts the trace before ``step`` if it opens the window, and marks the step in the
+        trace (xprof's step-time view); True if it started the trace."""
+        started = False
+        if self.enabled and not self.active and step == self.first:
+            jax.block_until_ready(state)  # the previous step is not part of the window
+            jax.profiler.start_trace(str(self.logdir))
+            self.active = started = True
+        if self.active:
+            self._step = jax.profiler.StepTraceAnnotation("train", step_num=step)
+            self._step.__enter__()
+        return started
 
     def after_step(self, step: int, outputs: Any) -> bool:
-        """Stops the trace after ``step`` if it closes the window; True if it did."""
-        if not self.active or step < self.last:
+        """Ends the step's mark; stops the trace after ``step`` if it closes the window (True)."""
+        if not self.active:
+            return False
+        if step < self.last:
+            self._end_step()
             return False
         jax.block_until_ready(outputs)
         self.stop()
         return True
 
+    def _end_step(self) -> None:
+        if self._step is not None:
+            self._step.__exit__(None, None, None)
+            self._step = None
+
     def stop(self) -> None:
+        self._end_step()
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
