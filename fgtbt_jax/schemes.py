@@ -430,7 +430,9 @@ def extend_head(
             )
         key, sub = jax.random.split(key)
         shape = old.shape[:-1] + (n_new - n_old,)
-        if path[-1] == "kernel":
+        if not new:
+            extra = old[..., :0]
+        elif path[-1] == "kernel":
             extra = nn.initializers.lecun_normal()(sub, shape, old.dtype)
         else:
             extra = jnp.zeros(shape, old.dtype)

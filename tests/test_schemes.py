@@ -235,3 +235,11 @@ def test_extend_rejects_a_wider_checkpoint(demo):
     variables = {"params": {"decode_head": {"conv2": {"kernel": np.zeros((3, 3, 8, 133))}}}}
     with pytest.raises(schemes.SchemeError, match="conv2/kernel has 133 channels"):
         schemes.extend_head(variables, u)
+
+
+def test_extend_without_new_points_is_the_identity():
+    kernel = np.arange(3 * 3 * 2 * 124, dtype=np.float32).reshape(3, 3, 2, 124)
+    variables = {"params": {"decode_head": {"conv2": {"kernel": kernel}}}}
+    out, report = schemes.extend_head(variables, schemes.derive(("300W",)))
+    np.testing.assert_array_equal(out["params"]["decode_head"]["conv2"]["kernel"], kernel)
+    assert report.fresh == [] and report.copied == []
