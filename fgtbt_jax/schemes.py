@@ -325,12 +325,13 @@ class UnifiedSet:
 
 def derive(datasets: Sequence[str], schemes: Sequence[Scheme] = ()) -> UnifiedSet:
     """The unified set of a run over ``datasets`` (built-in names or names of ``schemes``)."""
-    by_name = {s.name: s for s in schemes}
-    if len(by_name) != len(schemes):
-        raise SchemeError(
-            "two schemes share the name "
-            f"{next(n for n in by_name if [s.name for s in schemes].count(n) > 1)!r}"
-        )
+    by_name: dict[str, Scheme] = {}
+    for s in schemes:
+        if s.name in by_name:
+            raise SchemeError(
+                f"{s.source}: scheme name {s.name!r} is also {by_name[s.name].source}"
+            )
+        by_name[s.name] = s
     if not datasets:
         raise SchemeError("a run needs at least one dataset")
     if len(set(datasets)) != len(datasets):
@@ -375,6 +376,20 @@ def derive(datasets: Sequence[str], schemes: Sequence[Scheme] = ()) -> UnifiedSe
         counts=mask.sum(axis=0).astype(np.int32),
         init_from=init_from,
     )
+
+
+def run_datasets(datasets: Sequence[str]) -> tuple[str, ...]:
+    """A run's dataset order (= dataset ids): the built-in ones in ``landmarks.DATASETS`` order,
+    as the input pipeline orders them today, then the others in the given order."""
+    builtin = [d for d in landmarks.DATASETS if d in datasets]
+    return (*builtin, *(d for d in datasets if d not in landmarks.DATASET_ID))
+
+
+def unified_set_of(data_config: Mapping[str, Any]) -> UnifiedSet:
+    """The :class:`UnifiedSet` of ``config.data``: ``datasets`` and the scheme files of
+    ``schemes`` (absent = none), datasets ordered by :func:`run_datasets`."""
+    paths = tuple(data_config.get("schemes", ()))
+    return derive(run_datasets(tuple(data_config["datasets"])), [load_scheme(p) for p in paths])
 
 
 @dataclasses.dataclass

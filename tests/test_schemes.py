@@ -179,11 +179,25 @@ def test_file_errors(tmp_path):
         schemes.load_scheme(tmp_path / "missing.json")
 
 
+def test_unified_set_of_a_config():
+    config = fgtbt.get_config("tiny")
+    config.data.datasets = ("300W", "AFLW", "COFW", "WFLW")
+    u = schemes.unified_set_of(config.data)
+    assert u.datasets == landmarks.DATASETS
+    np.testing.assert_array_equal(u.mask, landmarks.annotation_mask())
+    config.data.datasets = ("MY19", "WFLW")
+    config.data.schemes = (str(DEMO),)
+    u = schemes.unified_set_of(config.data)
+    assert u.datasets == ("WFLW", "MY19") and u.num_channels == 133
+
+
 def test_run_errors(demo):
     with pytest.raises(schemes.SchemeError, match="unknown dataset 'MY20'"):
         schemes.derive(("300W", "MY20"), [demo])
     with pytest.raises(schemes.SchemeError, match="listed twice"):
         schemes.derive(("300W", "300W"))
+    with pytest.raises(schemes.SchemeError, match="scheme name 'MY19' is also"):
+        schemes.derive(("MY19",), [demo, demo])
 
 
 # --- extending a 124-channel checkpoint -----------------------------------------------------
