@@ -48,11 +48,9 @@ from typing import Any
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from fgtbt_jax import compiled as compiled_figures
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 FRAMEWORKS = ("jax", "torch-eager", "torch-compile", "onnxruntime")
 MODES = ("train", "eval", "eval_flip")

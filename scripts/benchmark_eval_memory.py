@@ -25,7 +25,6 @@ import time
 from absl import app, flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 _SIZES = flags.DEFINE_list("sizes", ["200", "2000"], "Test-set sizes (images).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/fgtbt_eval_memory", "Data folder.")

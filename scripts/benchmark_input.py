@@ -23,8 +23,6 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:preset).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 50, "Timed batches.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed batches first.")

@@ -30,10 +30,9 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WIDTH, HEIGHT, FPS = 720, 540, 25.0
 PAN = (2, 1)

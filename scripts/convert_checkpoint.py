@@ -14,18 +14,15 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-
-from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables  # noqa: E402
+from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables
 from fgtbt_jax.porting import (
     convert,
     pretrained,
-    pth,  # noqa: E402
+    pth,
 )
 
 _CONFIG = config_flags.DEFINE_config_file(

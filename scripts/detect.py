@@ -43,17 +43,15 @@ import pathlib
 import sys
 import time
 
+import cv2
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fgtbt_jax import landmarks, transforms  # noqa: E402
+from fgtbt_jax import landmarks, transforms
 from fgtbt_jax.inference import detector, smoothing, tracking, video
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 SCHEMES = (*landmarks.DATASETS, "unified")

@@ -17,12 +17,9 @@ file and row. A failed run leaves no prepared dataset behind.
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
 from absl import app, flags
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 _DATASET = flags.DEFINE_enum(
     "dataset", None, ["wflw", "300w", "cofw", "aflw", "pts_folder", "demo"], "Dataset to prepare."

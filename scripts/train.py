@@ -17,10 +17,7 @@ Multi-host: every host runs this script; ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_
 
 from __future__ import annotations
 
-import pathlib
 import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging
 from ml_collections import config_flags
