@@ -34,6 +34,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from fgtbt_jax import errors
 from fgtbt_jax.train import aot
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -220,4 +221,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    errors.run(main)

@@ -49,6 +49,7 @@ from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 from fgtbt_jax import compiled as compiled_figures
+from fgtbt_jax import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -591,4 +592,4 @@ def _write_json(path: str, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -22,7 +22,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from fgtbt_jax import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -121,4 +123,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -23,6 +23,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from fgtbt_jax import errors
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:preset).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 50, "Timed batches.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed batches first.")
@@ -81,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from fgtbt_jax import errors
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WIDTH, HEIGHT, FPS = 720, 540, 25.0
@@ -218,4 +220,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.exit_on_error(main))

@@ -45,10 +45,10 @@ import time
 
 import cv2
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from fgtbt_jax import landmarks, transforms
+from fgtbt_jax import errors, landmarks, transforms
 from fgtbt_jax.inference import detector, smoothing, tracking, video
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -333,4 +333,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    errors.run(main)

@@ -30,7 +30,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from fgtbt_jax import landmarks
+from fgtbt_jax import errors, landmarks
 from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports
 from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 from fgtbt_jax.train import sharding
@@ -127,4 +127,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -25,6 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import fgtbt_jax
+from fgtbt_jax import errors
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.export import function, stablehlo, verify
 
@@ -120,4 +121,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

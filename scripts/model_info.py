@@ -9,9 +9,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from fgtbt_jax import errors
 from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables
 from fgtbt_jax.porting import convert
 
@@ -55,4 +56,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

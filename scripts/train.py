@@ -22,6 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fgtbt_jax import errors
 from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 from fgtbt_jax.train import sharding, trainer
 
@@ -43,4 +44,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)
