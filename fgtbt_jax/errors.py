@@ -23,6 +23,10 @@ class ConfigError(Error, ValueError):
     """A config value is out of range or inconsistent with another one."""
 
 
+class InputFileError(Error, ValueError):
+    """A file given on the command line (e.g. a JSON of face boxes) is malformed."""
+
+
 # Besides Error: a path the user named that does not exist.
 USER_ERRORS: tuple[type[BaseException], ...] = (Error, FileNotFoundError)
 
