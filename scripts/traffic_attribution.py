@@ -16,14 +16,14 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from fgtbt_jax import attribution, traffic  # noqa: E402
+from fgtbt_jax import attribution, errors, traffic  # noqa: E402
 from fgtbt_jax import compiled as compiled_figures  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     if _HLO.value:
         path = pathlib.Path(_HLO.value)
         if not path.is_file():
-            raise app.UsageError(f"--hlo: no such file {path}")
+            raise FileNotFoundError(f"--hlo: no such file {path}")
         text = path.read_text()
     else:
         try:
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
                 config, _TARGET.value, batch_per_device=_BATCH.value, dtype=dtype, fsdp=fsdp
             )
         except ValueError as e:
-            raise app.UsageError(f"--target/--batch_per_device: {e}") from None
+            raise errors.ConfigError(f"--target/--batch_per_device: {e}") from None
         text = compiled.as_text()
         xla_cost = compiled_figures.cost(compiled)
         if _SAVE_HLO.value:
@@ -91,4 +91,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    errors.run(main)

@@ -276,3 +276,15 @@ def test_attribution_script_tiny(tmp_path):
     # Little is left unattributed.
     other = sum(p["hbm_bytes"] for p in parts if p["part"] == "other")
     assert other < 0.05 * totals["hbm_bytes"]
+
+
+def test_attribution_script_bad_hlo_path(tmp_path):
+    res = run_script(
+        "scripts/traffic_attribution.py",
+        "--config",
+        "configs/fgtbt.py:tiny",
+        "--hlo",
+        str(tmp_path / "missing.hlo"),
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --hlo: no such file")
