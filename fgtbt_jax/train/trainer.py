@@ -17,22 +17,22 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from fgtbt_jax import compiled as compiled_figures
 from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
 from fgtbt_jax.ops import resolve_kernels
-from fgtbt_jax.train import checkpointing, sharding, synthetic, writers
+from fgtbt_jax.train import checkpointing, sharding, writers
 from fgtbt_jax.train import state as train_state
 from fgtbt_jax.train import step as train_step
+from input_pipeline import sources
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
 
@@ -42,44 +42,6 @@ def info(message: str) -> None:
     logging.info(message)
     if jax.process_index() == 0:
         print(message, flush=True)
-
-
-# ------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------
-
-
-def prepare_data(config: ml_collections.ConfigDict) -> None:
-    """Prepares the ``demo`` datasets if missing: process 0 first, then the others.
-
-    (On a shared filesystem the others find them ready; concurrent preparation of the same
-    TFDS directory would corrupt it.)
-    """
-    if config.data.source != "demo":
-        return
-    from input_pipeline import pipeline
-
-    if jax.process_index() == 0:
-        pipeline.ensure_demo_data(config)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("fgtbt_demo_data")
-        if jax.process_index() > 0:
-            pipeline.ensure_demo_data(config)
-
-
-def train_batches(config: ml_collections.ConfigDict, start_step: int) -> Iterator[dict]:
-    """This process's rows of the global batches of steps ``start_step, start_step + 1, …``."""
-    kwargs = dict(
-        seed=int(config.seed),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        start_step=start_step,
-    )
-    if config.data.source == "synthetic":
-        return synthetic.make_train_iterator(config, **kwargs)
-    from input_pipeline import pipeline
-
-    return pipeline.make_train_iterator(config, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,7 +180,7 @@ def train_and_evaluate(
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     total = int(config.total_steps)
-    prepare_data(config)
+    data = sources.create(config)  # prepared: process 0 first, then the others
 
     # Mesh and model. stat_groups = devices: per-device BatchNorm/CSAM statistics like the
     # reference's unsynchronised data parallelism; 1: statistics over the whole global batch.
@@ -241,7 +203,7 @@ def train_and_evaluate(
         variables = initial_variables(config, init_model)
         state, _ = train_state.create_train_state(config, init_model, tx, mesh, variables=variables)
     start = int(jax.device_get(state.step))
-    global_batch = len(synthetic.dataset_ids(config))
+    global_batch = data.global_batch
     info(
         f"{'resuming at' if start else 'starting'} step {start}/{total} on {mesh.size} "
         f"device(s), {jax.process_count()} process(es); mesh {dict(mesh.shape)} of "
@@ -254,7 +216,7 @@ def train_and_evaluate(
 
     writer = writers.MetricWriter(workdir, start)
     report_progress = _report_progress(config, writer)
-    evaluator = Evaluator(config, build) if int(config.eval_every) > 0 else None
+    evaluator = Evaluator(config, build, data) if int(config.eval_every) > 0 else None
 
     def evaluate(step: int) -> dict[str, float] | None:
         """Evaluation on every process (collective); logged by process 0."""
@@ -285,7 +247,7 @@ def train_and_evaluate(
         return sharding.shard_batch({k: local[k] for k in train_step.BATCH_KEYS}, mesh)
 
     progress = Progress(total, global_batch, start)
-    batches = train_batches(config, start) if start < total else iter(())
+    batches = data.train_iterator(start) if start < total else iter(())
     compiled = None
     exit_code = 0
     with checkpointing.PreemptionHandler() as preemption:
