@@ -58,9 +58,14 @@ class Source(abc.ABC):
     ) -> None:
         self.config = config
         self.process_index, self.process_count = int(process_index), int(process_count)
-        self.global_batch = global_batch_size(config)
 
-    def prepare(self, datasets: Sequence[str]) -> None:  # noqa: B027 (nothing by default)
+    @property
+    def global_batch(self) -> int:
+        """Rows of a global batch (all processes together)."""
+        return global_batch_size(self.config)
+
+    @abc.abstractmethod
+    def prepare(self, datasets: Sequence[str]) -> None:
         """Makes ``datasets`` readable (called by :func:`create`; all processes, in turn)."""
 
     @abc.abstractmethod
@@ -96,6 +101,9 @@ class SyntheticSource(Source):
     """``config.data.source = "synthetic"``: :mod:`input_pipeline.synthetic` batches."""
 
     name = "synthetic"
+
+    def prepare(self, datasets: Sequence[str]) -> None:
+        pass  # nothing on disk
 
     def train_iterator(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         return synthetic.make_train_iterator(
