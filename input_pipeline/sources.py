@@ -207,15 +207,14 @@ def create(
     config: ml_collections.ConfigDict,
     *,
     datasets: Sequence[str] | None = None,
-    prepare: bool = True,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Source:
     """The source of ``config.data.source``, its data prepared, for this process.
 
-    ``datasets``: what to prepare (default ``config.data.datasets``). ``prepare=False`` skips
-    the preparation (it is done already). ``process_index`` / ``process_count`` default to
-    JAX's; all processes must call ``create`` (the preparation holds a barrier).
+    ``datasets``: what to prepare (default ``config.data.datasets``). ``process_index`` /
+    ``process_count`` default to JAX's; all processes must call ``create`` (the preparation
+    holds a barrier).
     """
     source_name = config.data.source
     if source_name not in SOURCES:
@@ -226,7 +225,7 @@ def create(
         source: Source = SyntheticSource(config, index, count)
     else:
         source = TfdsSource(source_name, config, index, count)
-    if prepare and source.name != "synthetic":
+    if source.name != "synthetic":
         names = tuple(config.data.datasets if datasets is None else datasets)
         if index == 0:
             source.prepare(names)
