@@ -25,19 +25,17 @@ process 0 alone writes the files.
 from __future__ import annotations
 
 import pathlib
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fgtbt_jax import errors, landmarks
+from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports
+from fgtbt_jax.models.fgtbt import enable_x64_if_requested
+from fgtbt_jax.train import sharding
 
-from fgtbt_jax import landmarks  # noqa: E402
-from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports  # noqa: E402
-from fgtbt_jax.models.fgtbt import enable_x64_if_requested  # noqa: E402
-from fgtbt_jax.train import sharding  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -122,4 +120,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -5,7 +5,7 @@ processes into one mesh, and every collective or barrier-bearing call (orbax che
 managers, restores, evaluation, the EMA export's restore) runs on all of them. Process 0 alone
 writes host-local files: the JSON-lines metrics, TensorBoard events and the exported ``.pth``.
 
-WORKDIR layout: ``checkpoints/`` (orbax; see :mod:`fgtbt_jax.train.checkpointing`),
+WORKDIR layout: ``checkpoints/`` (orbax; see :mod:`fgtbt_jax.checkpointing`),
 ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see :mod:`fgtbt_jax.train.writers`), a profile
 window's trace in ``plugins/profile/`` (:mod:`fgtbt_jax.train.profiler`) and, at the end,
 ``config.export_pth`` and ``goodput.json`` (:mod:`fgtbt_jax.train.goodput`; step timing, FLOPs
@@ -27,13 +27,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from fgtbt_jax import checkpointing, landmarks
 from fgtbt_jax import compiled as compiled_figures
-from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
 from fgtbt_jax.ops import resolve_kernels
 from fgtbt_jax.train import (
-    checkpointing,
     goodput,
     profiler,
     sharding,
