@@ -215,7 +215,7 @@ def run_jax_case(spec: dict) -> dict:
         memory_source=source,
         peak_rss_delta_bytes=_peak_rss() - rss0,
         device=f"{device.platform}:{getattr(device, 'device_kind', '')}",
-        kernels=model.kernels,
+        kernels=model.ops.NAME,
         flops_per_image=None if flops is None else flops / spec["batch"],
         backend_versions={"jax": jax.__version__},
     )
