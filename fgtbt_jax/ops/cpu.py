@@ -22,15 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fgtbt_jax.ops import xla
-from fgtbt_jax.ops.common import (
-    Dtype,
-    Padding,
-    channel_shape,
-    expand_groups,
-    group_mean,
-    param_dtype,
-)
+from fgtbt_jax.ops import common, xla
+from fgtbt_jax.ops.common import Dtype, Padding, param_dtype
 
 # XLA:CPU weakness: the jitted parameter initialisation (a threefry draw and a truncated-normal
 # transform per parameter, ~1,400 kernels for the tiny network) spends most of its compile time
@@ -79,15 +72,15 @@ def _batch_norm_train_bwd(groups, epsilon, dtype, axis, res, cts):
     axes = tuple(a for a in range(x.ndim) if a != axis)
 
     def expand(stat):
-        return expand_groups(stat, xf, groups, axis)
+        return common.expand_groups(stat, xf, groups, axis)
 
     centered = xf - expand(mean_g)
     xhat = centered * expand(rstd_g)
     d_bias = jnp.sum(gy, axis=axes)
     d_scale = jnp.sum(gy * xhat, axis=axes)
-    gxh = gy * scale.reshape(channel_shape(x, axis))  # gradient w.r.t. xhat
-    m1 = group_mean(gxh, axes, groups)  # (g, C)
-    m2 = group_mean(gxh * xhat, axes, groups)
+    gxh = gy * scale.reshape(common.channel_shape(x, axis))  # gradient w.r.t. xhat
+    m1 = common.group_mean(gxh, axes, groups)  # (g, C)
+    m2 = common.group_mean(gxh * xhat, axes, groups)
     n = x.size // (x.shape[axis] * groups)
     dx = expand(rstd_g) * (gxh - expand(m1) - xhat * expand(m2))
     # The statistics are outputs too (for the running averages); their cotangents are zero in
