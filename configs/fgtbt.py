@@ -86,9 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     c.heatmap_size = c.img_size // 2
 
-    # Data (SPEC §4). source "demo" = the bundled synthetic set (prepared on first use);
-    # "official" = TFDS datasets prepared from the official files with scripts/prepare_data.py;
-    # "synthetic" = in-memory generated batches (fgtbt_jax/train/synthetic.py; no files, no TF).
+    # Data (SPEC §4; read by input_pipeline/sources.py). source "demo" = the bundled synthetic
+    # set (prepared on first use); "official" = TFDS datasets prepared from the official files
+    # with scripts/prepare_data.py; "synthetic" = in-memory generated batches
+    # (input_pipeline/synthetic.py; no files, no TF).
     c.data = ml_collections.ConfigDict()
     c.data.source = "demo"
     c.data.data_dir = "data/tfds"  # TFDS data_dir (relative to the working directory)
@@ -153,6 +154,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_backbone = ""
     # EMA weights exported to WORKDIR/<export_pth> (release .pth layout) at the end; "" = off.
     c.export_pth = "fgtbt_ema.pth"
+
+    # jax.profiler trace of steps start_step … start_step + num_steps − 1 into
+    # WORKDIR/plugins/profile/ (TensorBoard's profile tab); hosts "first" (process 0) or "all".
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start_step = 3
+    c.profile.num_steps = 0  # 0 = off
+    c.profile.hosts = "first"
 
     c.log_every = 50
     c.checkpoint_every = 1000

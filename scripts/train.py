@@ -8,6 +8,9 @@ Any config field can be overridden (``--config.optim.lr=1e-4``). ``--config.data
 ``demo`` (default; the bundled synthetic face set, prepared on first use), ``official`` (TFDS
 datasets of the official files) or ``synthetic`` (in-memory batches, no TensorFlow).
 
+``--config.profile.num_steps=N`` traces N steps for TensorBoard's profile tab; step timing,
+TFLOP/s, MFU and the goodput summary are described in docs/observability.md.
+
 The loop is :func:`fgtbt_jax.train.trainer.train_and_evaluate` (WORKDIR layout, resumption and
 preemption are described there). SIGTERM (preemption) saves a checkpoint and exits with 143.
 
@@ -17,14 +20,12 @@ Multi-host: every host runs this script; ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_
 
 from __future__ import annotations
 
-import pathlib
 import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fgtbt_jax import errors
 from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 from fgtbt_jax.train import sharding, trainer
 
@@ -40,10 +41,14 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sharding.maybe_initialize_distributed()  # before any other JAX call
     enable_x64_if_requested(_CONFIG.value.model)  # before any array is created
-    code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except trainer.BatchShapeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if code:
         sys.exit(code)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)
