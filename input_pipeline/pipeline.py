@@ -45,7 +45,7 @@ except RuntimeError:  # already initialised by someone else; nothing to hide any
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from fgtbt_jax import landmarks, transforms  # noqa: E402
+from fgtbt_jax import errors, landmarks, transforms  # noqa: E402
 from input_pipeline import builders, demo, formats  # noqa: E402
 
 MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
@@ -244,9 +244,11 @@ def _ordered_datasets(config) -> list[str]:
     names = [builders.canonical_name(d) for d in config.data.datasets]
     for n in names:
         if n not in landmarks.DATASETS:
-            raise ValueError(f"training datasets must be among {landmarks.DATASETS}, got {n!r}")
+            raise errors.ConfigError(
+                f"training datasets must be among {landmarks.DATASETS}, got {n!r}"
+            )
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate datasets in config.data.datasets: {names}")
+        raise errors.ConfigError(f"duplicate datasets in config.data.datasets: {names}")
     return sorted(names, key=landmarks.DATASET_ID.__getitem__)
 
 
@@ -262,7 +264,7 @@ class _TrainPlan:
         bpd = int(config.data.batch_per_dataset)
         if self.sampling == "balanced":
             if bpd % self.np_:
-                raise ValueError(
+                raise errors.ConfigError(
                     f"batch_per_dataset={bpd} must be divisible by process_count={self.np_} "
                     "(every process holds the same share of every dataset)"
                 )
@@ -272,18 +274,24 @@ class _TrainPlan:
         elif self.sampling == "weighted":
             total = bpd * len(self.datasets)
             if total % self.np_:
-                raise ValueError(f"global batch {total} not divisible by {self.np_} processes")
+                raise errors.ConfigError(
+                    f"global batch {total} not divisible by {self.np_} processes"
+                )
             w = np.asarray(config.data.weights, np.float64)
             if len(w) == len(landmarks.DATASETS) and len(self.datasets) < len(w):
                 w = w[[landmarks.DATASET_ID[d] for d in self.datasets]]
             if len(w) != len(self.datasets) or np.any(w < 0) or w.sum() <= 0:
-                raise ValueError(f"config.data.weights {config.data.weights} do not fit datasets")
+                raise errors.ConfigError(
+                    f"config.data.weights {config.data.weights} do not fit datasets"
+                )
             self.weights = w / w.sum()
             self.global_b = total
             self.local_b = total // self.np_
             self.slots = [None] * self.local_b
         else:
-            raise ValueError(f"config.data.sampling must be balanced|weighted, got {self.sampling}")
+            raise errors.ConfigError(
+                f"config.data.sampling must be balanced|weighted, got {self.sampling}"
+            )
         self.batch = len(self.slots)
         self._perms: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -414,7 +422,9 @@ def _eval_indices(builder, dataset, subset) -> tuple[_Source, np.ndarray]:
     else:
         table = EVAL_SUBSETS[dataset]
         if subset not in table:
-            raise ValueError(f"{dataset} has no eval subset {subset!r}; choose from {list(table)}")
+            raise errors.ConfigError(
+                f"{dataset} has no eval subset {subset!r}; choose from {list(table)}"
+            )
         splits, attr = table[subset]
     src = _Source(builder, splits)
     idx = np.arange(len(src))

@@ -37,7 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fgtbt_jax import landmarks
+from fgtbt_jax import errors, landmarks
 from input_pipeline import synthetic
 
 SOURCES = ("synthetic", "demo", "official")
@@ -218,7 +218,9 @@ def create(
     """
     source_name = config.data.source
     if source_name not in SOURCES:
-        raise ValueError(f"config.data.source must be one of {SOURCES}, got {source_name!r}")
+        raise errors.ConfigError(
+            f"config.data.source must be one of {SOURCES}, got {source_name!r}"
+        )
     index = jax.process_index() if process_index is None else int(process_index)
     count = jax.process_count() if process_count is None else int(process_count)
     if source_name == "synthetic":

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fgtbt_jax import errors
 from fgtbt_jax import ops as ops_lib
 from fgtbt_jax.models.backbone import MixVisionTransformer
 from fgtbt_jax.models.decoder import DecodeHead
@@ -111,9 +112,9 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
     """
     m = model_config
     if m.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
+        raise errors.ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
     if m.dtype == "float64" and not jax.config.read("jax_enable_x64"):
-        raise ValueError(
+        raise errors.ConfigError(
             "model.dtype=float64 needs 64-bit JAX, which is off: call "
             "fgtbt_jax.models.fgtbt.enable_x64_if_requested(config.model) at the start of the "
             "program (the scripts do), use `with jax.enable_x64(True):`, or set JAX_ENABLE_X64=1"

@@ -18,6 +18,7 @@ import types
 import jax
 import ml_collections
 
+from fgtbt_jax import errors
 from fgtbt_jax.ops import cpu, xla
 
 KERNELS = ("auto", "xla", "cpu")
@@ -33,7 +34,7 @@ def resolve_kernels(kernels: str) -> str:
     """``model.kernels`` → ``"xla"`` or ``"cpu"`` (``"auto"``: ``"cpu"`` when JAX's default
     backend is the CPU, else ``"xla"``)."""
     if kernels not in KERNELS:
-        raise ValueError(f"model.kernels must be one of {KERNELS}, got {kernels!r}")
+        raise errors.ConfigError(f"model.kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "auto":
         return "cpu" if jax.default_backend() == "cpu" else "xla"
     return kernels
@@ -43,7 +44,9 @@ def resolve_decoder_form(decoder_form: str, kernels: str) -> str:
     """``model.decoder_form`` → ``"paper"`` or ``"fused"`` for a resolved ``kernels`` value
     (``"auto"``: ``"fused"`` with the cpu ops, ``"paper"`` with the xla ops)."""
     if decoder_form not in DECODER_FORMS:
-        raise ValueError(f"model.decoder_form must be one of {DECODER_FORMS}, got {decoder_form!r}")
+        raise errors.ConfigError(
+            f"model.decoder_form must be one of {DECODER_FORMS}, got {decoder_form!r}"
+        )
     kernel_ops(kernels)  # rejects an unresolved or unknown value
     return _DEFAULT_DECODER_FORM[kernels] if decoder_form == "auto" else decoder_form
 

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fgtbt_jax import checkpointing, landmarks
+from fgtbt_jax import checkpointing, errors, landmarks
 from fgtbt_jax import compiled as compiled_figures
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
@@ -229,7 +229,9 @@ def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | N
     from fgtbt_jax.porting import convert, pretrained, pth
 
     if config.init_checkpoint and config.init_backbone:
-        raise ValueError("set at most one of config.init_checkpoint and config.init_backbone")
+        raise errors.ConfigError(
+            "set at most one of config.init_checkpoint and config.init_backbone"
+        )
     if config.init_checkpoint:
         _, variables = pretrained.load_pretrained(config.init_checkpoint, config)
         logging.info("initialised from %s", config.init_checkpoint)
