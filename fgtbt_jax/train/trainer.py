@@ -3,19 +3,20 @@
 Every process runs the same code on its share of the data: ``jax.distributed`` joins the
 processes into one mesh, and every collective or barrier-bearing call (orbax checkpoint
 managers, restores, evaluation, the EMA export's restore) runs on all of them. Process 0 alone
-writes host-local files: the JSON-lines metrics, TensorBoard events and the exported ``.pth``.
+writes the files outside orbax: the JSON-lines metrics, TensorBoard events and the exported
+``.pth``.
 
-WORKDIR layout: ``checkpoints/`` (orbax; see :mod:`fgtbt_jax.train.checkpointing`),
-``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see :mod:`fgtbt_jax.train.writers`) and, at the
-end, ``config.export_pth``. A rerun with the same WORKDIR resumes from the latest checkpoint.
-SIGTERM (preemption) makes every process save the same step and return
-:data:`PREEMPTED_EXIT_CODE`.
+WORKDIR (local or gs://, see :mod:`fgtbt_jax.paths`) layout: ``checkpoints/`` (orbax; see
+:mod:`fgtbt_jax.train.checkpointing`), ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see
+:mod:`fgtbt_jax.train.writers`) and, at the end, ``config.export_pth``. A rerun with the same
+WORKDIR resumes from the latest checkpoint. SIGTERM (preemption) makes every process save the
+same step and return :data:`PREEMPTED_EXIT_CODE`.
 """
 
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,14 +24,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from fgtbt_jax import compiled as compiled_figures
-from fgtbt_jax import landmarks
+from fgtbt_jax import landmarks, paths
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
 from fgtbt_jax.ops import resolve_kernels
-from fgtbt_jax.train import checkpointing, sharding, synthetic, writers
+from fgtbt_jax.train import checkpointing, compile_cache, sharding, synthetic, writers
 from fgtbt_jax.train import state as train_state
 from fgtbt_jax.train import step as train_step
 
@@ -183,15 +185,16 @@ def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | N
     if config.init_checkpoint and config.init_backbone:
         raise ValueError("set at most one of config.init_checkpoint and config.init_backbone")
     if config.init_checkpoint:
-        _, variables = pretrained.load_pretrained(config.init_checkpoint, config)
+        _, variables = pretrained.load_pretrained(
+            config.init_checkpoint, config, "config.init_checkpoint"
+        )
         logging.info("initialised from %s", config.init_checkpoint)
         return variables
     if config.init_backbone:
         init_key, _ = train_state.seed_keys(int(config.seed))
         variables = init_variables(model, init_key, int(config.img_size))
-        state_dict = convert.state_dict_from_release(
-            pth.load_pth(config.init_backbone), config.init_backbone
-        )
+        path = paths.checkpoint(config.init_backbone, "config.init_backbone")
+        state_dict = convert.state_dict_from_release(pth.load_pth(path), config.init_backbone)
         variables, report = convert.import_partial(
             variables, state_dict, model, int(config.img_size)
         )
@@ -205,8 +208,20 @@ def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | N
 # ------------------------------------------------------------------------------------------
 
 
+def check_paths(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Path:
+    """The workdir as an ``epath.Path``; unsupported schemes of any run path refused at once."""
+    for flag, value, hub in (
+        ("config.init_checkpoint", config.init_checkpoint, True),
+        ("config.init_backbone", config.init_backbone, True),
+        ("config.compilation_cache_dir", config.get("compilation_cache_dir", ""), False),
+        ("config.data.data_dir", config.data.get("data_dir", ""), False),
+    ):
+        paths.check(value, flag, hub=hub)
+    return paths.resolve(workdir, "--workdir")
+
+
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, build: Callable = build_model
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, build: Callable = build_model
 ) -> int:
     """Trains to ``config.total_steps`` (resuming from WORKDIR); returns the process exit code.
 
@@ -214,7 +229,9 @@ def train_and_evaluate(
     after a preemption save. ``build(model_config, stat_groups=…)`` makes the network (tests
     pass a small stand-in). Call it on every process of a multi-process job.
     """
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = check_paths(config, workdir)
+    if config.get("compilation_cache_dir"):
+        info(f"compilation cache: {compile_cache.enable(config.compilation_cache_dir)}")
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     total = int(config.total_steps)
@@ -252,7 +269,7 @@ def train_and_evaluate(
         f"model.kernels {resolve_kernels(config.model.kernels)}"
     )
 
-    writer = writers.MetricWriter(workdir, start)
+    writer = writers.MetricWriter(workdir, start, tensorboard=config.get("tensorboard", True))
     report_progress = _report_progress(config, writer)
     evaluator = Evaluator(config, build) if int(config.eval_every) > 0 else None
 
@@ -292,7 +309,11 @@ def train_and_evaluate(
         for step in range(start + 1, total + 1):
             batch = global_batch_at(next(batches))
             if compiled is None:  # compile once, report what it needs, train with it
-                compiled = step_fn.lower(state, batch).compile()
+                with compile_cache.CacheHits() as hits:
+                    compiled = step_fn.lower(state, batch).compile()
+                if config.get("compilation_cache_dir"):
+                    how = "loaded from" if hits.count else "compiled, not found in"
+                    info(f"train step {how} the compilation cache")
                 info(_memory_line(compiled))
             state, metrics = compiled(state, batch)
             progress.add(step, metrics)
