@@ -8,13 +8,16 @@ into a local folder (``./gs:/…``). Inputs that only work on local disk go thro
 ``hf://owner/repo[/path/in/repo.pth][@revision]`` (:func:`checkpoint`): the file is fetched
 through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, revision pinning).
 
-Object stores have no append and no rename: :func:`write_bytes` writes a file whole or not at
-all (one object upload on gs://, a temporary file moved into place on local disk).
+gs:// goes through gcsfs where it is installed (the ``gcs`` extra; ``EPATH_USE_TF`` unset is
+taken as false), else through TensorFlow's client. Object stores have no append and no rename:
+:func:`write_bytes` / :func:`open_atomic` write a file whole or not at all (one object upload
+on gs://, a temporary file moved into place on local disk).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import pathlib
@@ -44,6 +47,13 @@ def is_remote(path: str | os.PathLike) -> bool:
     return scheme(path) is not None
 
 
+def _prefer_gcsfs() -> None:
+    """epath through gcsfs rather than TensorFlow's GCS client where both are installed (the
+    client the tests prove; docs/storage.md), unless ``EPATH_USE_TF`` says otherwise."""
+    if importlib.util.find_spec("gcsfs") is not None:
+        os.environ.setdefault("EPATH_USE_TF", "false")
+
+
 def resolve(path: str | os.PathLike, flag: str, *, hub: bool = False) -> epath.Path:
     """``path`` as an ``epath.Path``: local (absolute) or ``gs://``; anything else refused.
 
@@ -56,6 +66,7 @@ def resolve(path: str | os.PathLike, flag: str, *, hub: bool = False) -> epath.P
     if s is None:
         return epath.Path(os.path.abspath(os.fspath(path)))
     if s in REMOTE_SCHEMES or (hub and s == HUB_SCHEME):
+        _prefer_gcsfs()
         return epath.Path(os.fspath(path))
     allowed = ", ".join(f"{x}://" for x in REMOTE_SCHEMES + ((HUB_SCHEME,) if hub else ()))
     raise PathError(

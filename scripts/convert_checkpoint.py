@@ -3,7 +3,8 @@ r"""Converts FGTBT checkpoints between the PyTorch release layout and orbax.
   python scripts/convert_checkpoint.py --config configs/fgtbt.py:release \
       --input fgtbt_b4.pth --output /tmp/fgtbt_b4_orbax
 
-The direction follows the paths: a ``.pth`` input is written as an orbax directory, an orbax
+Paths are local or gs:// (``--input`` also hf://owner/repo[/file.pth][@revision]). The
+direction follows the paths: a ``.pth`` input is written as an orbax directory, an orbax
 directory (or a training workdir: its latest EMA weights) as a release-layout ``.pth``.
 ``--report`` imports a partial checkpoint (e.g. SegFormer's ImageNet ``mit_b4.pth``) into a freshly
 initialised model non-strictly and prints what loaded and what did not.
@@ -21,6 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
+from fgtbt_jax import paths  # noqa: E402
 from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables  # noqa: E402
 from fgtbt_jax.porting import (
     convert,
@@ -45,20 +47,22 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     enable_x64_if_requested(config.model)
-    src, dst = pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value)
+    src, dst = _INPUT.value, _OUTPUT.value
+    paths.check(src, "--input", hub=True)
+    paths.check(dst, "--output")
     if _REPORT.value:
         model = build_model(config.model)
         variables = jax.jit(lambda k: init_variables(model, k, config.img_size))(
             jax.random.key(config.seed)
         )
-        sd = convert.state_dict_from_release(pth.load_pth(src), str(src))
+        sd = convert.state_dict_from_release(pth.load_pth(paths.checkpoint(src, "--input")), src)
         variables, report = convert.import_partial(
             variables, sd, model, config.img_size, prefix=_PREFIX.value
         )
         print(report.table())
     else:
-        _, variables = pretrained.load_pretrained(src, config)
-    if dst.suffix in (".pth", ".pt"):
+        _, variables = pretrained.load_pretrained(src, config, "--input")
+    if dst.endswith((".pth", ".pt")):
         pretrained.export_pth(variables, dst, config)
     else:
         pretrained.save_variables(variables, dst)
@@ -68,6 +72,11 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         app.run(main)
-    except (convert.CheckpointMismatchError, pth.PthFormatError, FileNotFoundError) as e:
+    except (
+        convert.CheckpointMismatchError,
+        pth.PthFormatError,
+        FileNotFoundError,
+        paths.PathError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fgtbt_jax import landmarks, transforms  # noqa: E402
+from fgtbt_jax import landmarks, paths, transforms  # noqa: E402
 from fgtbt_jax.inference import detector, smoothing, tracking, video
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -232,7 +232,7 @@ def make_predictor(config) -> tuple[tracking.Network, int, tuple]:
     from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 
     enable_x64_if_requested(config.model)
-    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
+    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config, "--checkpoint")
     step = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
 
     def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -248,6 +248,16 @@ def make_predictor(config) -> tuple[tracking.Network, int, tuple]:
 
 
 def main(argv: list[str]) -> int:
+    try:  # images, videos, --boxes and --out stay on local disk; the checkpoint may not
+        for arg in argv[1:]:
+            paths.local(arg, "input", "images and videos are read from local disk")
+        paths.local(_OUT.value, "--out", "annotated images are written to local disk")
+        if _BOXES.value:
+            paths.local(_BOXES.value, "--boxes", "read from local disk")
+        paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)
+    except paths.PathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     inputs = list_images(argv[1:])
     images = [p for p in inputs if not video.is_video(p)]
     sources: list[pathlib.Path | int] = [p for p in inputs if video.is_video(p)]

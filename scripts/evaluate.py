@@ -34,7 +34,7 @@ from ml_collections import config_flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fgtbt_jax import landmarks  # noqa: E402
+from fgtbt_jax import landmarks, paths  # noqa: E402
 from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports  # noqa: E402
 from fgtbt_jax.models.fgtbt import enable_x64_if_requested  # noqa: E402
 from fgtbt_jax.train import sharding  # noqa: E402
@@ -45,9 +45,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Config, e.g. configs/fgtbt.py:release",
 )
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Release-layout .pth, state dict or orbax directory.", required=True
+    "checkpoint",
+    None,
+    "Release-layout .pth, state dict or orbax directory (local, gs:// or hf://).",
+    required=True,
 )
-_OUT = flags.DEFINE_string("out", None, "Output directory for the report.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://).", required=True)
 _PROTOCOL = flags.DEFINE_enum("protocol", "both", ("reference", "standard", "both"), "Protocol(s).")
 _DATASETS = flags.DEFINE_list("datasets", None, "Datasets (default: config.data.datasets).")
 _SUBSETS = flags.DEFINE_list("subsets", None, "Subsets (default: all of each dataset).")
@@ -67,6 +70,12 @@ def main(argv: list[str]) -> None:
     from input_pipeline import pipeline
 
     config = _CONFIG.value
+    try:  # before anything compiles
+        paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)
+        paths.check(_OUT.value, "--out")
+    except paths.PathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     enable_x64_if_requested(config.model)
     protocols = metrics.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
     datasets = _DATASETS.value or list(config.data.datasets)
@@ -81,7 +90,7 @@ def main(argv: list[str]) -> None:
         if processes > 1:
             metrics.wait_for_processes("evaluate.py_demo_data")
             pipeline.ensure_demo_data(config)  # no-op where data_dir is shared
-    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
+    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config, "--checkpoint")
     variables = evaluator.host_local(variables)
     predict = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
     acc = metrics.Accumulator(protocols)
@@ -123,9 +132,9 @@ def main(argv: list[str]) -> None:
         data_source=str(config.data.source),
     )
     if lead:  # every process has the whole report; one writes it
-        paths = reports.write_report(report, _OUT.value)
+        written = reports.write_report(report, _OUT.value)
         print(reports.format_markdown(report))
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        print("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 if __name__ == "__main__":

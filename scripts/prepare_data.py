@@ -38,6 +38,7 @@ _HELP_LAYOUT = flags.DEFINE_bool("help_layout", False, "Print the expected file 
 
 def main(argv):
     del argv
+    from fgtbt_jax import paths
     from input_pipeline import builders, formats, pipeline
 
     if _HELP_LAYOUT.value:
@@ -46,6 +47,13 @@ def main(argv):
         return 0
     if _DATASET.value is None:
         raise app.UsageError("--dataset is required")
+    try:
+        if _MANUAL_DIR.value:
+            paths.local(_MANUAL_DIR.value, "--manual_dir", "the official files are read locally")
+        paths.check(_DATA_DIR.value, "--data_dir")
+    except paths.PathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if _DATASET.value == "demo":
         size = _IMAGE_SIZE.value or None
         raw = pipeline.prepare_demo(

@@ -1,8 +1,9 @@
 """Training runs whose workdir is a gs:// URL, against a real GCS server (fake-gcs-server).
 
 The stand-in network (tests/toy_model.py) keeps compiles cheap: preemption (SIGTERM), resume,
-the compilation cache on gs:// and two processes sharing one gs:// workdir. Nothing may appear
-on local disk under a ``gs:`` folder.
+the compilation cache on gs:// and two processes sharing one gs:// workdir. The tiny preset
+through scripts/train.py checks the EMA ``.pth`` export into the bucket. Nothing may appear on
+local disk under a ``gs:`` folder.
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ import json
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
+import pytest
 from helpers import subprocess_env
 from toy_model import build_toy, toy_command, toy_config
 
+from configs import fgtbt
+from fgtbt_jax import load_pretrained
+from fgtbt_jax.models.fgtbt import build_model
+from fgtbt_jax.porting import convert
 from fgtbt_jax.train import checkpointing, sharding
 from fgtbt_jax.train import state as train_state
 
@@ -58,7 +65,9 @@ def test_sigterm_resume_and_compilation_cache_on_gcs(gcs_server, gcs_bucket, tmp
     # Every compile goes to the cache (the toy step compiles in well under a second).
     env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     go = tmp_path / "go"
-    local = _start(tmp_path, gcs_server.env, {"workdir": str(tmp_path / "local"), **NO_TB})
+    local = _start(
+        tmp_path, gcs_server.env, {"workdir": str(tmp_path / "local"), "overrides": NO_TB}
+    )
     cut = _start(
         tmp_path,
         gcs_server.env,
@@ -151,3 +160,44 @@ def test_two_processes_share_one_gcs_workdir(gcs_server, gcs_bucket, tmp_path):
     log = [json.loads(x) for x in gcs_server.read(f"{run}/metrics.jsonl").splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert not (tmp_path / "gs:").exists() and not (ROOT / "gs:").exists()
+
+
+@pytest.mark.slow  # the tiny preset's train step (the same program as test_train_script.py's)
+def test_tiny_preset_on_gcs_exports_ema_pth(gcs_server, gcs_bucket, tmp_path):
+    run = f"{gcs_bucket}/tiny"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py")]
+    cmd += ["--config", f"{ROOT}/configs/fgtbt.py:tiny", "--workdir", run]
+    cmd += [
+        "--config.data.source=synthetic",
+        "--config.data.batch_per_dataset=1",
+        "--config.total_steps=2",
+        "--config.log_every=1",
+        "--config.checkpoint_every=1",
+        "--config.eval_every=0",
+        "--config.tensorboard=false",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=subprocess_env(**gcs_server.env),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert f"exported EMA weights of step 2 to {run}/fgtbt_ema.pth" in proc.stdout, proc.stdout
+    objects = gcs_server.objects(run)
+    assert {int(n.split("/")[2]) for n in objects if n.startswith("tiny/checkpoints/")} == {1, 2}
+    assert _steps(gcs_server.read(f"{run}/metrics.jsonl").decode()) == [1, 2]
+    assert not [n for n in objects if "tmp" in n.rsplit("/", 1)[-1]], objects
+
+    # The exported .pth (read from the bucket) holds the last checkpoint's EMA weights.
+    config = fgtbt.get_config("tiny")
+    _, exported = load_pretrained(f"{run}/fgtbt_ema.pth", config)
+    model = build_model(config.model)
+    ema = checkpointing.restore_eval_variables(
+        run, convert.abstract_variables(model, config.img_size)
+    )
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(ema), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not (tmp_path / "gs:").exists()
