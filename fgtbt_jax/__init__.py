@@ -3,7 +3,8 @@
 The package tree follows the architecture: ``models/`` (the network), ``porting/`` (PyTorch
 ``.pth`` ⇄ Flax), ``train/`` (loss, optimizer, sharding, train step, checkpoints),
 ``evaluation/`` (decoding, metrics, reports), ``inference/`` (face detection and the detection
-pipeline); ``landmarks`` and ``transforms`` are the unified landmark scheme and crop geometry.
+pipeline); ``landmarks`` and ``transforms`` are the unified landmark scheme and crop geometry,
+``paths`` the run paths (local, gs://, hf:// checkpoints).
 
 The public API below is imported on first use, so numpy-only modules (``fgtbt_jax.landmarks``,
 ``fgtbt_jax.transforms``) import without JAX.

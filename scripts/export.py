@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fgtbt_jax  # noqa: E402
+from fgtbt_jax import paths  # noqa: E402
 from fgtbt_jax.evaluation import decoding  # noqa: E402
 from fgtbt_jax.export import function, stablehlo, verify  # noqa: E402
 
@@ -65,6 +66,14 @@ def main(argv: list[str]) -> None:
     size = int(config.img_size)
     if _RANDOM_INIT.value == bool(_CHECKPOINT.value):
         raise app.UsageError("give exactly one of --checkpoint and --random_init")
+    try:  # the checkpoint may be remote; the artifacts are written to local disk
+        paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)
+        paths.local(_OUT.value, "--out", "artifacts are written to local disk")
+        if _VERIFY_JSON.value:
+            paths.local(_VERIFY_JSON.value, "--verify_json", "written to local disk")
+    except paths.PathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if _RANDOM_INIT.value:
         import jax
 
@@ -73,7 +82,7 @@ def main(argv: list[str]) -> None:
         model = build_model(config.model)
         variables = init_variables(model, jax.random.PRNGKey(config.seed), size)
     else:
-        model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
+        model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config, "--checkpoint")
     fn = function.inference_fn(
         model, variables, with_flip=_WITH_FLIP.value, decode=_DECODE.value, refine=_REFINE.value
     )

@@ -101,36 +101,19 @@ def test_hub_checkpoint_through_gcs_to_evaluation(gcs_server, gcs_bucket, tmp_pa
     config = ["--config", f"{ROOT}/configs/fgtbt.py:reference_tiny"]
     out = f"{gcs_bucket}/converted"
 
+    def convert(src: str, dst: str) -> subprocess.CompletedProcess:
+        args = (*config, f"--input={src}", f"--output={dst}")
+        return _script("convert_checkpoint.py", *args, cwd=tmp_path, **env)
+
     # main has two .pth files: an unnamed file is ambiguous, the error lists them.
-    r = _script(
-        "convert_checkpoint.py",
-        *config,
-        f"--input=hf://{REPO}",
-        f"--output={out}/x.pth",
-        cwd=tmp_path,
-        **env,
-    )
+    r = convert(f"hf://{REPO}", f"{out}/x.pth")
     assert r.returncode == 1, r.stderr[-3000:]
     assert "b.pth, tiny_checkpoint.pth" in r.stderr.strip().splitlines()[-1], r.stderr[-3000:]
 
     # Pinned to the older commit, the single .pth is taken; hf:// → gs:// orbax → gs:// .pth.
-    r = _script(
-        "convert_checkpoint.py",
-        *config,
-        f"--input=hf://{REPO}@{OLD}",
-        f"--output={out}/orbax",
-        cwd=tmp_path,
-        **env,
-    )
+    r = convert(f"hf://{REPO}@{OLD}", f"{out}/orbax")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _script(
-        "convert_checkpoint.py",
-        *config,
-        f"--input={out}/orbax",
-        f"--output={out}/back.pth",
-        cwd=tmp_path,
-        **env,
-    )
+    r = convert(f"{out}/orbax", f"{out}/back.pth")
     assert r.returncode == 0, r.stderr[-3000:]
     original = pth.load_pth(checkpoint)["model"]["sd"]
     back = pth.load_pth(f"{out}/back.pth")["model"]["sd"]  # read from the bucket in-process

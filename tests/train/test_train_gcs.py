@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import subprocess_env
+from helpers import TINY_TWO_STEPS, assert_trees_close, free_port, subprocess_env
 from toy_model import build_toy, toy_command, toy_config
 
 from configs import fgtbt
@@ -121,8 +121,6 @@ def test_sigterm_resume_and_compilation_cache_on_gcs(gcs_server, gcs_bucket, tmp
 
 
 def test_two_processes_share_one_gcs_workdir(gcs_server, gcs_bucket, tmp_path):
-    from helpers import free_port
-
     overrides = {**NO_TB, "sharding.cross_device_stats": True, "total_steps": 4}
     run, port = f"{gcs_bucket}/two", str(free_port())
     procs = [
@@ -146,36 +144,18 @@ def test_two_processes_share_one_gcs_workdir(gcs_server, gcs_bucket, tmp_path):
 
     # One orbax checkpoint written together, equal to the one-process local run up to
     # float summation order (see test_train_multiprocess.py).
-    two, one = _restore(run, 4, **overrides), _restore(tmp_path / "one", 4, **overrides)
-    for (path, a), b in zip(
-        jax.tree_util.tree_leaves_with_path(two), jax.tree.leaves(one), strict=True
-    ):
-        a, b = np.asarray(a), np.asarray(b)
-        if np.issubdtype(a.dtype, np.floating):
-            np.testing.assert_allclose(
-                a, b, rtol=2e-5, atol=1e-4, err_msg=jax.tree_util.keystr(path)
-            )
-        else:
-            np.testing.assert_array_equal(a, b, jax.tree_util.keystr(path))
+    assert_trees_close(_restore(run, 4, **overrides), _restore(tmp_path / "one", 4, **overrides))
     log = [json.loads(x) for x in gcs_server.read(f"{run}/metrics.jsonl").splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert not (tmp_path / "gs:").exists() and not (ROOT / "gs:").exists()
 
 
-@pytest.mark.slow  # the tiny preset's train step (the same program as test_train_script.py's)
+@pytest.mark.slow  # the tiny preset's train step (TINY_TWO_STEPS: test_train_script.py's program)
 def test_tiny_preset_on_gcs_exports_ema_pth(gcs_server, gcs_bucket, tmp_path):
     run = f"{gcs_bucket}/tiny"
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py")]
     cmd += ["--config", f"{ROOT}/configs/fgtbt.py:tiny", "--workdir", run]
-    cmd += [
-        "--config.data.source=synthetic",
-        "--config.data.batch_per_dataset=1",
-        "--config.total_steps=2",
-        "--config.log_every=1",
-        "--config.checkpoint_every=1",
-        "--config.eval_every=0",
-        "--config.tensorboard=false",
-    ]
+    cmd += [*TINY_TWO_STEPS, "--config.tensorboard=false"]
     proc = subprocess.run(
         cmd,
         cwd=tmp_path,
