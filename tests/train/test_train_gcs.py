@@ -181,3 +181,27 @@ def test_tiny_preset_on_gcs_exports_ema_pth(gcs_server, gcs_bucket, tmp_path):
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(ema), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not (tmp_path / "gs:").exists()
+
+
+def test_metric_lines_once_after_resumes_on_gcs(gcs_server, gcs_bucket):
+    from fgtbt_jax.train import writers
+
+    workdir = f"{gcs_bucket}/w"
+
+    def segment(start: int, train_steps: list[int], eval_steps: list[int] = ()) -> None:
+        w = writers.MetricWriter(workdir, start, tensorboard=False)
+        for s in train_steps:
+            w.write_train(s, {"loss": float(s + 10 * start)})
+        for s in eval_steps:
+            w.write_eval(s, {"nme_300W": 0.1})
+        w.close()
+
+    segment(0, [1, 2, 3], [2])  # preempted after step 3, checkpoint at 2
+    segment(2, [3, 4])  # resumed at 2: step 3 again
+    segment(4, [])  # restarted, nothing logged
+    segment(3, [4, 5], [4])  # back to an older checkpoint
+    rows = [json.loads(x) for x in gcs_server.read(f"{workdir}/metrics.jsonl").splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1), (2, 2), (3, 23), (4, 34), (5, 35)]
+    rows = [json.loads(x) for x in gcs_server.read(f"{workdir}/eval.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert gcs_server.objects(workdir) == ["w/eval.jsonl", "w/metrics.jsonl"]
