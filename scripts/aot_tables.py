@@ -1,12 +1,12 @@
-r"""Renders README's "Planning a pod run" tables from the JSON rows of ``scripts/aot_compile.py``.
+r"""Renders docs/planning.md's planning tables from the JSON rows of ``scripts/aot_compile.py``.
 
   python scripts/aot_tables.py --json benchmarks/aot_tpu_release.json            # print them
-  python scripts/aot_tables.py --json benchmarks/aot_tpu_release.json --readme README.md
+  python scripts/aot_tables.py --json benchmarks/aot_tpu_release.json --markdown docs/planning.md
 
 The planning table has one line per target, dtype and sharding and one column per batch per
 device (train step, ``kernels=xla``): the total memory per device and whether it fits, XLA's
 out-of-memory verdict, or "not measured". The second table lists every compiled row in full.
-``--readme`` rewrites both tables in place (each from its header line to the next blank line).
+``--markdown`` rewrites both tables in place (each from its header line to the next blank line).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 from absl import app, flags
 
 _JSON = flags.DEFINE_string("json", "benchmarks/aot_tpu_release.json", "aot_compile.py rows.")
-_README = flags.DEFINE_string("readme", None, "Markdown file whose tables are rewritten.")
+_MARKDOWN = flags.DEFINE_string("markdown", None, "Markdown file whose tables are rewritten.")
 
 GiB = 2**30
 TARGETS = {"tpu:v5e-8": "v5e, 16 GiB", "tpu:v4-32": "v4, 32 GiB"}
@@ -122,10 +122,10 @@ def main(argv: list[str]) -> None:
     del argv
     rows = json.loads(pathlib.Path(_JSON.value).read_text())
     plan, full = planning_table(rows), full_table(rows)
-    if _README.value is None:
+    if _MARKDOWN.value is None:
         print("\n".join(plan + [""] + full))
         return
-    path = pathlib.Path(_README.value)
+    path = pathlib.Path(_MARKDOWN.value)
     path.write_text(replace_table(replace_table(path.read_text(), plan), full))
 
 

@@ -93,17 +93,17 @@ def test_cuda_export_tiny(tmp_path):
         assert [a.shape[0] for a in images] == [4]  # global batch 2 per device × 2 GPUs
 
 
-def test_readme_planning_tables_are_those_of_the_recorded_json(tmp_path):
-    """README's "Planning a pod run" tables are what scripts/aot_tables.py renders from
-    benchmarks/aot_tpu_release.json: rewriting a copy of README changes nothing."""
-    readme = tmp_path / "README.md"
-    readme.write_text((ROOT / "README.md").read_text())
+def test_planning_tables_are_those_of_the_recorded_json(tmp_path):
+    """docs/planning.md's tables are what scripts/aot_tables.py renders from
+    benchmarks/aot_tpu_release.json: rewriting a copy of the page changes nothing."""
+    page = tmp_path / "planning.md"
+    page.write_text((ROOT / "docs" / "planning.md").read_text())
     proc = run_script(
         "scripts/aot_tables.py",
         "--json",
         "benchmarks/aot_tpu_release.json",
-        "--readme",
-        str(readme),
+        "--markdown",
+        str(page),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert readme.read_text() == (ROOT / "README.md").read_text()
+    assert page.read_text() == (ROOT / "docs" / "planning.md").read_text()
