@@ -11,6 +11,9 @@ Any config field can be overridden (``--config.optim.lr=1e-4``). ``--config.data
 ``demo`` (default; the bundled synthetic face set, prepared on first use), ``official`` (TFDS
 datasets of the official files) or ``synthetic`` (in-memory batches, no TensorFlow).
 
+``--config.profile.num_steps=N`` traces N steps for TensorBoard's profile tab; step timing,
+TFLOP/s, MFU and the goodput summary are described in docs/observability.md.
+
 The loop is :func:`fgtbt_jax.train.trainer.train_and_evaluate` (WORKDIR layout, resumption and
 preemption are described there). SIGTERM (preemption) saves a checkpoint and exits with 143.
 
@@ -46,10 +49,10 @@ def main(argv: list[str]) -> None:
     enable_x64_if_requested(_CONFIG.value.model)  # before any array is created
     try:
         trainer.check_paths(_CONFIG.value, _WORKDIR.value)  # before anything compiles
-    except paths.PathError as e:
+        code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (trainer.BatchShapeError, paths.PathError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if code:
         sys.exit(code)
 
