@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
+from fgtbt_jax import errors
+
 if TYPE_CHECKING:
     from etils import epath
 
@@ -32,7 +34,7 @@ REMOTE_SCHEMES = ("gs",)
 HUB_SCHEME = "hf"
 
 
-class PathError(ValueError):
+class PathError(errors.Error, ValueError):
     """A path a flag or config field named cannot be used (the message names the flag)."""
 
 

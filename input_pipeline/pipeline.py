@@ -52,7 +52,7 @@ MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
 STD = np.array(transforms.IMAGENET_STD, np.float32)
 # (256, 1, 3) float32: the normalised value of every uint8 level per channel (float64 math)
 _NORM_LUT = (
-    ((np.arange(256.0)[:, None] / 255.0 - MEAN.astype(np.float64)) / STD.astype(np.float64))
+    transforms.imagenet_normalize(np.arange(256.0)[:, None], dtype=np.float64)
     .astype(np.float32)
     .reshape(256, 1, 3)
 )

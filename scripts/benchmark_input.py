@@ -23,7 +23,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from fgtbt_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:preset).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 50, "Timed batches.")
@@ -83,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

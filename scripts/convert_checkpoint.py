@@ -3,8 +3,7 @@ r"""Converts FGTBT checkpoints between the PyTorch release layout and orbax.
   python scripts/convert_checkpoint.py --config configs/fgtbt.py:release \
       --input fgtbt_b4.pth --output /tmp/fgtbt_b4_orbax
 
-Paths are local or gs:// (``--input`` also hf://owner/repo[/file.pth][@revision]). The
-direction follows the paths: a ``.pth`` input is written as an orbax directory, an orbax
+The direction follows the paths: a ``.pth`` input is written as an orbax directory, an orbax
 directory (or a training workdir: its latest EMA weights) as a release-layout ``.pth``.
 ``--report`` imports a partial checkpoint (e.g. SegFormer's ImageNet ``mit_b4.pth``) into a freshly
 initialised model non-strictly and prints what loaded and what did not.
@@ -12,22 +11,16 @@ initialised model non-strictly and prints what loaded and what did not.
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-from absl import app, flags
+import jax
+from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-
-from fgtbt_jax import paths  # noqa: E402
-from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables  # noqa: E402
+from fgtbt_jax import errors, paths
+from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables
 from fgtbt_jax.porting import (
     convert,
     pretrained,
-    pth,  # noqa: E402
+    pth,
 )
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -70,13 +63,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except (
-        convert.CheckpointMismatchError,
-        pth.PthFormatError,
-        FileNotFoundError,
-        paths.PathError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    errors.run(main)

@@ -25,19 +25,17 @@ process 0 alone writes the files.
 from __future__ import annotations
 
 import pathlib
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fgtbt_jax import errors, landmarks, paths
+from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports
+from fgtbt_jax.models.fgtbt import enable_x64_if_requested
+from fgtbt_jax.train import sharding
 
-from fgtbt_jax import landmarks, paths  # noqa: E402
-from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports  # noqa: E402
-from fgtbt_jax.models.fgtbt import enable_x64_if_requested  # noqa: E402
-from fgtbt_jax.train import sharding  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -45,12 +43,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Config, e.g. configs/fgtbt.py:release",
 )
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint",
-    None,
-    "Release-layout .pth, state dict or orbax directory (local, gs:// or hf://).",
-    required=True,
+    "checkpoint", None, "Release-layout .pth, state dict or orbax directory.", required=True
 )
-_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory for the report.", required=True)
 _PROTOCOL = flags.DEFINE_enum("protocol", "both", ("reference", "standard", "both"), "Protocol(s).")
 _DATASETS = flags.DEFINE_list("datasets", None, "Datasets (default: config.data.datasets).")
 _SUBSETS = flags.DEFINE_list("subsets", None, "Subsets (default: all of each dataset).")
@@ -63,6 +58,8 @@ _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Stop each subset after N 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)  # before anything compiles
+    paths.check(_OUT.value, "--out")
     sharding.maybe_initialize_distributed()  # before any other JAX call
     import jax
 
@@ -70,12 +67,6 @@ def main(argv: list[str]) -> None:
     from input_pipeline import pipeline
 
     config = _CONFIG.value
-    try:  # before anything compiles
-        paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)
-        paths.check(_OUT.value, "--out")
-    except paths.PathError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     enable_x64_if_requested(config.model)
     protocols = metrics.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
     datasets = _DATASETS.value or list(config.data.datasets)
@@ -138,4 +129,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import fgtbt_jax
+from fgtbt_jax import errors, paths
+from fgtbt_jax.evaluation import decoding
+from fgtbt_jax.export import function, stablehlo, verify
 
-import fgtbt_jax  # noqa: E402
-from fgtbt_jax import paths  # noqa: E402
-from fgtbt_jax.evaluation import decoding  # noqa: E402
-from fgtbt_jax.export import function, stablehlo, verify  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(ROOT / "configs" / "fgtbt.py") + ":release", "Config, e.g. :release"
@@ -56,6 +54,11 @@ _VERIFY_JSON = flags.DEFINE_string("verify_json", None, "Write the verification 
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
+    # The checkpoint may be remote; the artifacts are written to local disk.
+    paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)
+    paths.local(_OUT.value, "--out", "artifacts are written to local disk")
+    if _VERIFY_JSON.value:
+        paths.local(_VERIFY_JSON.value, "--verify_json", "written to local disk")
     if _FORMAT.value == "onnx" and config.model.fft != "dft":
         print("ONNX: using model.fft=dft (the FFT high-pass as real matmuls)")
         config.model.fft = "dft"
@@ -66,14 +69,6 @@ def main(argv: list[str]) -> None:
     size = int(config.img_size)
     if _RANDOM_INIT.value == bool(_CHECKPOINT.value):
         raise app.UsageError("give exactly one of --checkpoint and --random_init")
-    try:  # the checkpoint may be remote; the artifacts are written to local disk
-        paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)
-        paths.local(_OUT.value, "--out", "artifacts are written to local disk")
-        if _VERIFY_JSON.value:
-            paths.local(_VERIFY_JSON.value, "--verify_json", "written to local disk")
-    except paths.PathError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if _RANDOM_INIT.value:
         import jax
 
@@ -131,4 +126,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

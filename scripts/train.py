@@ -1,11 +1,8 @@
 r"""Trains FGTBT (SPEC §6) on one CPU, a GPU/TPU host or a multi-host mesh.
 
   python scripts/train.py --config configs/fgtbt.py:tiny --workdir /tmp/fgtbt_tiny
-  python scripts/train.py --config configs/fgtbt.py:release --workdir gs://bucket/run \
+  python scripts/train.py --config configs/fgtbt.py:release --workdir gs://… \
       --config.init_backbone=mit_b4.pth
-
-WORKDIR and every checkpoint path are local or gs:// (``config.init_checkpoint`` /
-``init_backbone`` also hf://owner/repo[/file.pth][@revision]); docs/storage.md.
 
 Any config field can be overridden (``--config.optim.lr=1e-4``). ``--config.data.source``:
 ``demo`` (default; the bundled synthetic face set, prepared on first use), ``official`` (TFDS
@@ -23,15 +20,12 @@ Multi-host: every host runs this script; ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_
 
 from __future__ import annotations
 
-import pathlib
 import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fgtbt_jax import paths
+from fgtbt_jax import errors
 from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 from fgtbt_jax.train import sharding, trainer
 
@@ -47,10 +41,10 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sharding.maybe_initialize_distributed()  # before any other JAX call
     enable_x64_if_requested(_CONFIG.value.model)  # before any array is created
+    trainer.check_paths(_CONFIG.value, _WORKDIR.value)  # before anything compiles
     try:
-        trainer.check_paths(_CONFIG.value, _WORKDIR.value)  # before anything compiles
         code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (trainer.BatchShapeError, paths.PathError) as e:
+    except trainer.BatchShapeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if code:
@@ -58,4 +52,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

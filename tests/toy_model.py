@@ -92,7 +92,8 @@ def main(args: dict) -> int:
     ``AT_STEP k`` before step k and wait for the file ``go``; optional ``kill_after_save`` k:
     SIGKILL this process as soon as the asynchronous save of step k has started (printing
     ``SAVING k``)."""
-    from fgtbt_jax.train import checkpointing, sharding, trainer
+    from fgtbt_jax import checkpointing
+    from fgtbt_jax.train import sharding, trainer
 
     sharding.maybe_initialize_distributed()
     config = toy_config(**args.get("overrides", {}))

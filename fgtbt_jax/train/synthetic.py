@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from fgtbt_jax import landmarks, transforms
-from fgtbt_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fgtbt_jax.transforms import imagenet_normalize
 
 _TEMPLATE_SEED = 20_240_601
 _EVAL_STREAM = 1_000_003  # keeps evaluation samples apart from training steps
@@ -104,9 +104,7 @@ def render_sample(
     dots = _gaussian_blur(dots, blur) * (2 * np.pi * blur * blur)
     image = 0.4 * background + np.clip(dots, 0.0, 1.0)
     image += rng.normal(0.0, 0.03, image.shape).astype(np.float32)
-    image = (np.clip(image, 0.0, 1.0) - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(
-        IMAGENET_STD, np.float32
-    )
+    image = imagenet_normalize(np.clip(image, 0.0, 1.0), scale=1.0)  # x / 1.0 is exact
 
     name = landmarks.DATASETS[dataset_id]
     center, scale = np.array([s / 2, s / 2]), s / 200.0

@@ -7,7 +7,7 @@ writes the files outside orbax: the JSON-lines metrics, TensorBoard events and t
 ``.pth``.
 
 WORKDIR (local or gs://, see :mod:`fgtbt_jax.paths`) layout: ``checkpoints/`` (orbax; see
-:mod:`fgtbt_jax.train.checkpointing`), ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see
+:mod:`fgtbt_jax.checkpointing`), ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see
 :mod:`fgtbt_jax.train.writers`), a profile window's trace in ``plugins/profile/``
 (:mod:`fgtbt_jax.train.profiler`) and, at the end, ``config.export_pth`` and ``goodput.json``
 (:mod:`fgtbt_jax.train.goodput`; step timing, FLOPs and MFU: docs/observability.md). A rerun
@@ -30,13 +30,12 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from fgtbt_jax import checkpointing, landmarks, paths
 from fgtbt_jax import compiled as compiled_figures
-from fgtbt_jax import landmarks, paths
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
 from fgtbt_jax.ops import resolve_kernels
 from fgtbt_jax.train import (
-    checkpointing,
     compile_cache,
     goodput,
     profiler,

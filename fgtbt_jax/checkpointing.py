@@ -24,7 +24,7 @@ import signal
 import threading
 from collections.abc import Mapping, Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
@@ -33,7 +33,9 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from fgtbt_jax import paths
-from fgtbt_jax.train.state import TrainState
+
+if TYPE_CHECKING:  # the trainer's state type; imported only by type checkers (layering)
+    from fgtbt_jax.train.state import TrainState
 
 PyTree = Any
 
@@ -161,7 +163,7 @@ class Checkpointer:
             ),
         )
         ema = restored["ema"]
-        return TrainState(
+        return type(abstract_state)(
             **restored["state"], ema_params=ema["params"], ema_batch_stats=ema["batch_stats"]
         )
 
