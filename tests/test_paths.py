@@ -79,7 +79,7 @@ def test_unsupported_and_local_only_paths_fail_at_start(tmp_path):
         "--workdir=s3://bucket/run",
         cwd=ROOT,
     )
-    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.returncode == 1, r.stderr[-3000:]
     assert (
         r.stderr.strip()
         .splitlines()[-1]
@@ -87,7 +87,7 @@ def test_unsupported_and_local_only_paths_fail_at_start(tmp_path):
     ), r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "compil" not in r.stdout
     r = _script("detect.py", "--checkpoint=x.pth", "--out=out", "gs://b/face.jpg", cwd=tmp_path)
-    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.returncode == 1, r.stderr[-3000:]
     assert r.stderr.strip() == (
         "error: input: 'gs://b/face.jpg' must be a local path "
         "(images and videos are read from local disk)"

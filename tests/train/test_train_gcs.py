@@ -22,10 +22,10 @@ from helpers import TINY_TWO_STEPS, assert_trees_close, free_port, subprocess_en
 from toy_model import build_toy, toy_command, toy_config
 
 from configs import fgtbt
-from fgtbt_jax import load_pretrained
+from fgtbt_jax import checkpointing, load_pretrained
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.porting import convert
-from fgtbt_jax.train import checkpointing, sharding
+from fgtbt_jax.train import sharding
 from fgtbt_jax.train import state as train_state
 
 ROOT = pathlib.Path(__file__).parents[2]
