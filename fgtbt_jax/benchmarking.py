@@ -13,8 +13,9 @@ pools nor the memory high-water mark) and returns its row, or a row with ``error
 Modes: ``train`` (forward in train mode, FMB loss, backward, AdamW, EMA: the training step of
 :mod:`fgtbt_jax.train.step`, and the same step in PyTorch, ``benchmarks.torch_oracle.loss``),
 ``eval`` (forward + arg-max decoding, :mod:`fgtbt_jax.evaluation.decoding`) and ``eval_flip``
-(with the test-time flip: two forward passes). Synthetic data of the configured shapes, random
-parameters (the speed does not depend on their values).
+(with the test-time flip: two forward passes). Data: the synthetic faces of
+``input_pipeline.synthetic.mixed_batch`` at the configured shapes; random parameters (the speed
+does not depend on their values).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from fgtbt_jax import compiled as compiled_figures
+from input_pipeline import synthetic
 
 FRAMEWORKS = ("jax", "torch-eager", "torch-compile", "onnxruntime")
 MODES = ("train", "eval", "eval_flip")
@@ -79,24 +81,6 @@ def _current_rss() -> int:
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def synthetic_batch(batch: int, img_size: int, heatmap_size: int, seed: int = 0) -> dict:
-    """NumPy batch: image (B, S, S, 3) float32 NHWC, coords (B, 124, 2) int32, mask (B, 124)
-    bool (the dataset's annotated slots), dataset_id (B,) int32 cycling over the 4 datasets."""
-    import numpy as np
-
-    from fgtbt_jax import landmarks
-
-    rng = np.random.default_rng(seed)
-    k = landmarks.NUM_UNIFIED
-    dataset_id = (np.arange(batch) % len(landmarks.DATASETS)).astype(np.int32)
-    return {
-        "image": rng.standard_normal((batch, img_size, img_size, 3), dtype=np.float32),
-        "coords": rng.integers(0, heatmap_size, (batch, k, 2), dtype=np.int32),
-        "mask": landmarks.annotation_mask()[dataset_id].astype(bool),
-        "dataset_id": dataset_id,
-    }
 
 
 def _timed_loop(run_step, sync, warmup: int, steps: int) -> list[float]:
@@ -166,7 +150,7 @@ def prepare_jax(spec: Spec) -> Prepared:
     enable_x64_if_requested(config.model)  # before any array is created
     mesh = sharding.make_mesh(spec.get("devices") or None)
     model = build_model(config.model)
-    batch_np = synthetic_batch(spec["batch"], config.img_size, config.heatmap_size)
+    batch_np = synthetic.mixed_batch(spec["batch"], config.img_size, config.heatmap_size)
     device = mesh.devices.flat[0]
 
     t0 = time.perf_counter()
@@ -233,7 +217,7 @@ def prepare_torch(spec: Spec) -> Prepared:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_torch_model_from_config(config.model).to(dev)
-    batch_np = synthetic_batch(spec["batch"], config.img_size, config.heatmap_size)
+    batch_np = synthetic.mixed_batch(spec["batch"], config.img_size, config.heatmap_size)
     batch = {
         "image": torch.from_numpy(batch_np["image"].transpose(0, 3, 1, 2).copy()).to(dev),
         "coords": torch.from_numpy(batch_np["coords"]).to(dev),
@@ -341,7 +325,7 @@ def prepare_onnxruntime(spec: Spec) -> Prepared:
     fn = function.inference_fn(
         model, variables, with_flip=spec["mode"] == "eval_flip", decode=True, refine="none"
     )
-    images = synthetic_batch(spec["batch"], config.img_size, config.heatmap_size)["image"]
+    images = synthetic.mixed_batch(spec["batch"], config.img_size, config.heatmap_size)["image"]
     t0 = time.perf_counter()
     proto = onnx_export.export(
         fn, config.img_size, spec["batch"], output_names=function.output_names(True), metadata={}

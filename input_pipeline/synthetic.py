@@ -138,21 +138,35 @@ def _rows(
     config: ml_collections.ConfigDict, seed: int, step: int, rows: np.ndarray
 ) -> dict[str, np.ndarray]:
     ids = dataset_ids(config)
+    return _train_rows(ids[rows], rows, int(config.img_size), int(config.heatmap_size), seed, step)
+
+
+def _train_rows(
+    ids: np.ndarray, rows: np.ndarray, img_size: int, heatmap_size: int, seed: int, step: int
+) -> dict[str, np.ndarray]:
+    """Rows ``rows`` (dataset ids ``ids``) of step ``step``'s batch, stacked."""
     samples = [
-        render_sample(
-            np.random.default_rng((int(seed), int(step), int(r))),
-            int(ids[r]),
-            int(config.img_size),
-            int(config.heatmap_size),
-        )
-        for r in rows
-    ]
+        render_sample(np.random.default_rng((int(seed), int(step), int(r))), int(d), img_size,
+                      heatmap_size)
+        for d, r in zip(ids, rows, strict=True)
+    ]  # fmt: skip
     return {
         "image": np.stack([x["image"] for x in samples]),
         "coords": np.stack([x["coords"] for x in samples]),
         "mask": np.stack([x["mask"] for x in samples]),
-        "dataset_id": ids[rows],
+        "dataset_id": np.asarray(ids, np.int32),
     }
+
+
+def mixed_batch(
+    batch_size: int, img_size: int, heatmap_size: int, *, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A training batch of any size (benchmarks): row ``r`` is a face of dataset ``r mod 4``
+    (``landmarks.DATASETS`` order), rendered as row ``r`` of step 0; same keys as
+    :func:`global_batch`."""
+    rows = np.arange(int(batch_size))
+    ids = (rows % len(landmarks.DATASETS)).astype(np.int32)
+    return _train_rows(ids, rows, int(img_size), int(heatmap_size), seed, 0)
 
 
 def process_rows(
