@@ -1,13 +1,18 @@
 """Figures read from a compiled XLA program: the one place that parses them.
 
 ``cost(compiled)`` gives XLA's cost analysis (``flops``, ``bytes accessed``, …) as a flat dict;
-``memory(compiled)`` gives the per-device buffer sizes of ``memory_analysis()``. The trainer's
-start-up log, ``train/aot.py`` (planning rows) and ``scripts/benchmark.py`` all read them here.
+``memory(compiled)`` gives the per-device buffer sizes of ``memory_analysis()``;
+``traffic(compiled)`` the HBM-traffic model of the optimized HLO (:mod:`fgtbt_jax.traffic`),
+which, unlike XLA's "bytes accessed", counts each top-level instruction's operands and result
+once at their tiled sizes and tells HBM from on-chip buffers. The trainer's start-up log,
+``train/aot.py`` (planning rows) and ``scripts/benchmark.py`` all read them here.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from fgtbt_jax import traffic as traffic_model
 
 
 class Unavailable(RuntimeError):
@@ -54,3 +59,10 @@ def memory(compiled: Any) -> dict[str, int]:
     }
     row["total"] = row["argument"] + row["output"] - row["alias"] + row["temp"]
     return row
+
+
+def traffic(compiled: Any) -> traffic_model.Traffic:
+    """The HBM / on-chip traffic model of ``compiled``'s optimized HLO
+    (:mod:`fgtbt_jax.traffic`: per top-level instruction, operands and result at tiled sizes).
+    """
+    return traffic_model.of_hlo(compiled.as_text())

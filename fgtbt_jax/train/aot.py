@@ -4,7 +4,9 @@ TPU targets: libtpu (``pip install -e ".[tpu]"``) describes a pod slice through
 ``jax.experimental.topologies`` without any TPU attached, and XLA:TPU compiles the real train
 step for a mesh of those devices, as MaxText's ``train_compile.py`` does. The compiled
 executable reports per-device memory (``memory_analysis()``) and FLOPs / bytes accessed
-(``cost_analysis()``).
+(``cost_analysis()``); rows also carry the HBM-traffic model of the optimized HLO
+(``hbm_traffic``, :mod:`fgtbt_jax.traffic`) and the roofline on it (``roofline_hbm``), next to
+the roofline on XLA's "bytes accessed" (``roofline``), which also counts on-chip buffers.
 
 GPU targets: without a GPU and without the CUDA plugin, JAX can only *lower* for ``cuda``:
 :func:`export_cuda` serializes a ``jax.export`` artefact (StableHLO with the shardings) that a
@@ -331,6 +333,7 @@ def measure(
         memory = compiled_figures.memory(compiled)
         cost = compiled_figures.cost(compiled)
         flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+        hbm = compiled_figures.traffic(compiled)
         row.update(
             compiled=True,
             memory_bytes=memory,
@@ -338,6 +341,8 @@ def measure(
             flops=flops,
             bytes_accessed=traffic,
             roofline=roofline(flops, traffic, batch_per_device, target.chip),
+            hbm_traffic=hbm.summary(),
+            roofline_hbm=roofline(flops, hbm.hbm_bytes, batch_per_device, target.chip),
             **times,
         )
     else:
