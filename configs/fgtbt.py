@@ -163,6 +163,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.profile.hosts = "first"
 
     c.log_every = 50
+    c.tensorboard = True  # TensorBoard events in WORKDIR/tb (off: JSON lines and the log only)
+    # JAX's persistent compilation cache (local or gs://): restarts load the train step. "" = off.
+    c.compilation_cache_dir = ""
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.eval_every = 500  # 300W

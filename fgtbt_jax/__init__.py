@@ -5,7 +5,7 @@ The package tree follows the architecture: ``models/`` (the network), ``porting/
 ``evaluation/`` (decoding, metrics, reports), ``inference/`` (face detection and the detection
 pipeline); ``landmarks`` and ``transforms`` are the unified landmark scheme and crop geometry,
 ``checkpointing`` the orbax checkpoints (below both ``train/`` and ``porting/``), ``errors`` the
-errors scripts report as one line.
+errors scripts report as one line, ``paths`` the run paths (local, gs://, hf:// checkpoints).
 
 The public API below is imported on first use, so numpy-only modules (``fgtbt_jax.landmarks``,
 ``fgtbt_jax.transforms``) import without JAX.

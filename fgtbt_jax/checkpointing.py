@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import pathlib
 import signal
 import threading
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,10 @@ from typing import TYPE_CHECKING, Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
+
+from fgtbt_jax import paths
 
 if TYPE_CHECKING:  # the trainer's state type; imported only by type checkers (layering)
     from fgtbt_jax.train.state import TrainState
@@ -41,9 +43,10 @@ CHECKPOINT_DIR = "checkpoints"
 _STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng")
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
-    """``WORKDIR/checkpoints`` (or ``workdir`` itself if it is already such a directory)."""
-    path = pathlib.Path(workdir).absolute()
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """``WORKDIR/checkpoints`` (or ``workdir`` itself if it is already such a directory);
+    local or gs://."""
+    path = paths.resolve(workdir, "--workdir")
     return path if path.name == CHECKPOINT_DIR else path / CHECKPOINT_DIR
 
 

@@ -11,13 +11,11 @@ initialised model non-strictly and prints what loaded and what did not.
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 from absl import flags
 from ml_collections import config_flags
 
-from fgtbt_jax import errors
+from fgtbt_jax import errors, paths
 from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables
 from fgtbt_jax.porting import (
     convert,
@@ -42,20 +40,22 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     enable_x64_if_requested(config.model)
-    src, dst = pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value)
+    src, dst = _INPUT.value, _OUTPUT.value
+    paths.check(src, "--input", hub=True)
+    paths.check(dst, "--output")
     if _REPORT.value:
         model = build_model(config.model)
         variables = jax.jit(lambda k: init_variables(model, k, config.img_size))(
             jax.random.key(config.seed)
         )
-        sd = convert.state_dict_from_release(pth.load_pth(src), str(src))
+        sd = convert.state_dict_from_release(pth.load_pth(paths.checkpoint(src, "--input")), src)
         variables, report = convert.import_partial(
             variables, sd, model, config.img_size, prefix=_PREFIX.value
         )
         print(report.table())
     else:
-        _, variables = pretrained.load_pretrained(src, config)
-    if dst.suffix in (".pth", ".pt"):
+        _, variables = pretrained.load_pretrained(src, config, "--input")
+    if dst.endswith((".pth", ".pt")):
         pretrained.export_pth(variables, dst, config)
     else:
         pretrained.save_variables(variables, dst)

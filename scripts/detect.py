@@ -45,7 +45,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from fgtbt_jax import errors, landmarks
+from fgtbt_jax import errors, landmarks, paths
 from fgtbt_jax.inference import detector, images, networks, smoothing, tracking, video
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -103,6 +103,13 @@ _MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Video: stop after this m
 
 
 def main(argv: list[str]) -> int:
+    # Images, videos, --boxes and --out stay on local disk; the checkpoint may not.
+    for arg in argv[1:]:
+        paths.local(arg, "input", "images and videos are read from local disk")
+    paths.local(_OUT.value, "--out", "annotated images are written to local disk")
+    if _BOXES.value:
+        paths.local(_BOXES.value, "--boxes", "read from local disk")
+    paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)
     inputs = images.list_inputs(argv[1:])
     stills = [p for p in inputs if not video.is_video(p)]
     sources: list[pathlib.Path | int] = [p for p in inputs if video.is_video(p)]

@@ -30,7 +30,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from fgtbt_jax import errors, landmarks
+from fgtbt_jax import errors, landmarks, paths
 from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports
 from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 from fgtbt_jax.train import sharding
@@ -58,6 +58,8 @@ _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Stop each subset after N 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)  # before anything compiles
+    paths.check(_OUT.value, "--out")
     sharding.maybe_initialize_distributed()  # before any other JAX call
     import jax
 
@@ -74,7 +76,7 @@ def main(argv: list[str]) -> None:
     process, processes = jax.process_index(), jax.process_count()
     lead = process == 0
     data = sources.create(config, datasets=datasets)
-    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
+    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config, "--checkpoint")
     variables = evaluator.host_local(variables)
     predict = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
     acc = metrics.Accumulator(protocols)
@@ -114,9 +116,9 @@ def main(argv: list[str]) -> None:
         data_source=data.name,
     )
     if lead:  # every process has the whole report; one writes it
-        paths = reports.write_report(report, _OUT.value)
+        written = reports.write_report(report, _OUT.value)
         print(reports.format_markdown(report))
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        print("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import fgtbt_jax
-from fgtbt_jax import errors
+from fgtbt_jax import errors, paths
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.export import function, stablehlo, verify
 
@@ -54,6 +54,11 @@ _VERIFY_JSON = flags.DEFINE_string("verify_json", None, "Write the verification 
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
+    # The checkpoint may be remote; the artifacts are written to local disk.
+    paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)
+    paths.local(_OUT.value, "--out", "artifacts are written to local disk")
+    if _VERIFY_JSON.value:
+        paths.local(_VERIFY_JSON.value, "--verify_json", "written to local disk")
     if _FORMAT.value == "onnx" and config.model.fft != "dft":
         print("ONNX: using model.fft=dft (the FFT high-pass as real matmuls)")
         config.model.fft = "dft"
@@ -72,7 +77,7 @@ def main(argv: list[str]) -> None:
         model = build_model(config.model)
         variables = init_variables(model, jax.random.PRNGKey(config.seed), size)
     else:
-        model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
+        model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config, "--checkpoint")
     fn = function.inference_fn(
         model, variables, with_flip=_WITH_FLIP.value, decode=_DECODE.value, refine=_REFINE.value
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from fgtbt_jax import errors
+from fgtbt_jax import errors, paths
 
 _DATASET = flags.DEFINE_enum(
     "dataset", None, ["wflw", "300w", "cofw", "aflw", "pts_folder", "demo"], "Dataset to prepare."
@@ -43,6 +43,9 @@ def main(argv):
         return 0
     if _DATASET.value is None:
         raise app.UsageError("--dataset is required")
+    if _MANUAL_DIR.value:
+        paths.local(_MANUAL_DIR.value, "--manual_dir", "the official files are read locally")
+    paths.check(_DATA_DIR.value, "--data_dir")
     if _DATASET.value == "demo":
         size = _IMAGE_SIZE.value or None
         raw = pipeline.prepare_demo(

@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sharding.maybe_initialize_distributed()  # before any other JAX call
     enable_x64_if_requested(_CONFIG.value.model)  # before any array is created
+    trainer.check_paths(_CONFIG.value, _WORKDIR.value)  # before anything compiles
     try:
         code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except trainer.BatchShapeError as e:

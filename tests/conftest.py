@@ -83,6 +83,33 @@ def eval_ref() -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real GCS server (fake-gcs-server on 127.0.0.1, see tests/gcs_server.py) for the
+    session; this process's clients point at it (its ``env`` is for child processes)."""
+    import gcs_server as server_module
+
+    jax.devices()  # the backend starts before any storage client's threads do
+    log = tmp_path_factory.mktemp("fake_gcs") / "server.log"
+    with server_module.running(log) as server:
+        before = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server) -> str:
+    """A new empty bucket on :func:`gcs_server`: ``gs://name``."""
+    return gcs_server.new_bucket()
+
+
 @pytest.fixture(scope="module")
 def torch_two_threads():
     """PyTorch on two threads for a module's tests (the CI machine has two cores)."""

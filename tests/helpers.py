@@ -72,6 +72,36 @@ def torch_reference_batch(ref_outputs: dict[str, np.ndarray]) -> dict:
     return batch
 
 
+# scripts/train.py on the tiny preset for two steps (synthetic data, a checkpoint per step, no
+# evaluation): one train-step program that the suite's compilation cache shares between tests.
+TINY_TWO_STEPS = [
+    "--config.data.source=synthetic",
+    "--config.data.batch_per_dataset=1",
+    "--config.total_steps=2",
+    "--config.log_every=1",
+    "--config.checkpoint_every=1",
+    "--config.eval_every=0",
+]
+
+
+def assert_trees_close(a, b) -> None:
+    """Two trees of arrays equal: floats up to summation order (Adam normalises each step, so
+    an element whose gradient is close to zero may move by a few percent of lr = 1e-3
+    differently when the order changes), everything else exactly."""
+    import jax
+
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        x, y = np.asarray(x), np.asarray(y)
+        if np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(
+                x, y, rtol=2e-5, atol=1e-4, err_msg=jax.tree_util.keystr(path)
+            )
+        else:
+            np.testing.assert_array_equal(x, y, jax.tree_util.keystr(path))
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child Python process: CPU JAX, no inherited JAX / XLA settings or
     cluster variables (a child never joins a job by accident) except the test run's compilation

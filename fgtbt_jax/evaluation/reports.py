@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from fgtbt_jax import paths
 from fgtbt_jax.evaluation.metrics import FULL, ced_curve
 
 
@@ -42,7 +45,7 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines + [""] + notes) + "\n"
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, epath.Path]:
     """Writes ``report.json`` (without per-image rows), ``per_image.csv``, ``report.md`` and
     ``ced.png`` (inter-ocular CED of the full sets, one panel per protocol) to ``out_dir``.
 
@@ -53,17 +56,17 @@ def write_report(report: Mapping[str, Any], out_dir: str | pathlib.Path) -> dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = pathlib.Path(out_dir)
+    out = paths.resolve(out_dir, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
+    files = {
         "json": out / "report.json",
         "md": out / "report.md",
         "csv": out / "per_image.csv",
         "png": out / "ced.png",
     }
     summary = {k: v for k, v in report.items() if k != "per_image"}
-    paths["json"].write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    paths["md"].write_text(format_markdown(report))
+    paths.write_text(files["json"], json.dumps(summary, indent=2, default=float) + "\n")
+    paths.write_text(files["md"], format_markdown(report))
     per_image = report.get("per_image", [])
     if per_image:
         cols = list(per_image[0])
@@ -74,7 +77,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | pathlib.Path) -> dict
             )
             for r in per_image
         ]
-        paths["csv"].write_text("\n".join(lines) + "\n")
+        paths.write_text(files["csv"], "\n".join(lines) + "\n")
 
     t = float(report["meta"].get("fr_threshold", 0.1))
     protocols = list(report["metrics"])
@@ -105,6 +108,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | pathlib.Path) -> dict
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    paths.write_bytes(files["png"], png.getvalue())
     plt.close(fig)
-    return paths
+    return files

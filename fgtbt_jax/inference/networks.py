@@ -28,7 +28,7 @@ def jax_network(
     from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 
     enable_x64_if_requested(config.model)
-    model, variables = fgtbt_jax.load_pretrained(checkpoint, config)
+    model, variables = fgtbt_jax.load_pretrained(checkpoint, config, "--checkpoint")
     step = decoding.make_predict_fn(model, flip_test=flip, refine=refine)
 
     def network(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -7,14 +7,13 @@ and the training checkpoints (:mod:`fgtbt_jax.checkpointing`).
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Mapping
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fgtbt_jax import checkpointing
+from fgtbt_jax import checkpointing, paths
 from fgtbt_jax.models.fgtbt import FGTBT, build_model
 from fgtbt_jax.porting import convert, pth
 
@@ -38,7 +37,7 @@ def export_pth(
 
 def save_variables(variables: Mapping, directory: str | os.PathLike) -> None:
     """Saves ``{'params', 'batch_stats'}`` as an orbax checkpoint directory."""
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory, "--output")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory, jax.device_get(dict(variables)), force=True)
         ckptr.wait_until_finished()
@@ -49,7 +48,7 @@ def restore_variables(directory: str | os.PathLike, model: FGTBT, img_size: int)
 
     A training workdir (orbax ``CheckpointManager`` layout) gives the latest step's EMA weights.
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.resolve(directory, "checkpoint")
     target = convert.abstract_variables(model, img_size)
     if (directory / "_CHECKPOINT_METADATA").exists() or (directory / "_METADATA").exists():
         with ocp.StandardCheckpointer() as ckptr:
@@ -58,11 +57,15 @@ def restore_variables(directory: str | os.PathLike, model: FGTBT, img_size: int)
 
 
 def load_pretrained(
-    path: str | os.PathLike, config: ml_collections.ConfigDict
+    path: str | os.PathLike, config: ml_collections.ConfigDict, flag: str = "checkpoint"
 ) -> tuple[FGTBT, dict]:
-    """``(model, variables)`` from a release-layout ``.pth``, a bare state dict or orbax dir."""
+    """``(model, variables)`` from a release-layout ``.pth``, a bare state dict or orbax dir.
+
+    ``path``: local, ``gs://`` or ``hf://owner/repo[/file.pth][@revision]``
+    (:func:`fgtbt_jax.paths.checkpoint`; ``flag`` names it in errors).
+    """
     model = build_model(config.model)
-    path = pathlib.Path(path)
+    path = paths.checkpoint(path, flag)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.is_dir():

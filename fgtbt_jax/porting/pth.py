@@ -26,7 +26,6 @@ import pathlib
 import pickle
 import struct
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from fgtbt_jax import errors
+from fgtbt_jax import errors, paths
 
 __all__ = ["PthFormatError", "TorchDtype", "UnsafePickleError", "load_pth", "save_pth"]
 
@@ -319,19 +318,27 @@ def _is_storage_name(name: str) -> bool:
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:
-    """Opens ``path`` as a zip, turning every failure into a :class:`PthFormatError`."""
+    """Opens ``path`` (local or gs://) as a zip, turning every failure into a
+    :class:`PthFormatError`."""
+    source: str | io.BytesIO = path
     try:
-        with open(path, "rb") as f:
-            head = f.read(len(_LEGACY_MAGIC))
+        if paths.is_remote(path):
+            source = io.BytesIO(paths.resolve(path, "checkpoint").read_bytes())
+            head = source.getvalue()[: len(_LEGACY_MAGIC)]
+        else:
+            with open(path, "rb") as f:
+                head = f.read(len(_LEGACY_MAGIC))
     except OSError as e:
         raise PthFormatError(f"{path}: cannot read checkpoint: {e}") from e
     try:
-        return zipfile.ZipFile(path)
+        return zipfile.ZipFile(source)
     except zipfile.BadZipFile as e:
         legacy = head.startswith(_LEGACY_MAGIC)
         if not legacy:
             try:
-                legacy = tarfile.is_tarfile(path)
+                if isinstance(source, io.BytesIO):
+                    source.seek(0)
+                legacy = tarfile.is_tarfile(source)
             except OSError:
                 legacy = False
         if legacy:
@@ -597,7 +604,7 @@ def save_pth(obj: Any, path: PathLike) -> None:
     dtype (float32/64/16, bfloat16, int64/32/16/8, uint8, bool, complex); the same array object
     stored twice shares one storage. Containers: dict (``OrderedDict`` kept as such), list,
     tuple; scalars: int, float, bool, str, None (numpy scalars become Python numbers).
-    The file is written to a temporary file next to ``path`` and moved into place atomically.
+    ``path`` is local or gs://; the file appears whole or not at all (:func:`paths.open_atomic`).
     The record prefix is ``path``'s stem, as torch names it; the bytes are deterministic.
     """
     path = os.fspath(path)
@@ -619,21 +626,15 @@ def save_pth(obj: Any, path: PathLike) -> None:
     records += [(f"data/{i}", data) for i, data in enumerate(writer.storages)]
     records += [("version", b"3\n"), (".data/serialization_id", serialization_id.encode())]
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for name, data in records:
-                    buf = _raw_bytes(data) if isinstance(data, np.ndarray) else data
-                    info, zip64 = _aligned_zipinfo(f"{prefix}/{name}", f.tell(), len(buf))
-                    with zf.open(info, "w", force_zip64=zip64) as dst:
-                        dst.write(buf)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with paths.open_atomic(path) as f:
+        _write_zip(f, records, prefix)
+
+
+def _write_zip(f: Any, records: list[tuple[str, bytes | np.ndarray]], prefix: str) -> None:
+    """The uncompressed zip of ``records`` under ``prefix/``, storages aligned, into ``f``."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, data in records:
+            buf = _raw_bytes(data) if isinstance(data, np.ndarray) else data
+            info, zip64 = _aligned_zipinfo(f"{prefix}/{name}", f.tell(), len(buf))
+            with zf.open(info, "w", force_zip64=zip64) as dst:
+                dst.write(buf)

@@ -22,9 +22,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import pathlib
+import os
 import time
 from collections.abc import Callable, Iterator
+
+from etils import epath
+
+from fgtbt_jax import paths
 
 GOODPUT_FILE = "goodput.json"
 RATE_BATCHES = 8  # batches drained back to back to measure the input pipeline's rate
@@ -115,10 +119,11 @@ def summary_line(summary: dict) -> str:
     return f"goodput {summary['goodput']:.0%} of {summary['wall_s']:.1f} s wall time: {parts}"
 
 
-def write_summary(workdir: pathlib.Path, summary: dict) -> pathlib.Path:
-    """Writes ``summary`` (plus any extra keys the trainer adds) to ``WORKDIR/goodput.json``."""
-    path = pathlib.Path(workdir) / GOODPUT_FILE
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+def write_summary(workdir: str | os.PathLike, summary: dict) -> epath.Path:
+    """Writes ``summary`` (plus any extra keys the trainer adds) to ``WORKDIR/goodput.json``
+    (local or gs://)."""
+    path = paths.resolve(workdir, "--workdir") / GOODPUT_FILE
+    paths.write_text(path, json.dumps(summary, indent=2) + "\n")
     return path
 
 

@@ -10,11 +10,14 @@ train step is never in it (the run's first step is traced from after its compile
 
 from __future__ import annotations
 
-import pathlib
+import os
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
+
+from fgtbt_jax import paths
 
 HOSTS = ("first", "all")
 
@@ -23,7 +26,7 @@ class ProfileWindow:
     """The trace window of one run; call :meth:`before_step` / :meth:`after_step` around each
     step inside ``with window:`` (which stops a trace cut short by preemption or an error)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
         p = config.get("profile") or ml_collections.ConfigDict()
         self.first = int(p.get("start_step", 1))
         self.num_steps = int(p.get("num_steps", 0))
@@ -34,7 +37,7 @@ class ProfileWindow:
             raise ValueError(f"config.profile.start_step={self.first}; steps count from 1")
         self.last = self.first + self.num_steps - 1
         self.enabled = self.num_steps > 0 and (hosts == "all" or jax.process_index() == 0)
-        self.logdir = pathlib.Path(workdir)
+        self.logdir = paths.resolve(workdir, "--workdir")  # local or gs://
         self.active = False
         self._step: Any = None  # the open StepTraceAnnotation
 
@@ -79,7 +82,7 @@ class ProfileWindow:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def runs(self) -> list[pathlib.Path]:
+    def runs(self) -> list[epath.Path]:
         """The trace directories ``WORKDIR/plugins/profile/<run>`` written so far."""
         root = self.logdir / "plugins" / "profile"
         return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

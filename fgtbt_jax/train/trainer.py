@@ -3,22 +3,23 @@
 Every process runs the same code on its share of the data: ``jax.distributed`` joins the
 processes into one mesh, and every collective or barrier-bearing call (orbax checkpoint
 managers, restores, evaluation, the EMA export's restore) runs on all of them. Process 0 alone
-writes host-local files: the JSON-lines metrics, TensorBoard events and the exported ``.pth``.
+writes the files outside orbax: the JSON-lines metrics, TensorBoard events and the exported
+``.pth``.
 
-WORKDIR layout: ``checkpoints/`` (orbax; see :mod:`fgtbt_jax.checkpointing`),
-``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see :mod:`fgtbt_jax.train.writers`), a profile
-window's trace in ``plugins/profile/`` (:mod:`fgtbt_jax.train.profiler`) and, at the end,
-``config.export_pth`` and ``goodput.json`` (:mod:`fgtbt_jax.train.goodput`; step timing, FLOPs
-and MFU: docs/observability.md). A rerun with the same WORKDIR resumes from the latest checkpoint.
-SIGTERM (preemption) makes every process save the same step and return
-:data:`PREEMPTED_EXIT_CODE`.
+WORKDIR (local or gs://, see :mod:`fgtbt_jax.paths`) layout: ``checkpoints/`` (orbax; see
+:mod:`fgtbt_jax.checkpointing`), ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see
+:mod:`fgtbt_jax.train.writers`), a profile window's trace in ``plugins/profile/``
+(:mod:`fgtbt_jax.train.profiler`) and, at the end, ``config.export_pth`` and ``goodput.json``
+(:mod:`fgtbt_jax.train.goodput`; step timing, FLOPs and MFU: docs/observability.md). A rerun
+with the same WORKDIR resumes from the latest checkpoint. SIGTERM (preemption) makes every
+process save the same step and return :data:`PREEMPTED_EXIT_CODE`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import pathlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,13 +27,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from fgtbt_jax import checkpointing, errors, landmarks
+from fgtbt_jax import checkpointing, errors, landmarks, paths
 from fgtbt_jax import compiled as compiled_figures
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
 from fgtbt_jax.ops import resolve_kernels
 from fgtbt_jax.train import (
+    compile_cache,
     goodput,
     profiler,
     sharding,
@@ -165,9 +168,12 @@ def _compile(
 ) -> tuple[Any, throughput.StepCost]:
     """Compiles the train step once (timed as ``compile``) and logs its memory and FLOPs."""
     t = time.perf_counter()
-    with clock.measure("compile"):
+    with clock.measure("compile"), compile_cache.CacheHits() as hits:
         compiled = step_fn.lower(state, batch).compile()
     info(f"compiled the train step in {time.perf_counter() - t:.1f} s")
+    if config.get("compilation_cache_dir"):
+        how = "loaded from" if hits.count else "compiled, not found in"
+        info(f"train step {how} the compilation cache")
     info(_memory_line(compiled))
     cost = throughput.StepCost.of(
         compiled,
@@ -233,15 +239,16 @@ def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | N
             "set at most one of config.init_checkpoint and config.init_backbone"
         )
     if config.init_checkpoint:
-        _, variables = pretrained.load_pretrained(config.init_checkpoint, config)
+        _, variables = pretrained.load_pretrained(
+            config.init_checkpoint, config, "config.init_checkpoint"
+        )
         logging.info("initialised from %s", config.init_checkpoint)
         return variables
     if config.init_backbone:
         init_key, _ = train_state.seed_keys(int(config.seed))
         variables = init_variables(model, init_key, int(config.img_size))
-        state_dict = convert.state_dict_from_release(
-            pth.load_pth(config.init_backbone), config.init_backbone
-        )
+        path = paths.checkpoint(config.init_backbone, "config.init_backbone")
+        state_dict = convert.state_dict_from_release(pth.load_pth(path), config.init_backbone)
         variables, report = convert.import_partial(
             variables, state_dict, model, int(config.img_size)
         )
@@ -255,8 +262,20 @@ def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | N
 # ------------------------------------------------------------------------------------------
 
 
+def check_paths(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Path:
+    """The workdir as an ``epath.Path``; unsupported schemes of any run path refused at once."""
+    for flag, value, hub in (
+        ("config.init_checkpoint", config.init_checkpoint, True),
+        ("config.init_backbone", config.init_backbone, True),
+        ("config.compilation_cache_dir", config.get("compilation_cache_dir", ""), False),
+        ("config.data.data_dir", config.data.get("data_dir", ""), False),
+    ):
+        paths.check(value, flag, hub=hub)
+    return paths.resolve(workdir, "--workdir")
+
+
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, build: Callable = build_model
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, build: Callable = build_model
 ) -> int:
     """Trains to ``config.total_steps`` (resuming from WORKDIR); returns the process exit code.
 
@@ -265,7 +284,9 @@ def train_and_evaluate(
     pass a small stand-in). Call it on every process of a multi-process job.
     """
     clock = goodput.Clock()
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = check_paths(config, workdir)
+    if config.get("compilation_cache_dir"):
+        info(f"compilation cache: {compile_cache.enable(config.compilation_cache_dir)}")
     total = int(config.total_steps)
     # Mesh first: a batch that cannot split over it fails before any data or model work.
     mesh = sharding.make_mesh(int(config.sharding.num_devices) or None)
@@ -305,7 +326,7 @@ def train_and_evaluate(
         f"model.kernels {resolve_kernels(config.model.kernels)}"
     )
 
-    writer = writers.MetricWriter(workdir, start)
+    writer = writers.MetricWriter(workdir, start, tensorboard=config.get("tensorboard", True))
     report_progress = _report_progress(config, writer)
     evaluator = Evaluator(config, build, data) if int(config.eval_every) > 0 else None
 

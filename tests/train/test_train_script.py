@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import subprocess_env
+from helpers import TINY_TWO_STEPS, subprocess_env
 from toy_model import build_toy, toy_config
 
 from configs import fgtbt
@@ -40,14 +40,7 @@ def _train(workdir: pathlib.Path, *overrides: str) -> subprocess.CompletedProces
 
 @pytest.mark.slow  # compiles the real network's train step (1-3 min on a 2-core CPU)
 def test_tiny_preset_smoke_and_resume(tmp_path):
-    overrides = [
-        "--config.data.source=synthetic",
-        "--config.data.batch_per_dataset=1",
-        "--config.total_steps=2",
-        "--config.log_every=1",
-        "--config.checkpoint_every=1",
-        "--config.eval_every=0",
-    ]
+    overrides = TINY_TWO_STEPS
     proc = _train(tmp_path, *overrides)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "starting step 0/2" in proc.stdout
