@@ -3,11 +3,21 @@
 ``cost(compiled)`` gives XLA's cost analysis (``flops``, ``bytes accessed``, …) as a flat dict;
 ``memory(compiled)`` gives the per-device buffer sizes of ``memory_analysis()``. The trainer's
 start-up log, ``train/aot.py`` (planning rows) and ``scripts/benchmark.py`` all read them here.
+
+Deviceless GPU executables (compiled for a ``jax.experimental.topologies`` description, no GPU
+attached) have no ``cost_analysis()``: XLA:GPU's needs a local client. ``module_cost`` runs
+XLA's generic HLO cost analysis over an HLO module instead: ``optimized_cost(compiled)`` over
+the compiled per-device module, ``lowered_cost(lowered)`` over the unoptimized (global, not
+yet partitioned) module. The generic analysis counts ``dot`` / ``convolution`` instructions but
+not the cuBLAS / cuDNN custom calls that XLA:GPU rewrites them into, so GPU FLOPs come from the
+lowered module and GPU bytes accessed from the optimized one.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import jax
 
 
 class Unavailable(RuntimeError):
@@ -26,6 +36,30 @@ def cost(compiled: Any) -> dict[str, float]:
     if isinstance(c, (list, tuple)):
         c = c[0] if c else {}
     return {k: float(v) for k, v in dict(c or {}).items()}
+
+
+def module_cost(module: Any) -> dict[str, float]:
+    """XLA's HLO cost analysis of an ``HloModule`` (flat dict: ``flops``, ``bytes accessed``, …).
+
+    Runs on the host CPU client, so it works for modules compiled for any backend; custom calls
+    (cuBLAS GEMMs, cuDNN convolutions) count no FLOPs and no bytes.
+    """
+    from jax._src.lib import _jax  # the analysis is exposed only here (jaxlib 0.10)
+
+    client = jax.devices("cpu")[0].client
+    return {k: float(v) for k, v in _jax.hlo_module_cost_analysis(client, module).items()}
+
+
+def optimized_cost(compiled: Any) -> dict[str, float]:
+    """:func:`module_cost` of the optimized (per-device, partitioned) entry module of
+    ``compiled`` (a ``jax.stages.Compiled``)."""
+    return module_cost(compiled.runtime_executable().hlo_modules()[0])
+
+
+def lowered_cost(lowered: Any) -> dict[str, float]:
+    """:func:`module_cost` of the unoptimized HLO of ``lowered`` (a ``jax.stages.Lowered``):
+    whole-program (all devices) figures before SPMD partitioning and backend rewrites."""
+    return module_cost(lowered.compiler_ir("hlo").get_hlo_module())
 
 
 def flops(compiled: Any) -> float | None:
