@@ -236,8 +236,8 @@ def main(argv: list[str]) -> None:
         print(
             "GPU targets: deviceless XLA:GPU compiles without autotuning (Triton GEMMs off); "
             "FLOPs from the unoptimized program / devices, bytes from the optimized module "
-            "without cuBLAS/cuDNN calls. A GPU row over the HBM still compiles: XLA:GPU does "
-            "not refuse it, the allocation would fail on the GPU."
+            "with its cuBLAS/cuDNN calls' operands. A GPU row over the HBM still compiles: "
+            "XLA:GPU does not refuse it, the allocation would fail on the GPU."
         )
 
 

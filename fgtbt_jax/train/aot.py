@@ -16,9 +16,10 @@ configurations (kernel choices and times are not meaningful), and Triton GEMMs a
 off (:data:`GPU_COMPILER_OPTIONS`). The executable has no ``cost_analysis()``:
 FLOPs are XLA's HLO cost analysis of the unoptimized program divided by the device count (the
 optimized GPU module hides GEMMs/convolutions in cuBLAS/cuDNN custom calls, which that analysis
-does not count); bytes accessed are that analysis of the optimized per-device module (custom
-calls' operands not counted). :func:`export_cuda` still serializes a ``jax.export`` artefact
-(StableHLO with the shardings) for a real CUDA host (``--export_dir``).
+does not count); bytes accessed are that analysis of the optimized per-device module plus the
+operands and results of its custom calls (:func:`fgtbt_jax.compiled.optimized_cost`).
+:func:`export_cuda` still serializes a ``jax.export`` artefact (StableHLO with the shardings)
+for a real CUDA host (``--export_dir``).
 
 The steps are exactly the trainer's: :func:`fgtbt_jax.train.step.make_train_step` under
 :func:`~fgtbt_jax.train.step.jit_train_step` with the shardings of
@@ -407,14 +408,19 @@ def roofline(
 
 
 def compile_step(
-    step: Callable, args: tuple[Any, ...], compiler_options: dict[str, Any] | None = None
+    step: Callable, args: tuple[Any, ...], target: Target
 ) -> tuple[Any, Any, dict[str, float]]:
-    """``step.lower(*args).compile(compiler_options)``: the lowered and compiled stages and
-    the lowering and compile times."""
+    """``step.lower(*args).compile()`` for ``target``: the lowered and compiled stages and the
+    lowering and compile times. GPU compiles get :data:`GPU_COMPILER_OPTIONS` and bypass the
+    persistent compilation cache (a deviceless executable cannot be loaded back from it)."""
+    from jax._src import config as jax_config  # the cache switch as a context manager
+
+    gpu = target.platform == "cuda"
     t0 = time.perf_counter()
     lowered = step.lower(*args)
     t1 = time.perf_counter()
-    compiled = lowered.compile(compiler_options)
+    with jax_config.enable_compilation_cache(not gpu and jax_config.enable_compilation_cache.value):
+        compiled = lowered.compile(GPU_COMPILER_OPTIONS if gpu else None)
     t2 = time.perf_counter()
     return lowered, compiled, {"lower_seconds": t1 - t0, "compile_seconds": t2 - t1}
 
@@ -442,10 +448,12 @@ def compiled_figures_of(
             "optimized GPU module hides GEMMs and convolutions in cuBLAS/cuDNN custom calls)"
         ),
         "bytes_source": (
-            "HLO cost analysis of the optimized per-device GPU module; cuBLAS/cuDNN custom "
-            "calls' operands and results are not counted"
+            "HLO cost analysis of the optimized per-device GPU module plus the operands and "
+            "results of its cuBLAS/cuDNN custom calls (workspaces excluded)"
         ),
         "flops_optimized_module": optimized["flops"],
+        "custom_calls": int(optimized["custom calls"]),
+        "custom_call_bytes": optimized["custom call bytes"],
         "compiler_options": dict(GPU_COMPILER_OPTIONS),
         "autotuned": False,
     }
@@ -518,8 +526,7 @@ def measure(
         "hbm_bytes": target.chip.hbm_bytes,
     }
     if export_dir is None or target.platform == "tpu":
-        options = GPU_COMPILER_OPTIONS if target.platform == "cuda" else None
-        lowered, compiled, times = compile_step(step, args, options)
+        lowered, compiled, times = compile_step(step, args, target)
         figures = compiled_figures_of(target, lowered, compiled, mesh.size)
         total = figures["memory_bytes"]["total"]
         flops, traffic = figures["flops"], figures["bytes_accessed"]
