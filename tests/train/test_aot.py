@@ -163,35 +163,21 @@ def test_cuda_export_tiny(tmp_path):
         assert [a.shape[0] for a in images] == [4]  # global batch 2 per device × 2 GPUs
 
 
-def test_readme_planning_tables_are_those_of_the_recorded_json(tmp_path):
-    """README's "Planning a pod run" tables are what scripts/aot_tables.py renders from
-    benchmarks/aot_tpu_release.json: rewriting a copy of README changes nothing."""
-    readme = tmp_path / "README.md"
-    readme.write_text((ROOT / "README.md").read_text())
+@pytest.mark.parametrize(
+    "doc, rows, targets",
+    [
+        ("README.md", "benchmarks/aot_tpu_release.json", "tpu"),
+        ("docs/planning_gpu.md", "benchmarks/aot_gpu_release.json", "gpu"),
+    ],
+)
+def test_planning_tables_are_those_of_the_recorded_json(tmp_path, doc, rows, targets):
+    """The planning tables of README ("Planning a pod run", TPUs) and docs/planning_gpu.md are
+    what scripts/aot_tables.py renders from the recorded JSON: rewriting a copy changes
+    nothing."""
+    copy = tmp_path / pathlib.Path(doc).name
+    copy.write_text((ROOT / doc).read_text())
     proc = run_script(
-        "scripts/aot_tables.py",
-        "--json",
-        "benchmarks/aot_tpu_release.json",
-        "--readme",
-        str(readme),
+        "scripts/aot_tables.py", "--targets", targets, "--json", rows, "--readme", str(copy)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert readme.read_text() == (ROOT / "README.md").read_text()
-
-
-def test_gpu_planning_doc_tables_are_those_of_the_recorded_json(tmp_path):
-    """docs/planning_gpu.md's tables are what scripts/aot_tables.py renders from
-    benchmarks/aot_gpu_release.json: rewriting a copy changes nothing."""
-    doc = tmp_path / "planning_gpu.md"
-    doc.write_text((ROOT / "docs/planning_gpu.md").read_text())
-    proc = run_script(
-        "scripts/aot_tables.py",
-        "--targets",
-        "gpu",
-        "--json",
-        "benchmarks/aot_gpu_release.json",
-        "--readme",
-        str(doc),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert doc.read_text() == (ROOT / "docs/planning_gpu.md").read_text()
+    assert copy.read_text() == (ROOT / doc).read_text()
