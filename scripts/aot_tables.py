@@ -1,14 +1,14 @@
-r"""Renders README's "Planning a pod run" tables from the JSON rows of ``scripts/aot_compile.py``.
+r"""Renders docs/planning.md's planning tables from the JSON rows of ``scripts/aot_compile.py``.
 
   python scripts/aot_tables.py --json benchmarks/aot_tpu_release.json            # print them
-  python scripts/aot_tables.py --json benchmarks/aot_tpu_release.json --readme README.md
+  python scripts/aot_tables.py --json benchmarks/aot_tpu_release.json --markdown docs/planning.md
   python scripts/aot_tables.py --targets gpu --json benchmarks/aot_gpu_release.json \
-      --readme docs/planning_gpu.md
+      --markdown docs/planning_gpu.md
 
 The planning table has one line per target, dtype and sharding and one column per batch per
 device (train step, ``kernels=xla``): the total memory per device and whether it fits, XLA's
 out-of-memory verdict, or "not measured". The second table lists every compiled row in full.
-``--readme`` rewrites both tables in place (each from its header line to the next blank line).
+``--markdown`` rewrites both tables in place (each from its header line to the next blank line).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import re
 from absl import app, flags
 
 _JSON = flags.DEFINE_string("json", "benchmarks/aot_tpu_release.json", "aot_compile.py rows.")
-_README = flags.DEFINE_string("readme", None, "Markdown file whose tables are rewritten.")
+_MARKDOWN = flags.DEFINE_string("markdown", None, "Markdown file whose tables are rewritten.")
 _TARGETS = flags.DEFINE_enum("targets", "tpu", ["tpu", "gpu"], "Which targets' tables.")
 
 GiB = 2**30
@@ -127,10 +127,10 @@ def main(argv: list[str]) -> None:
     rows = json.loads(pathlib.Path(_JSON.value).read_text())
     targets = GPU_TARGETS if _TARGETS.value == "gpu" else TARGETS
     plan, full = planning_table(rows, targets), full_table(rows, targets)
-    if _README.value is None:
+    if _MARKDOWN.value is None:
         print("\n".join(plan + [""] + full))
         return
-    path = pathlib.Path(_README.value)
+    path = pathlib.Path(_MARKDOWN.value)
     path.write_text(replace_table(replace_table(path.read_text(), plan), full))
 
 

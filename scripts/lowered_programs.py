@@ -11,7 +11,7 @@ and the evaluator's flip-test eval step, with their shardings), here for this ma
 devices, plus the eval step without the flip test on the same arguments. The batch is the
 config's (``data.batch_per_dataset`` per dataset). Two versions of the library whose programs
 hash alike compile to the same executables, so any speed difference between them is noise (how
-README "Speed" shows that the ``model.kernels`` switch did not change the CPU path). ``--tree``
+docs/performance.md shows that the ``model.kernels`` switch did not change the CPU path). ``--tree``
 imports the library from another checkout instead of this one.
 """
 

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-# Defaults for landmarks in face-size units (see README "Inference" for how they were chosen).
+# Defaults for landmarks in face-size units (docs/inference.md "Video" says how they were chosen).
 MIN_CUTOFF = 1.0
 BETA = 10.0
 D_CUTOFF = 1.0

@@ -164,20 +164,19 @@ def test_cuda_export_tiny(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "doc, rows, targets",
+    "page, rows, targets",
     [
-        ("README.md", "benchmarks/aot_tpu_release.json", "tpu"),
+        ("docs/planning.md", "benchmarks/aot_tpu_release.json", "tpu"),
         ("docs/planning_gpu.md", "benchmarks/aot_gpu_release.json", "gpu"),
     ],
 )
-def test_planning_tables_are_those_of_the_recorded_json(tmp_path, doc, rows, targets):
-    """The planning tables of README ("Planning a pod run", TPUs) and docs/planning_gpu.md are
-    what scripts/aot_tables.py renders from the recorded JSON: rewriting a copy changes
-    nothing."""
-    copy = tmp_path / pathlib.Path(doc).name
-    copy.write_text((ROOT / doc).read_text())
+def test_planning_tables_are_those_of_the_recorded_json(tmp_path, page, rows, targets):
+    """docs/planning.md's (TPU) and docs/planning_gpu.md's tables are what
+    scripts/aot_tables.py renders from the recorded JSON: rewriting a copy changes nothing."""
+    copy = tmp_path / pathlib.Path(page).name
+    copy.write_text((ROOT / page).read_text())
     proc = run_script(
-        "scripts/aot_tables.py", "--targets", targets, "--json", rows, "--readme", str(copy)
+        "scripts/aot_tables.py", "--targets", targets, "--json", rows, "--markdown", str(copy)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert copy.read_text() == (ROOT / doc).read_text()
+    assert copy.read_text() == (ROOT / page).read_text()
