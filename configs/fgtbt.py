@@ -149,6 +149,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # EMA weights exported to WORKDIR/<export_pth> (release .pth layout) at the end; "" = off.
     c.export_pth = "fgtbt_ema.pth"
 
+    # jax.profiler trace of steps start_step … start_step + num_steps − 1 into
+    # WORKDIR/plugins/profile/ (TensorBoard's profile tab); hosts "first" (process 0) or "all".
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start_step = 3
+    c.profile.num_steps = 0  # 0 = off
+    c.profile.hosts = "first"
+
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3

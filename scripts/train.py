@@ -8,6 +8,9 @@ Any config field can be overridden (``--config.optim.lr=1e-4``). ``--config.data
 ``demo`` (default; the bundled synthetic face set, prepared on first use), ``official`` (TFDS
 datasets of the official files) or ``synthetic`` (in-memory batches, no TensorFlow).
 
+``--config.profile.num_steps=N`` traces N steps for TensorBoard's profile tab; step timing,
+TFLOP/s, MFU and the goodput summary are described in docs/observability.md.
+
 The loop is :func:`fgtbt_jax.train.trainer.train_and_evaluate` (WORKDIR layout, resumption and
 preemption are described there). SIGTERM (preemption) saves a checkpoint and exits with 143.
 
@@ -40,7 +43,11 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sharding.maybe_initialize_distributed()  # before any other JAX call
     enable_x64_if_requested(_CONFIG.value.model)  # before any array is created
-    code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        code = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except trainer.BatchShapeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if code:
         sys.exit(code)
 

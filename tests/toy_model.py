@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -26,6 +27,7 @@ class ToyNet(nn.Module):
     num_landmarks: int = 124
     width: int = 8
     stat_groups: int = 1
+    ballast: int = 0  # elements of an extra parameter that only makes checkpoints big
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -38,7 +40,10 @@ class ToyNet(nn.Module):
         x = nn.Dropout(0.1, broadcast_dims=(1, 2))(x, deterministic=not train)
         x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="conv2")(x)
         x = nn.relu(BatchNorm(stat_groups=self.stat_groups, name="bn2")(x, train))
-        return nn.Conv(self.num_landmarks, (1, 1), name="head")(x)
+        x = nn.Conv(self.num_landmarks, (1, 1), name="head")(x)
+        if self.ballast:
+            x = x + 0.0 * self.param("ballast", nn.initializers.zeros, (self.ballast,))[0]
+        return x
 
 
 def build_toy(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1) -> ToyNet:
@@ -46,6 +51,7 @@ def build_toy(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1) 
         num_landmarks=int(model_config.num_landmarks),
         width=int(model_config.get("toy_width", 8)),
         stat_groups=stat_groups,
+        ballast=int(model_config.get("toy_ballast", 0)),
     )
 
 
@@ -83,8 +89,10 @@ def main(args: dict) -> int:
     """fgtbt_jax.train.trainer's training loop with the toy network, in this process (joins a
     ``jax.distributed`` job when JAX_COORDINATOR_ADDRESS etc. are set). ``args``: ``workdir``,
     ``overrides`` (toy_config fields), optional ``pause_at`` k and ``go`` path: print
-    ``AT_STEP k`` before step k and wait for the file ``go``."""
-    from fgtbt_jax.train import sharding, trainer
+    ``AT_STEP k`` before step k and wait for the file ``go``; optional ``kill_after_save`` k:
+    SIGKILL this process as soon as the asynchronous save of step k has started (printing
+    ``SAVING k``)."""
+    from fgtbt_jax.train import checkpointing, sharding, trainer
 
     sharding.maybe_initialize_distributed()
     config = toy_config(**args.get("overrides", {}))
@@ -100,6 +108,17 @@ def main(args: dict) -> int:
                 yield batch
 
         trainer.train_batches = paused
+    if args.get("kill_after_save"):
+        save = checkpointing.Checkpointer.save
+
+        def save_then_die(self, state, **kw):
+            saved = save(self, state, **kw)
+            if int(state.step) == args["kill_after_save"]:
+                print(f"SAVING {int(state.step)}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return saved
+
+        checkpointing.Checkpointer.save = save_then_die
     return trainer.train_and_evaluate(config, args["workdir"], build=build_toy)
 
 

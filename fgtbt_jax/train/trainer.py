@@ -6,8 +6,10 @@ managers, restores, evaluation, the EMA export's restore) runs on all of them. P
 writes host-local files: the JSON-lines metrics, TensorBoard events and the exported ``.pth``.
 
 WORKDIR layout: ``checkpoints/`` (orbax; see :mod:`fgtbt_jax.train.checkpointing`),
-``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see :mod:`fgtbt_jax.train.writers`) and, at the
-end, ``config.export_pth``. A rerun with the same WORKDIR resumes from the latest checkpoint.
+``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see :mod:`fgtbt_jax.train.writers`), a profile
+window's trace in ``plugins/profile/`` (:mod:`fgtbt_jax.train.profiler`) and, at the end,
+``config.export_pth`` and ``goodput.json`` (:mod:`fgtbt_jax.train.goodput`; step timing, FLOPs
+and MFU: docs/observability.md). A rerun with the same WORKDIR resumes from the latest checkpoint.
 SIGTERM (preemption) makes every process save the same step and return
 :data:`PREEMPTED_EXIT_CODE`.
 """
@@ -15,6 +17,7 @@ SIGTERM (preemption) makes every process save the same step and return
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +33,15 @@ from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
 from fgtbt_jax.ops import resolve_kernels
-from fgtbt_jax.train import checkpointing, sharding, synthetic, writers
+from fgtbt_jax.train import (
+    checkpointing,
+    goodput,
+    profiler,
+    sharding,
+    synthetic,
+    throughput,
+    writers,
+)
 from fgtbt_jax.train import state as train_state
 from fgtbt_jax.train import step as train_step
 
@@ -144,7 +155,20 @@ class Progress:
             if "images_per_sec" in m
             else "(compiling)"
         )
-        return f"step {step}/{self.total} loss {m['loss']:.4f} [{per}] lr {m['lr']:.3g} {speed}"
+        timing = ""
+        if "step_time_s" in m:
+            timing = (
+                f" | step {m['step_time_s']:.3f} s, data wait {m['data_wait_s']:.3f} s, "
+                f"checkpoint {m['checkpoint_blocking_s']:.2f} s"
+            )
+            if m.get("tflops_per_device") is not None:
+                timing += f", {m['tflops_per_device']:.3g} TFLOP/s/device"
+            if m.get("mfu") is not None:
+                timing += f", MFU {m['mfu']:.1%}"
+        return (
+            f"step {step}/{self.total} loss {m['loss']:.4f} [{per}] lr {m['lr']:.3g} {speed}"
+            f"{timing}"
+        )
 
 
 def _report_progress(config: ml_collections.ConfigDict, writer: writers.MetricWriter) -> Any:
@@ -169,6 +193,70 @@ def _memory_line(compiled: Any) -> str:
         return str(e)
     parts = " ".join(f"{k} {m[k] / 2**20:.1f} MiB" for k in ("argument", "output", "temp", "alias"))
     return f"train step memory per device: {parts}, total {m['total'] / 2**20:.1f} MiB"
+
+
+def _compile(
+    step_fn: Any,
+    state: Any,
+    batch: dict,
+    clock: goodput.Clock,
+    mesh: jax.sharding.Mesh,
+    config: ml_collections.ConfigDict,
+) -> tuple[Any, throughput.StepCost]:
+    """Compiles the train step once (timed as ``compile``) and logs its memory and FLOPs."""
+    t = time.perf_counter()
+    with clock.measure("compile"):
+        compiled = step_fn.lower(state, batch).compile()
+    info(f"compiled the train step in {time.perf_counter() - t:.1f} s")
+    info(_memory_line(compiled))
+    cost = throughput.StepCost.of(
+        compiled,
+        devices=mesh.size,
+        global_batch=int(batch["dataset_id"].shape[0]),
+        device_kind=mesh.devices.flat[0].device_kind,
+        dtype=str(config.model.dtype),
+    )
+    info(cost.line())
+    return compiled, cost
+
+
+def _log_input_rate(delivered: float, rows: int, window: dict[str, float]) -> None:
+    """Logs (every process) the images/s this process's input pipeline delivers and the rate
+    its share of the step consumes, once after warm-up."""
+    consumed = rows / window["step_time_s"] if window["step_time_s"] > 0 else float("inf")
+    verdict = "keeps up" if delivered >= consumed else "STARVES the step"
+    message = (
+        f"input pipeline of process {jax.process_index()}: delivers {delivered:.1f} images/s "
+        f"({goodput.RATE_BATCHES} batches drained), the step consumes {consumed:.1f} images/s "
+        f"({rows} per step per process): {verdict}"
+    )
+    info(message)
+    if delivered < consumed:
+        logging.warning(message)  # on every process, whatever the verbosity
+
+
+class BatchShapeError(ValueError):
+    """The global batch cannot be split over the mesh (the message says what to set)."""
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+    """The global batch size; raises :class:`BatchShapeError` unless it splits evenly over the
+    mesh's devices and the processes, naming the smallest ``data.batch_per_dataset`` that does.
+    """
+    global_batch = len(synthetic.dataset_ids(config))
+    per_dataset = int(config.data.batch_per_dataset)
+    num_datasets = global_batch // max(per_dataset, 1)
+    n = math.lcm(mesh.size, jax.process_count())
+    if global_batch and global_batch % n == 0:
+        return global_batch
+    step = n // math.gcd(num_datasets, n)  # batch_per_dataset must be a multiple of this
+    fix = max(step, -(-per_dataset // step) * step)
+    raise BatchShapeError(
+        f"the global batch of {global_batch} images (data.batch_per_dataset={per_dataset} × "
+        f"{num_datasets} datasets) cannot split evenly over the {mesh.size} devices of the "
+        f"mesh ({jax.process_count()} process(es)); set --config.data.batch_per_dataset={fix} "
+        f"(a multiple of {step}), or fewer devices with --config.sharding.num_devices"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,15 +302,19 @@ def train_and_evaluate(
     after a preemption save. ``build(model_config, stat_groups=…)`` makes the network (tests
     pass a small stand-in). Call it on every process of a multi-process job.
     """
+    clock = goodput.Clock()
     workdir = pathlib.Path(workdir).absolute()
+    total = int(config.total_steps)
+    # Mesh first: a batch that cannot split over it fails before any data or model work.
+    mesh = sharding.make_mesh(int(config.sharding.num_devices) or None)
+    global_batch = check_batch(config, mesh)
+    profile = profiler.ProfileWindow(config, workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-    total = int(config.total_steps)
     prepare_data(config)
 
-    # Mesh and model. stat_groups = devices: per-device BatchNorm/CSAM statistics like the
+    # Model. stat_groups = devices: per-device BatchNorm/CSAM statistics like the
     # reference's unsynchronised data parallelism; 1: statistics over the whole global batch.
-    mesh = sharding.make_mesh(int(config.sharding.num_devices) or None)
     cross = bool(config.sharding.cross_device_stats)
     model = build(config.model, stat_groups=1 if cross else mesh.size)
     init_model = build(config.model)
@@ -241,7 +333,6 @@ def train_and_evaluate(
         variables = initial_variables(config, init_model)
         state, _ = train_state.create_train_state(config, init_model, tx, mesh, variables=variables)
     start = int(jax.device_get(state.step))
-    global_batch = len(synthetic.dataset_ids(config))
     info(
         f"{'resuming at' if start else 'starting'} step {start}/{total} on {mesh.size} "
         f"device(s), {jax.process_count()} process(es); mesh {dict(mesh.shape)} of "
@@ -263,17 +354,25 @@ def train_and_evaluate(
             names = datasets
         else:
             names = ("300W",) if "300W" in datasets else datasets
-        metrics = evaluator(state.ema_variables(), names)
+        jax.block_until_ready(state)  # the step's own time is not evaluation
+        with clock.measure("evaluation"):
+            metrics = evaluator(state.ema_variables(), names)
         if metrics is not None:
             writer.write_eval(step, metrics)
             nme = " ".join(f"{n} {metrics[f'nme_{n}']:.4f}" for n in names if f"nme_{n}" in metrics)
             info(f"eval step {step}: NME (reference protocol, inter-ocular) {nme}")
         return metrics
 
+    def save(metrics: dict[str, float] | None) -> None:
+        """Starts an asynchronous save; only the blocking part is timed as checkpointing."""
+        jax.block_until_ready(state)
+        with clock.measure("checkpoint"):
+            ckpt.save(state, config=config, metrics=metrics)
+
     if start == 0 and evaluator is not None:
         eval_metrics = evaluate(0)  # the random (or imported) initialisation as a baseline
         if eval_metrics is not None:
-            ckpt.save(state, config=config, metrics=eval_metrics)
+            save(eval_metrics)
 
     step_fn = train_step.jit_train_step(
         train_step.make_train_step(model, tx, schedule, config), shardings, mesh
@@ -286,15 +385,24 @@ def train_and_evaluate(
 
     progress = Progress(total, global_batch, start)
     batches = train_batches(config, start) if start < total else iter(())
-    compiled = None
+    compiled = cost = None
+    window_steps, rate_logged = 0, False
     exit_code = 0
-    with checkpointing.PreemptionHandler() as preemption:
+    clock.loop_started()
+    with checkpointing.PreemptionHandler() as preemption, profile:
         for step in range(start + 1, total + 1):
-            batch = global_batch_at(next(batches))
+            if compiled is not None:
+                profile.before_step(step, state)
+            with clock.measure("input_wait"):
+                local = next(batches)
+            batch = global_batch_at(local)
             if compiled is None:  # compile once, report what it needs, train with it
-                compiled = step_fn.lower(state, batch).compile()
-                info(_memory_line(compiled))
+                compiled, cost = _compile(step_fn, state, batch, clock, mesh, config)
+                profile.before_step(step, state)
             state, metrics = compiled(state, batch)
+            window_steps += 1
+            if profile.after_step(step, (state, metrics)):
+                info(f"profiled steps {profile.first}-{step} into {profile.runs()[-1]}")
             progress.add(step, metrics)
             if report_progress is not None:
                 report_progress(step)
@@ -302,8 +410,18 @@ def train_and_evaluate(
             preempted = preemption.should_stop(step)
             if step % int(config.log_every) == 0 or step in (start + 1, total) or preempted:
                 values = progress.flush()
+                values.update(clock.window(window_steps))
+                values.update(cost.window(values["step_time_s"]))
+                window_steps = 0
                 writer.write_train(step, values)
                 info(progress.line(step, values))
+                if not rate_logged and start + 1 < step < total and not preempted:
+                    rate_logged = True  # once, after the warm-up window
+                    with clock.measure("input_wait"):
+                        batches, delivered = goodput.measure_delivery(
+                            batches, min(goodput.RATE_BATCHES, total - step)
+                        )
+                    _log_input_rate(delivered, len(local["dataset_id"]), values)
             eval_metrics = None
             if evaluator is not None and (step % int(config.eval_every) == 0 or step == total):
                 eval_metrics = evaluate(step)
@@ -314,14 +432,17 @@ def train_and_evaluate(
                 or eval_metrics is not None
             ):
                 progress.flush()  # never checkpoint a state whose loss went non-finite
-                ckpt.save(state, config=config, metrics=eval_metrics)
+                save(eval_metrics)
             if preempted:
-                ckpt.wait()
+                with clock.measure("checkpoint"):
+                    ckpt.wait()
                 info(f"preempted: saved step {step}; rerun to resume")
                 exit_code = PREEMPTED_EXIT_CODE
                 break
+    clock.loop_ended()
 
-    ckpt.close()
+    with clock.measure("checkpoint"):
+        ckpt.close()  # waits until every save is committed
     if exit_code == 0 and config.export_pth:
         from fgtbt_jax.porting import pretrained
 
@@ -329,5 +450,11 @@ def train_and_evaluate(
         path = workdir / config.export_pth
         step = pretrained.export_ema_pth(workdir, path, config)
         info(f"exported EMA weights of step {step} to {path}")
+    summary = clock.summary()
+    if cost is not None:
+        summary["train_step"] = cost.record()
+    info(("preempted, " if exit_code else "") + goodput.summary_line(summary))
+    if jax.process_index() == 0:
+        goodput.write_summary(workdir, summary)
     writer.close()
     return exit_code

@@ -62,16 +62,19 @@ class MetricWriter:
                     path.write_text("".join(x + "\n" for x in kept))
         self.writer = _clu_writer(workdir / TENSORBOARD_DIR, just_logging=not self.lead)
 
-    def _write(self, path: pathlib.Path, step: int, values: Mapping[str, float], prefix: str):
+    def _write(
+        self, path: pathlib.Path, step: int, values: Mapping[str, float | None], prefix: str
+    ) -> None:
         if self.lead:
             with path.open("a") as f:
                 f.write(json.dumps({"step": int(step), **values}) + "\n")
-        if self.writer is not None:
-            self.writer.write_scalars(int(step), {prefix + k: v for k, v in values.items()})
+        if self.writer is not None:  # TensorBoard has no null: unknown values (None) are left out
+            scalars = {prefix + k: v for k, v in values.items() if v is not None}
+            self.writer.write_scalars(int(step), scalars)
         else:
             logging.info("[%d] %s", step, {prefix + k: v for k, v in values.items()})
 
-    def write_train(self, step: int, values: Mapping[str, float]) -> None:
+    def write_train(self, step: int, values: Mapping[str, float | None]) -> None:
         self._write(self.train_path, step, values, "")
 
     def write_eval(self, step: int, values: Mapping[str, float]) -> None:

@@ -38,10 +38,12 @@ def _start(args: dict) -> subprocess.Popen:
     )
 
 
-def _restore_final(workdir: pathlib.Path, step: int) -> train_state.TrainState:
+def _restore_final(
+    workdir: pathlib.Path, step: int, overrides: dict | None = None
+) -> train_state.TrainState:
     from toy_model import build_toy, toy_config
 
-    config = toy_config()
+    config = toy_config(**(overrides or {}))
     mesh = sharding.make_mesh(1)
     tx, _ = train_state.make_optimizer(config)
     abstract = train_state.abstract_train_state(config, build_toy(config.model), tx, mesh)
@@ -70,6 +72,10 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     out, err = interrupted.communicate(timeout=240)
     assert interrupted.returncode == 143, err[-5000:]
     assert "preempted: saved step 3" in out, out
+    # The goodput summary of the preempted run: logged, and its parts add up to its wall time.
+    assert "preempted, goodput" in out, out
+    summary = json.loads((cut / "goodput.json").read_text())
+    assert abs(sum(summary["parts_s"].values()) - summary["wall_s"]) < 1.0, summary
     # Steps 2 (regular) and 3 (on SIGTERM; checkpoint_every = 2) exist, nothing later.
     with checkpointing.Checkpointer(cut) as ckpt:
         assert ckpt.all_steps() == [2, 3]
@@ -198,3 +204,33 @@ def test_best_checkpoint_per_metric_is_kept(tmp_path):
         assert ckpt.all_steps() == [2, 4, 6, 7]
         assert ckpt.metrics(2) == {"nme_300W": 0.2, "nme_WFLW": 0.8}
         assert ckpt.manager.best_step() == 2
+
+
+def test_killed_during_async_save_resumes_from_last_commit(tmp_path):
+    """SIGKILL while the trainer's asynchronous save of step 4 is in flight: the rerun resumes
+    from step 2, the last committed checkpoint, and ends bit-identical to an uninterrupted run."""
+    big = {"model.toy_ballast": 2**24}  # 64 MiB parameter: the write outlives the kill
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    uninterrupted = _start({"workdir": str(full), "overrides": big})
+    killed = _start({"workdir": str(cut), "overrides": big, "kill_after_save": 4})
+    out, err = killed.communicate(timeout=240)
+    assert killed.returncode == -signal.SIGKILL, err[-5000:]
+    assert "SAVING 4" in out, out
+    names = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert "2" in names and "4" not in names, names  # step 4 was not committed
+    assert any(n.startswith("4.orbax-checkpoint-tmp") for n in names), names
+
+    resumed = _start({"workdir": str(cut), "overrides": big})
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-5000:]
+    assert "resuming at step 2/6" in out, out
+    out_full, err_full = uninterrupted.communicate(timeout=240)
+    assert uninterrupted.returncode == 0, err_full[-5000:]
+
+    a, b = _restore_final(full, 6, big), _restore_final(cut, 6, big)
+    assert int(a.step) == int(b.step) == 6
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), jax.tree_util.keystr(path))
+    assert [r["loss"] for r in _log(cut)] == [r["loss"] for r in _log(full)]
