@@ -81,9 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     c.heatmap_size = c.img_size // 2
 
-    # Data (SPEC §4). source "demo" = the bundled synthetic set (prepared on first use);
-    # "official" = TFDS datasets prepared from the official files with scripts/prepare_data.py;
-    # "synthetic" = in-memory generated batches (fgtbt_jax/train/synthetic.py; no files, no TF).
+    # Data (SPEC §4; read by input_pipeline/sources.py). source "demo" = the bundled synthetic
+    # set (prepared on first use); "official" = TFDS datasets prepared from the official files
+    # with scripts/prepare_data.py; "synthetic" = in-memory generated batches
+    # (input_pipeline/synthetic.py; no files, no TF).
     c.data = ml_collections.ConfigDict()
     c.data.source = "demo"
     c.data.data_dir = "data/tfds"  # TFDS data_dir (relative to the working directory)

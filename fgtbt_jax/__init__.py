@@ -1,9 +1,11 @@
 """fgtbt-jax: FGTBT (Frequency-Guided Task-Balancing Transformer) in JAX/Flax.
 
 The package tree follows the architecture: ``models/`` (the network), ``porting/`` (PyTorch
-``.pth`` ⇄ Flax), ``train/`` (loss, optimizer, sharding, train step, checkpoints),
+``.pth`` ⇄ Flax), ``train/`` (loss, optimizer, sharding, train step, the loop),
 ``evaluation/`` (decoding, metrics, reports), ``inference/`` (face detection and the detection
-pipeline); ``landmarks`` and ``transforms`` are the unified landmark scheme and crop geometry.
+pipeline); ``landmarks`` and ``transforms`` are the unified landmark scheme and crop geometry,
+``checkpointing`` the orbax checkpoints (below both ``train/`` and ``porting/``), ``errors`` the
+errors scripts report as one line.
 
 The public API below is imported on first use, so numpy-only modules (``fgtbt_jax.landmarks``,
 ``fgtbt_jax.transforms``) import without JAX.

@@ -32,6 +32,8 @@ Conventions (all arrays are ``(..., 2)`` ``(x, y)``; float64 internally):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fgtbt_jax import landmarks
@@ -41,6 +43,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _ArrayLike = np.ndarray | list | tuple
+
+
+def imagenet_normalize(
+    rgb: Any, *, scale: float = 255.0, dtype: Any = np.float32, xp: Any = np
+) -> Any:
+    """ImageNet normalization ``(rgb / scale - mean) / std`` of (…, 3) RGB values in
+    ``[0, scale]`` (uint8 levels by default; ``scale=1.0`` for values already in [0, 1]).
+
+    Computed in ``dtype`` (float32; float64 for a look-up table rounded once at the end) with
+    :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` as float32 constants (converted to ``dtype``),
+    in that order of operations, so every caller gets the same bits. ``xp``: ``numpy`` or
+    ``jax.numpy`` (arrays of that module in and out).
+    """
+    mean = xp.asarray(np.asarray(IMAGENET_MEAN, np.float32), dtype)
+    std = xp.asarray(np.asarray(IMAGENET_STD, np.float32), dtype)
+    return (xp.asarray(rgb, dtype) / scale - mean) / std
 
 
 def _center(center_xy: _ArrayLike) -> tuple[float, float]:

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -52,21 +53,148 @@ def _encode(image: np.ndarray, ext: str, quality: int = 92) -> bytes:
     return buf.tobytes()
 
 
-def _faces(seed, tag, n, rng_kwargs, force_cycle: tuple[str, ...] = (), size=None):
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, tag, i])
-        force = force_cycle[i % len(force_cycle)] if force_cycle else None
-        out.append(render_face(rng, force=force, size=size, **rng_kwargs))
-    return out
-
-
 def _rec(face: Face, dataset: str, image_id: str, **kw) -> formats.FaceRecord:
     pts = face.points[landmarks.unified_index(dataset)]
     center, scale, _, _ = _bbox(pts)
     return formats.FaceRecord(
         image_id=image_id, landmarks=pts, center=center, scale=scale, source="demo", row=0, **kw
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What one :func:`write_official` call renders: seeds, split sizes, picture size."""
+
+    seed: int
+    tag: int  # 10 × dataset id; split t renders from the streams (seed, tag + t, i)
+    num_train: int
+    num_test: int
+    size: tuple[int, int] | None
+
+    def faces(
+        self,
+        t: int,
+        n: int,
+        *,
+        force_cycle: tuple[str, ...] = (),
+        difficulty: Callable[[int], str] = lambda i: "normal",
+        occluder_prob: float,
+    ) -> list[Face]:
+        """``n`` faces of split ``t`` (face ``i``: forced attribute ``force_cycle[i mod …]``,
+        ``difficulty(i)``)."""
+        out = []
+        for i in range(n):
+            rng = np.random.default_rng([self.seed, self.tag + t, i])
+            force = force_cycle[i % len(force_cycle)] if force_cycle else None
+            out.append(render_face(rng, difficulty=difficulty(i), occluder_prob=occluder_prob,
+                                   force=force, size=self.size))  # fmt: skip
+        return out
+
+
+def _write_image(path: pathlib.Path, image: np.ndarray, ext: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_encode(image, ext))
+
+
+def _write_cofw(out: DemoSet, job: _Job) -> None:
+    """``COFW_{train,test}_color.mat``; about one picture in five grayscale."""
+    for split, n, t in (("train", job.num_train, 0), ("test", job.num_test, 1)):
+        faces = job.faces(t, n, occluder_prob=0.6)
+        out.splits[split] = faces
+        images, phis = [], []
+        for i, face in enumerate(faces):
+            img = face.image
+            if np.random.default_rng([job.seed, job.tag + t, i, 7]).random() < 0.2:
+                img = np.round(img.astype(np.float32) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+            pts = face.points[landmarks.unified_index("COFW")]
+            occ = face.occluded[landmarks.unified_index("COFW")]
+            images.append(img)
+            phis.append(np.concatenate([pts[:, 0], pts[:, 1], occ.astype(np.float64)]))
+        formats.write_cofw_mat(out.root / f"COFW_{split}_color.mat", split, images, np.stack(phis))
+
+
+def _write_wflw(out: DemoSet, job: _Job) -> None:
+    """Train / test CSVs, the six attribute subsets of the test set, ``WFLW_images/``."""
+    img_dir = out.root / "WFLW_images"
+    for split, n, t in (("train", job.num_train, 0), ("test", job.num_test, 1)):
+        cycle = formats.WFLW_ATTRIBUTES if split == "test" else ()
+        faces = job.faces(t, n, force_cycle=cycle, occluder_prob=0.25)
+        out.splits[split] = faces
+        recs = []
+        for i, face in enumerate(faces):
+            rel = f"{i % 3}--Synthetic/{split}_{i:05d}.jpg"
+            _write_image(img_dir / rel, face.image, ".jpg")
+            recs.append(_rec(face, "WFLW", rel, attributes=face.attributes))
+        formats.write_wflw_csv(out.root / f"face_landmarks_wflw_{split}.csv", recs)
+        if split == "test":
+            for attr in formats.WFLW_ATTRIBUTES:
+                sub = [r for r in recs if r.attributes[attr]]
+                formats.write_wflw_csv(out.root / f"face_landmarks_wflw_test_{attr}.csv", sub)
+
+
+def _write_300w(out: DemoSet, job: _Job) -> None:
+    """``train.tsv``, ``test_common.tsv``, ``test_ibug.tsv`` (harder faces), pictures in
+    ``lfpw/`` (PNG), ``helen/``, ``afw/``, ``ibug/`` with paths partly written with ``\\``."""
+    splits = (
+        ("train.tsv", job.num_train, 0, "normal", ("lfpw\\trainset", "helen/trainset", "afw")),
+        ("test_common.tsv", job.num_test, 1, "normal", ("lfpw\\testset", "helen/testset")),
+        ("test_ibug.tsv", max(4, job.num_test // 2), 2, "hard", ("ibug",)),
+    )
+    for fname, n, t, difficulty, folders in splits:
+        faces = job.faces(t, n, difficulty=lambda i, d=difficulty: d, occluder_prob=0.2)
+        out.splits[_300W_SPLITS[fname]] = faces
+        recs, paths, fives = [], [], []
+        for i, face in enumerate(faces):
+            folder = folders[i % len(folders)]
+            ext = ".png" if folder.startswith("lfpw") else ".jpg"
+            sep = "\\" if "\\" in folder else "/"
+            rel = f"{folder}{sep}image_{t}{i:04d}{ext}"
+            _write_image(out.root / rel.replace("\\", "/"), face.image, ext)
+            rec = _rec(face, "300W", rel.replace("\\", "/"))
+            pts = rec.landmarks
+            five = np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48],
+                             pts[54]])  # fmt: skip
+            recs.append(rec)
+            paths.append(rel)
+            fives.append(five)
+        formats.write_300w_tsv(out.root / fname, recs, paths=paths, five_points=fives)
+
+
+def _aflw_difficulty(split: str) -> Callable[[int], str]:
+    if split == "test":  # every other face frontal (the test_frontal subset), the others hard
+        return lambda i: "frontal" if i % 2 == 0 else "hard"
+    return lambda i: "normal" if i % 3 else "hard"
+
+
+def _write_aflw(out: DemoSet, job: _Job) -> None:
+    """Train / test / test_frontal CSVs (box size of all 124 points), ``images/``."""
+    img_dir = out.root / "images"
+    for split, n, t in (("train", job.num_train, 0), ("test", job.num_test, 1)):
+        faces = job.faces(t, n, difficulty=_aflw_difficulty(split), occluder_prob=0.2)
+        out.splits[split] = faces
+        recs = []
+        for i, face in enumerate(faces):
+            rel = f"flickr/{i % 3}/image{t}{i:05d}.jpg"
+            _write_image(img_dir / rel, face.image, ".jpg")
+            _, _, bw, bh = _bbox(face.points)
+            rec = _rec(face, "AFLW", rel, box_size=math.sqrt(bw * bh))
+            center, scale, _, _ = _bbox(face.points)
+            rec.center, rec.scale = center, scale
+            rec.attributes = {"frontal": abs(face.params.yaw) < 15}
+            recs.append(rec)
+        formats.write_aflw_csv(out.root / f"face_landmarks_aflw_{split}.csv", recs)
+        if split == "test":
+            frontal = [r for r in recs if r.attributes["frontal"]]
+            formats.write_aflw_csv(out.root / "face_landmarks_aflw_test_frontal.csv", frontal)
+            out.splits["test_frontal"] = [f for f in faces if abs(f.params.yaw) < 15]
+
+
+_WRITERS: dict[str, Callable[[DemoSet, _Job], None]] = {
+    "COFW": _write_cofw,
+    "WFLW": _write_wflw,
+    "300W": _write_300w,
+    "AFLW": _write_aflw,
+}
 
 
 def write_official(
@@ -91,109 +219,14 @@ def write_official(
     Returns the folder and the rendered faces per split (the ground truth). Deterministic in
     (seed, dataset, image_size).
     """
-    if dataset not in landmarks.DATASETS:
+    if dataset not in _WRITERS:
         raise ValueError(f"unknown dataset {dataset!r}")
     num_test = max(6, num_train // 4) if num_test is None else num_test
     root = pathlib.Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    tag = landmarks.DATASET_ID[dataset] * 10
+    job = _Job(int(seed), landmarks.DATASET_ID[dataset] * 10, num_train, num_test, image_size)
     out = DemoSet(root=root, dataset=dataset)
-
-    if dataset == "COFW":
-        for split, n, t in (("train", num_train, 0), ("test", num_test, 1)):
-            faces = _faces(seed, tag + t, n, {"occluder_prob": 0.6}, size=image_size)
-            out.splits[split] = faces
-            images, phis = [], []
-            for i, face in enumerate(faces):
-                img = face.image
-                if np.random.default_rng([seed, tag + t, i, 7]).random() < 0.2:
-                    img = np.round(img.astype(np.float32) @ [0.299, 0.587, 0.114]).astype(np.uint8)
-                pts = face.points[landmarks.unified_index("COFW")]
-                occ = face.occluded[landmarks.unified_index("COFW")]
-                images.append(img)
-                phis.append(np.concatenate([pts[:, 0], pts[:, 1], occ.astype(np.float64)]))
-            name = f"COFW_{split}_color.mat"
-            formats.write_cofw_mat(root / name, split, images, np.stack(phis))
-        return out
-
-    if dataset == "WFLW":
-        img_dir = root / "WFLW_images"
-        for split, n, t in (("train", num_train, 0), ("test", num_test, 1)):
-            cycle = formats.WFLW_ATTRIBUTES if split == "test" else ()
-            faces = _faces(seed, tag + t, n, {"occluder_prob": 0.25}, cycle, image_size)
-            out.splits[split] = faces
-            recs = []
-            for i, face in enumerate(faces):
-                rel = f"{i % 3}--Synthetic/{split}_{i:05d}.jpg"
-                (img_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                (img_dir / rel).write_bytes(_encode(face.image, ".jpg"))
-                recs.append(_rec(face, "WFLW", rel, attributes=face.attributes))
-            formats.write_wflw_csv(root / f"face_landmarks_wflw_{split}.csv", recs)
-            if split == "test":
-                for attr in formats.WFLW_ATTRIBUTES:
-                    sub = [r for r in recs if r.attributes[attr]]
-                    formats.write_wflw_csv(root / f"face_landmarks_wflw_test_{attr}.csv", sub)
-        return out
-
-    if dataset == "300W":
-        splits = (
-            ("train.tsv", num_train, 0, "normal", ("lfpw\\trainset", "helen/trainset", "afw")),
-            ("test_common.tsv", num_test, 1, "normal", ("lfpw\\testset", "helen/testset")),
-            ("test_ibug.tsv", max(4, num_test // 2), 2, "hard", ("ibug",)),
-        )
-        for fname, n, t, difficulty, folders in splits:
-            faces = _faces(
-                seed, tag + t, n, {"difficulty": difficulty, "occluder_prob": 0.2}, size=image_size
-            )
-            out.splits[_300W_SPLITS[fname]] = faces
-            recs, paths, fives = [], [], []
-            for i, face in enumerate(faces):
-                folder = folders[i % len(folders)]
-                ext = ".png" if folder.startswith("lfpw") else ".jpg"
-                rel = f"{folder}\\image_{t}{i:04d}{ext}" if "\\" in folder else (
-                    f"{folder}/image_{t}{i:04d}{ext}")  # fmt: skip
-                dst = root / rel.replace("\\", "/")
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(_encode(face.image, ext))
-                rec = _rec(face, "300W", rel.replace("\\", "/"))
-                pts = rec.landmarks
-                five = np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48],
-                                 pts[54]])  # fmt: skip
-                recs.append(rec)
-                paths.append(rel)
-                fives.append(five)
-            formats.write_300w_tsv(root / fname, recs, paths=paths, five_points=fives)
-        return out
-
-    # AFLW
-    img_dir = root / "images"
-    for split, n, t in (("train", num_train, 0), ("test", num_test, 1)):
-        faces = []
-        for i in range(n):
-            rng = np.random.default_rng([seed, tag + t, i])
-            difficulty = "frontal" if (split == "test" and i % 2 == 0) else "hard"
-            if split == "train" and i % 3:
-                difficulty = "normal"
-            faces.append(
-                render_face(rng, difficulty=difficulty, occluder_prob=0.2, size=image_size)
-            )
-        out.splits[split] = faces
-        recs = []
-        for i, face in enumerate(faces):
-            rel = f"flickr/{i % 3}/image{t}{i:05d}.jpg"
-            (img_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            (img_dir / rel).write_bytes(_encode(face.image, ".jpg"))
-            _, _, bw, bh = _bbox(face.points)
-            rec = _rec(face, "AFLW", rel, box_size=math.sqrt(bw * bh))
-            center, scale, _, _ = _bbox(face.points)
-            rec.center, rec.scale = center, scale
-            rec.attributes = {"frontal": abs(face.params.yaw) < 15}
-            recs.append(rec)
-        formats.write_aflw_csv(root / f"face_landmarks_aflw_{split}.csv", recs)
-        if split == "test":
-            frontal = [r for r in recs if r.attributes["frontal"]]
-            formats.write_aflw_csv(root / "face_landmarks_aflw_test_frontal.csv", frontal)
-            out.splits["test_frontal"] = [f for f in faces if abs(f.params.yaw) < 15]
+    _WRITERS[dataset](out, job)
     return out
 
 

@@ -311,6 +311,8 @@ class _Projector:
         return self.c + self.f * (pts3 @ self.r.T)[:, :2]
 
 
+_DENSE = np.linspace(0.0, 1.0, 33)  # parameters at which curves are drawn
+
 # ----------------------------------------------------------------------------------------------
 # Drawing helpers (OpenCV, sub-pixel via fixed-point coordinates)
 
@@ -421,46 +423,33 @@ def sample_params(rng: np.random.Generator, difficulty: str = "normal") -> FaceP
     )
 
 
-def render_face(
-    rng: np.random.Generator,
-    *,
-    size: tuple[int, int] | None = None,
-    difficulty: str = "normal",
-    occluder_prob: float = 0.3,
-    force: str | None = None,
-    params: FaceParams | None = None,
-) -> Face:
-    """Draw one random face. ``size``: (height, width), default random in [160, 256].
+@dataclasses.dataclass
+class _Scene:
+    """One face being drawn: the picture (drawn on in place, step by step), the occluder mask,
+    and what every step needs (random stream, pose/projection, skin colour)."""
 
-    ``force``: a WFLW attribute (see ``formats.WFLW_ATTRIBUTES``) that this face must show.
-    """
+    rng: np.random.Generator
+    p: FaceParams
+    unit: float  # pixels per face-frame unit
+    proj: _Projector
+    curves: dict[str, Curve]
+    img: np.ndarray  # (H, W, 3) uint8 RGB
+    occ_mask: np.ndarray  # (H, W) uint8, 255 where an occluder covers the face
+    skin: np.ndarray  # (3,) float RGB
+
+    def px(self, name: str, s=_DENSE) -> np.ndarray:
+        """Curve ``name`` at parameters ``s``, in pixels."""
+        return self.proj(self.curves[name](np.asarray(s, float)))
+
+
+def _draw_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(H, W, 3) uint8: a colour gradient with random clutter (rectangles, discs, lines)."""
     import cv2
 
-    if size is None:
-        size = (int(rng.integers(160, 257)), int(rng.integers(160, 257)))
-    h, w = size
-    p = params or sample_params(rng, "hard" if force == "largepose" else difficulty)
-    if force == "largepose" and params is None:
-        p.yaw = float(rng.choice([-1, 1]) * rng.uniform(32, 50))
-    if force == "expression" and params is None:
-        p.mouth_open, p.smile = rng.uniform(0.14, 0.3), rng.uniform(0.6, 1.0)
-
-    unit = rng.uniform(0.2, 0.28) * min(h, w)
-    center = np.array([w / 2, h / 2]) + rng.uniform(-0.08, 0.08, 2) * np.array([w, h])
-    center[1] += 0.1 * unit
-    proj = _Projector(p, center, unit)
-    curves = _curves(p)
-    dense = np.linspace(0.0, 1.0, 33)
-
-    def curve_px(name, s=dense):
-        return proj(curves[name](np.asarray(s, float)))
-
-    # ---- background: gradient, clutter, texture
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     gdir = rng.normal(size=2)
     gdir /= np.linalg.norm(gdir) + 1e-9
-    xx = np.arange(w, dtype=np.float32)[None, :] - w / 2
-    yy = np.arange(h, dtype=np.float32)[:, None] - h / 2
+    xx, yy = _pixel_grid(h, w)
     t = ((xx * gdir[0] + yy * gdir[1]) / max(h, w) + 0.5)[..., None]
     img = (c0.astype(np.float32) * (1 - t) + c1.astype(np.float32) * t).astype(np.uint8)
     for _ in range(int(rng.integers(4, 14))):
@@ -477,19 +466,27 @@ def render_face(
             _line(img, np.stack([a, b]), col, rng.uniform(1, 5))
         else:
             _poly(img, a + rng.uniform(-0.25, 0.25, (3, 2)) * [w, h], col)
+    return img
 
-    occ_mask = np.zeros((h, w), np.uint8)
-    skin = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.9, 1.08, 3)
-    skin_dark = skin * 0.78
 
-    # ---- clothes, neck, ears, hair (behind)
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(1, W) and (H, 1) float32 pixel offsets from the picture's centre."""
+    xx = np.arange(w, dtype=np.float32)[None, :] - w / 2
+    yy = np.arange(h, dtype=np.float32)[:, None] - h / 2
+    return xx, yy
+
+
+def _draw_behind_head(sc: _Scene) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Clothes, neck, the back of the hair and the ears; returns the hair colour and the
+    forehead outline (face frame, (25, 3)) that the skin and the fringe are drawn to."""
+    rng, p, unit, skin_dark = sc.rng, sc.p, sc.unit, sc.skin * 0.78
     cloth = _col(rng.uniform(0, 255, 3))
-    jaw_px = curve_px("jaw")
-    chin = proj(curves["jaw"](np.array([0.5])))[0]
-    _ellipse(img, chin + [0, 1.4 * unit], (1.9 * unit, 0.9 * unit), p.roll * 0.3, cloth)
+    jaw_px = sc.px("jaw")
+    chin = sc.px("jaw", [0.5])[0]
+    _ellipse(sc.img, chin + [0, 1.4 * unit], (1.9 * unit, 0.9 * unit), p.roll * 0.3, cloth)
     nl, nr = jaw_px[8], jaw_px[-9]
     neck = np.array([nl, nr, nr + [0.1 * unit, 1.5 * unit], nl + [-0.1 * unit, 1.5 * unit]])
-    _poly(img, neck, _col(skin_dark))
+    _poly(sc.img, neck, _col(skin_dark))
     hair_col = _col(rng.choice([[20, 15, 10], [60, 40, 25], [120, 80, 40], [200, 170, 110],
                                 [90, 90, 90], [150, 60, 30]]) * rng.uniform(0.8, 1.2))  # fmt: skip
     phi = np.linspace(0, np.pi, 25)
@@ -502,15 +499,22 @@ def render_face(
         -0.3 + 0.2 * np.sin(phi),
     )
     if rng.random() < 0.85:
-        _poly(img, proj(hair_back), hair_col)
+        _poly(sc.img, sc.proj(hair_back), hair_col)
     for side in (-1, 1):
-        ear = proj(_pts(side * (p.jaw_width + 0.04), p.eye_y + 0.18, -0.3)[None])[0]
-        _ellipse(img, ear, (0.12 * unit, 0.24 * unit), p.roll, _col(skin_dark))
+        ear = sc.proj(_pts(side * (p.jaw_width + 0.04), p.eye_y + 0.18, -0.3)[None])[0]
+        _ellipse(sc.img, ear, (0.12 * unit, 0.24 * unit), p.roll, _col(skin_dark))
+    return hair_col, forehead
 
-    # ---- face skin with 3-D-ish shading
-    face_outline = np.concatenate([jaw_px, proj(forehead)], axis=0)
+
+def _draw_skin(sc: _Scene, forehead: np.ndarray) -> np.ndarray:
+    """The face's skin inside the hull of jaw and forehead, shaded by a random light; returns
+    the light direction (3,)."""
+    import cv2
+
+    h, w = sc.img.shape[:2]
+    face_outline = np.concatenate([sc.px("jaw"), sc.proj(forehead)], axis=0)
     hull = cv2.convexHull(face_outline.astype(np.float32)).reshape(-1, 2)
-    light = rng.normal(size=3)
+    light = sc.rng.normal(size=3)
     light[2] = abs(light[2]) + 0.6
     light /= np.linalg.norm(light)
     x0, y0 = np.clip(np.floor(hull.min(axis=0)).astype(int) - 2, 0, [w, h])
@@ -524,149 +528,170 @@ def render_face(
         ny = ((np.arange(y0, y1, dtype=np.float32) - fc[1]) / rad[1])[:, None]
         nz = np.sqrt(np.clip(1.0 - 0.7 * (nx**2 + ny**2), 0.05, 1.0))
         shade = np.clip(0.55 + 0.55 * (nx * light[0] + ny * light[1] + nz * light[2]), 0.35, 1.25)
-        skin_layer = skin.astype(np.float32) * shade[..., None]
+        skin_layer = sc.skin.astype(np.float32) * shade[..., None]
         m = face_mask[..., None].astype(np.float32) / 255.0
-        roi = img[y0:y1, x0:x1]
-        img[y0:y1, x0:x1] = (roi * (1 - m) + skin_layer * m).clip(0, 255).astype(np.uint8)
+        roi = sc.img[y0:y1, x0:x1]
+        sc.img[y0:y1, x0:x1] = (roi * (1 - m) + skin_layer * m).clip(0, 255).astype(np.uint8)
+    return light
 
-    attributes = dict.fromkeys(formats.WFLW_ATTRIBUTES, False)
-    makeup = force == "makeup" or rng.random() < 0.15
 
-    # ---- brows
-    brow_col = _col(np.array(hair_col) * rng.uniform(0.6, 1.0))
+def _draw_brows(sc: _Scene, hair_col: tuple[int, int, int]) -> None:
+    brow_col = _col(np.array(hair_col) * sc.rng.uniform(0.6, 1.0))
     for side in ("l", "r"):
-        up, lo = curve_px(f"brow_{side}_up"), curve_px(f"brow_{side}_lo")
-        _poly(img, np.concatenate([up, lo[::-1]]), brow_col)
+        up, lo = sc.px(f"brow_{side}_up"), sc.px(f"brow_{side}_lo")
+        _poly(sc.img, np.concatenate([up, lo[::-1]]), brow_col)
 
-    # ---- eyes: eyeshadow, sclera, iris (clipped to the lids), lid lines
+
+def _draw_eyes(sc: _Scene, makeup: bool) -> None:
+    """Eyeshadow (make-up), sclera, iris (clipped to the lids), lid lines."""
+    rng, h, w = sc.rng, *sc.img.shape[:2]
     iris_col = _col(rng.choice([[70, 45, 25], [40, 25, 15], [60, 100, 150], [70, 110, 70],
                                 [110, 110, 120]]))  # fmt: skip
     shadow_col = _col(rng.uniform(40, 220, 3))
     for side in ("l", "r"):
-        up, lo = curve_px(f"eye_{side}_up"), curve_px(f"eye_{side}_lo")
+        up, lo = sc.px(f"eye_{side}_up"), sc.px(f"eye_{side}_lo")
         lid = np.concatenate([up, lo])
         if makeup:
-            brow_lo = curve_px(f"brow_{side}_lo")
-            over = np.concatenate([up, brow_lo[::-1]])
-            layer = img.copy()
+            over = np.concatenate([up, sc.px(f"brow_{side}_lo")[::-1]])
+            layer = sc.img.copy()
             _poly(layer, over, shadow_col)
-            img = ((img.astype(np.float32) + layer) / 2).astype(np.uint8)
-        _poly(img, lid, _col(np.array([235, 232, 225]) * rng.uniform(0.85, 1.0)))
+            sc.img = ((sc.img.astype(np.float32) + layer) / 2).astype(np.uint8)
+        _poly(sc.img, lid, _col(np.array([235, 232, 225]) * rng.uniform(0.85, 1.0)))
         eye_mask = np.zeros((h, w), np.uint8)
         _poly(eye_mask, lid, 255)
-        iris_c = proj(curves[f"iris_{side}"](np.array([0.0])))[0]
-        layer = img.copy()
-        r_iris = p.iris_r * unit
+        iris_c = sc.px(f"iris_{side}", [0.0])[0]
+        layer = sc.img.copy()
+        r_iris = sc.p.iris_r * sc.unit
         _ellipse(layer, iris_c, (r_iris, r_iris), 0, iris_col)
         _ellipse(layer, iris_c, (0.42 * r_iris, 0.42 * r_iris), 0, (10, 10, 10))
         glint = iris_c + np.array([0.5, -0.5]) * r_iris
         _ellipse(layer, glint, (0.12 * r_iris, 0.12 * r_iris), 0, (250,) * 3)
         sel = eye_mask > 0
-        img[sel] = layer[sel]
-        _line(img, up, (25, 20, 20), max(1.0, 0.035 * unit))
-        _line(img, lo, _col(skin * 0.5), max(1.0, 0.015 * unit))
+        sc.img[sel] = layer[sel]
+        _line(sc.img, up, (25, 20, 20), max(1.0, 0.035 * sc.unit))
+        _line(sc.img, lo, _col(sc.skin * 0.5), max(1.0, 0.015 * sc.unit))
 
-    # ---- nose: bridge shadow, base line, nostrils, tip highlight
-    bridge = curve_px("bridge")
+
+def _draw_nose(sc: _Scene, light: np.ndarray) -> None:
+    """Bridge shadow (on the side away from the light), base line, nostrils, tip highlight."""
+    img, unit, skin = sc.img, sc.unit, sc.skin
     side_off = np.array([np.sign(light[0] + 1e-6) * -0.05 * unit, 0.0])
-    _line(img, bridge + side_off, _col(skin * 0.7), max(1.0, 0.03 * unit))
-    base = curve_px("nose_base")
-    wl, wr = curve_px("wing_l", [0.0]), curve_px("wing_r", [0.0])
+    _line(img, sc.px("bridge") + side_off, _col(skin * 0.7), max(1.0, 0.03 * unit))
+    base = sc.px("nose_base")
+    wl, wr = sc.px("wing_l", [0.0]), sc.px("wing_r", [0.0])
     _line(img, np.concatenate([wl, base, wr]), _col(skin * 0.55), max(1.0, 0.02 * unit))
     for s0, s1 in ((0.1, 0.4), (0.6, 0.9)):
-        a, b = curve_px("nose_base", [s0])[0], curve_px("nose_base", [s1])[0]
+        a, b = sc.px("nose_base", [s0])[0], sc.px("nose_base", [s1])[0]
         c = (a + b) / 2 - [0, 0.025 * unit]
-        _ellipse(img, c, (0.4 * np.linalg.norm(b - a) + 0.5, 0.025 * unit + 0.5), p.roll,
+        _ellipse(img, c, (0.4 * np.linalg.norm(b - a) + 0.5, 0.025 * unit + 0.5), sc.p.roll,
                  _col(skin * 0.3))  # fmt: skip
-    tip = curve_px("bridge", [1.0])[0]
+    tip = sc.px("bridge", [1.0])[0]
     _ellipse(img, tip - [0, 0.02 * unit], (0.05 * unit, 0.04 * unit), 0, _col(skin * 1.12))
 
-    # ---- mouth
-    lip_col = skin * np.array([0.85, 0.55, 0.55])
+
+def _draw_mouth(sc: _Scene, makeup: bool) -> bool:
+    """Lips (lipstick with make-up, or sometimes), the open mouth's cavity and teeth or the
+    closed mouth's line; returns whether the face wears make-up."""
+    rng, h, w = sc.rng, *sc.img.shape[:2]
+    lip_col = sc.skin * np.array([0.85, 0.55, 0.55])
     if makeup or rng.random() < 0.1:
         lip_col = rng.choice([[190, 20, 40], [150, 20, 90], [220, 80, 110], [110, 20, 30]])
         makeup = True
-    uo, lo = curve_px("lip_uo"), curve_px("lip_lo")
-    _poly(img, np.concatenate([uo, lo[::-1]]), _col(lip_col))
-    if p.mouth_open > 0.02:
-        ui, li = curve_px("lip_ui"), curve_px("lip_li")
+    uo, lo = sc.px("lip_uo"), sc.px("lip_lo")
+    _poly(sc.img, np.concatenate([uo, lo[::-1]]), _col(lip_col))
+    if sc.p.mouth_open > 0.02:
+        ui, li = sc.px("lip_ui"), sc.px("lip_li")
         cavity = np.concatenate([ui, li[::-1]])
         cav_mask = np.zeros((h, w), np.uint8)
         _poly(cav_mask, cavity, 255)
-        layer = img.copy()
+        layer = sc.img.copy()
         _poly(layer, cavity, (40, 10, 15))
-        teeth = np.concatenate([ui, ui[::-1] + [0, 0.06 * unit]])
+        teeth = np.concatenate([ui, ui[::-1] + [0, 0.06 * sc.unit]])
         _poly(layer, teeth, (235, 235, 225))
         sel = cav_mask > 0
-        img[sel] = layer[sel]
+        sc.img[sel] = layer[sel]
     else:
-        _line(img, curve_px("lip_ui"), _col(np.array(lip_col) * 0.5), max(1.0, 0.015 * unit))
+        _line(sc.img, sc.px("lip_ui"), _col(np.array(lip_col) * 0.5), max(1.0, 0.015 * sc.unit))
+    return makeup
 
-    # ---- hair fringe (may cover the brows: occlusion)
+
+def _draw_fringe(sc: _Scene, hair_col: tuple[int, int, int], forehead: np.ndarray) -> None:
+    """Sometimes a hair fringe (it may cover the brows: occlusion)."""
+    rng, p = sc.rng, sc.p
     if rng.random() < 0.35:
         depth = rng.uniform(0.0, 0.3)
         xs = np.linspace(-p.jaw_width, p.jaw_width, 17)
         fringe_y = p.brow_y - 0.25 + depth + 0.05 * np.sin(xs * rng.uniform(3, 9))
         fringe = _pts(xs, fringe_y, _z_face(xs, fringe_y) + 0.05)
-        cap = np.concatenate([proj(fringe), proj(forehead)])  # left→right, then back over
-        _poly(img, cap, hair_col, occ_mask)
+        cap = np.concatenate([sc.proj(fringe), sc.proj(forehead)])  # left→right, then back over
+        _poly(sc.img, cap, hair_col, sc.occ_mask)
 
-    # ---- glasses
-    if rng.random() < 0.12:
-        col = _col(rng.uniform(0, 80, 3))
+
+def _draw_glasses(sc: _Scene) -> None:
+    """Sometimes glasses (thin rims: not an occlusion)."""
+    if sc.rng.random() < 0.12:
+        col = _col(sc.rng.uniform(0, 80, 3))
         ring = np.linspace(0, 2 * np.pi, 31)
-        ring = np.stack([np.cos(ring), 0.7 * np.sin(ring)], 1) * 0.3 * unit
+        ring = np.stack([np.cos(ring), 0.7 * np.sin(ring)], 1) * 0.3 * sc.unit
         for side in ("l", "r"):
-            ec = curve_px(f"iris_{side}", [0.0])[0]
-            _line(img, ec + ring, col, max(1.0, 0.03 * unit))
+            ec = sc.px(f"iris_{side}", [0.0])[0]
+            _line(sc.img, ec + ring, col, max(1.0, 0.03 * sc.unit))
 
-    # ---- occluders
-    occluder = force == "occlusion" or rng.random() < occluder_prob
-    if occluder:
-        kind = rng.choice(["hand", "object", "scarf", "sunglasses", "mask"])
-        col = _col(rng.uniform(0, 255, 3))
-        uni = proj(unified_points_3d(p))
-        if kind == "hand":
-            c = uni[rng.integers(124)] + rng.normal(0, 0.1 * unit, 2)
-            _ellipse(img, c, (0.45 * unit, 0.3 * unit), rng.uniform(0, 180), _col(skin), occ_mask)
-            for _ in range(4):
-                ang = rng.uniform(0, 2 * np.pi)
-                f0 = c + (0.2 * unit) * np.array([np.cos(ang), np.sin(ang)])
-                _ellipse(img, f0, (0.35 * unit, 0.08 * unit), np.degrees(ang), _col(skin * 0.95),
-                         occ_mask)  # fmt: skip
-        elif kind == "object":
-            c = uni[rng.integers(124)]
-            half = rng.uniform(0.2, 0.5, 2) * unit
-            corners = c + np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
-            _poly(img, corners, col, occ_mask)
-        elif kind == "scarf":
-            y0 = rng.uniform(p.nose_y + 0.1, p.mouth_y + 0.2)
-            xs = np.linspace(-1.3, 1.3, 9)
-            band = np.concatenate([
-                _pts(xs, y0 + 0.05 * rng.normal(size=9), 0.5),
-                _pts(xs[::-1], np.full(9, 2.0), 0.5),
-            ])  # fmt: skip
-            _poly(img, proj(band), col, occ_mask)
-        elif kind == "sunglasses":
-            for side in ("l", "r"):
-                ec = curve_px(f"iris_{side}", [0.0])[0]
-                _ellipse(img, ec, (0.3 * unit, 0.2 * unit), p.roll, (20, 20, 25), occ_mask)
-        else:  # mask over nose and mouth
-            xs = np.linspace(-0.8, 0.8, 9)
-            top_y = p.nose_y - 0.12
-            band = np.concatenate([_pts(xs, np.full(9, top_y), 0.5), curves["jaw"](
-                np.linspace(0.8, 0.2, 13)) * [0.95, 1.02, 1]])  # fmt: skip
-            _poly(img, proj(band), col, occ_mask)
 
-    # ---- lighting, blur, noise
+def _draw_occluder(sc: _Scene) -> None:
+    """One occluder (hand, object, scarf, sunglasses or a mask), drawn into ``occ_mask`` too."""
+    rng, p, unit, img, occ = sc.rng, sc.p, sc.unit, sc.img, sc.occ_mask
+    kind = rng.choice(["hand", "object", "scarf", "sunglasses", "mask"])
+    col = _col(rng.uniform(0, 255, 3))
+    uni = sc.proj(unified_points_3d(p))
+    if kind == "hand":
+        c = uni[rng.integers(124)] + rng.normal(0, 0.1 * unit, 2)
+        _ellipse(img, c, (0.45 * unit, 0.3 * unit), rng.uniform(0, 180), _col(sc.skin), occ)
+        for _ in range(4):
+            ang = rng.uniform(0, 2 * np.pi)
+            f0 = c + (0.2 * unit) * np.array([np.cos(ang), np.sin(ang)])
+            _ellipse(img, f0, (0.35 * unit, 0.08 * unit), np.degrees(ang), _col(sc.skin * 0.95),
+                     occ)  # fmt: skip
+    elif kind == "object":
+        c = uni[rng.integers(124)]
+        half = rng.uniform(0.2, 0.5, 2) * unit
+        corners = c + np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
+        _poly(img, corners, col, occ)
+    elif kind == "scarf":
+        y0 = rng.uniform(p.nose_y + 0.1, p.mouth_y + 0.2)
+        xs = np.linspace(-1.3, 1.3, 9)
+        band = np.concatenate([
+            _pts(xs, y0 + 0.05 * rng.normal(size=9), 0.5),
+            _pts(xs[::-1], np.full(9, 2.0), 0.5),
+        ])  # fmt: skip
+        _poly(img, sc.proj(band), col, occ)
+    elif kind == "sunglasses":
+        for side in ("l", "r"):
+            ec = sc.px(f"iris_{side}", [0.0])[0]
+            _ellipse(img, ec, (0.3 * unit, 0.2 * unit), p.roll, (20, 20, 25), occ)
+    else:  # mask over nose and mouth
+        xs = np.linspace(-0.8, 0.8, 9)
+        top_y = p.nose_y - 0.12
+        band = np.concatenate([_pts(xs, np.full(9, top_y), 0.5), sc.curves["jaw"](
+            np.linspace(0.8, 0.2, 13)) * [0.95, 1.02, 1]])  # fmt: skip
+        _poly(img, sc.proj(band), col, occ)
+
+
+def _photograph(sc: _Scene, force: str | None) -> tuple[np.ndarray, bool, bool]:
+    """Lighting (gain, tint, gradient), sometimes blur (Gaussian or motion), sensor noise.
+    Returns the final (H, W, 3) uint8 image and the illumination and blur attributes."""
+    import cv2
+
+    rng, (h, w) = sc.rng, sc.img.shape[:2]
     gain = rng.uniform(0.45, 1.15) if force != "illumination" else rng.uniform(0.25, 0.45)
     tint = rng.uniform(0.85, 1.15, 3)
     gdir = rng.normal(size=2)
     gdir /= np.linalg.norm(gdir) + 1e-9
     strength = rng.uniform(0.0, 0.8) if force != "illumination" else 0.9
+    xx, yy = _pixel_grid(h, w)
     field = 1.0 + strength * ((xx * gdir[0] + yy * gdir[1]) / max(h, w))
-    out = img.astype(np.float32) * ((gain * field)[..., None] * tint.astype(np.float32))
-    attributes["illumination"] = bool(gain < 0.5 or strength > 0.7)
+    out = sc.img.astype(np.float32) * ((gain * field)[..., None] * tint.astype(np.float32))
+    illumination = bool(gain < 0.5 or strength > 0.7)
     blur = force == "blur" or rng.random() < 0.15
     if blur:
         if rng.random() < 0.5:
@@ -679,17 +704,63 @@ def render_face(
             kernel = cv2.warpAffine(kernel, rot, (k, k))
             out = cv2.filter2D(out, -1, kernel / max(kernel.sum(), 1e-6))
     out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(rng.uniform(1, 6))
-    image = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8), illumination, bool(blur)
 
-    pts_px = proj(unified_points_3d(p))
+
+def render_face(
+    rng: np.random.Generator,
+    *,
+    size: tuple[int, int] | None = None,
+    difficulty: str = "normal",
+    occluder_prob: float = 0.3,
+    force: str | None = None,
+    params: FaceParams | None = None,
+) -> Face:
+    """Draw one random face. ``size``: (height, width), default random in [160, 256].
+
+    ``force``: a WFLW attribute (see ``formats.WFLW_ATTRIBUTES``) that this face must show.
+    The steps below draw from ``rng`` in a fixed order: the same stream gives the same face.
+    """
+    if size is None:
+        size = (int(rng.integers(160, 257)), int(rng.integers(160, 257)))
+    h, w = size
+    p = params or sample_params(rng, "hard" if force == "largepose" else difficulty)
+    if force == "largepose" and params is None:
+        p.yaw = float(rng.choice([-1, 1]) * rng.uniform(32, 50))
+    if force == "expression" and params is None:
+        p.mouth_open, p.smile = rng.uniform(0.14, 0.3), rng.uniform(0.6, 1.0)
+    unit = rng.uniform(0.2, 0.28) * min(h, w)
+    center = np.array([w / 2, h / 2]) + rng.uniform(-0.08, 0.08, 2) * np.array([w, h])
+    center[1] += 0.1 * unit
+    img = _draw_background(rng, h, w)
+    skin = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.9, 1.08, 3)
+    sc = _Scene(rng, p, unit, _Projector(p, center, unit), _curves(p), img,
+                np.zeros((h, w), np.uint8), skin)  # fmt: skip
+
+    hair_col, forehead = _draw_behind_head(sc)
+    light = _draw_skin(sc, forehead)
+    makeup = force == "makeup" or rng.random() < 0.15
+    _draw_brows(sc, hair_col)
+    _draw_eyes(sc, makeup)
+    _draw_nose(sc, light)
+    makeup = _draw_mouth(sc, makeup)
+    _draw_fringe(sc, hair_col, forehead)
+    _draw_glasses(sc)
+    if force == "occlusion" or rng.random() < occluder_prob:
+        _draw_occluder(sc)
+    image, illumination, blur = _photograph(sc, force)
+
+    pts_px = sc.proj(unified_points_3d(p))
     ij = np.clip(np.round(pts_px).astype(int), [0, 0], [w - 1, h - 1])
-    occluded = occ_mask[ij[:, 1], ij[:, 0]] > 0
+    occluded = sc.occ_mask[ij[:, 1], ij[:, 0]] > 0
+    attributes = dict.fromkeys(formats.WFLW_ATTRIBUTES, False)
+    attributes["illumination"] = illumination
     attributes.update(
         largepose=bool(abs(p.yaw) > 30 or abs(p.pitch) > 20 or abs(p.roll) > 25),
         expression=bool(p.mouth_open > 0.12 or abs(p.smile) > 0.55),
         makeup=bool(makeup),
         occlusion=bool(occluded.any()),
-        blur=bool(blur),
+        blur=blur,
     )
     return Face(image=image, points=pts_px + 0.5, occluded=occluded, params=p,
                 attributes=attributes)  # fmt: skip

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fgtbt_jax import errors
+
 PathLike = str | os.PathLike
 
 WFLW_ATTRIBUTES: tuple[str, ...] = (
@@ -47,7 +49,7 @@ NUM_POINTS = {"COFW": 29, "WFLW": 98, "300W": 68, "AFLW": 19}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(errors.Error, ValueError):
     """Bad annotation or image. ``file`` and ``row`` (1-based line/row, 0 = whole file)."""
 
     def __init__(self, file: PathLike, row: int, message: str):

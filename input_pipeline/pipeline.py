@@ -52,7 +52,7 @@ MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
 STD = np.array(transforms.IMAGENET_STD, np.float32)
 # (256, 1, 3) float32: the normalised value of every uint8 level per channel (float64 math)
 _NORM_LUT = (
-    ((np.arange(256.0)[:, None] / 255.0 - MEAN.astype(np.float64)) / STD.astype(np.float64))
+    transforms.imagenet_normalize(np.arange(256.0)[:, None], dtype=np.float64)
     .astype(np.float32)
     .reshape(256, 1, 3)
 )
@@ -93,37 +93,43 @@ def normalize(image_u8: np.ndarray) -> np.ndarray:
 # Data access
 
 
-def _builder_config(config) -> str:
-    source = config.data.source
-    if source not in ("demo", "official"):
-        raise ValueError(f"config.data.source must be 'demo' or 'official', got {source!r}")
-    return source
-
-
-def _load_builder(dataset: str, config, *, prepare_official: bool = True):
-    data_dir = config.data.data_dir
+def _get_builder(dataset: str, config, variant: str):
+    """The TFDS builder of ``dataset`` (``pts_folder`` has no variants)."""
     name = builders.canonical_name(dataset)
     if name == "pts_folder":
-        b = builders.get_builder(name, data_dir)
-    else:
-        b = builders.get_builder(name, data_dir, _builder_config(config))
+        return builders.get_builder(name, config.data.data_dir)
+    return builders.get_builder(name, config.data.data_dir, variant)
+
+
+def _load_builder(dataset: str, config, variant: str):
+    """The prepared TFDS builder of ``dataset`` (``variant``: demo | official)."""
+    b = _get_builder(dataset, config, variant)
     if not b.is_prepared():
-        manual = config.data.manual_dir
-        if _builder_config(config) == "demo" and name != "pts_folder":
-            ensure_demo_data(config)
-        elif prepare_official and manual:
-            sub = pathlib.Path(manual) / name
-            b = builders.prepare(
-                name, data_dir=data_dir, manual_dir=sub if sub.is_dir() else manual
-            )
-        else:
-            raise FileNotFoundError(
-                f"{name} ({b.builder_config.name}) is not prepared in {data_dir!r}. Run "
-                f"scripts/prepare_data.py --dataset {name.lower()} --manual_dir DIR --data_dir "
-                f"{data_dir} (or set config.data.manual_dir)."
-            )
-        b = builders.get_builder(name, data_dir, b.builder_config.name)
+        name, data_dir = builders.canonical_name(dataset), config.data.data_dir
+        how = (
+            "scripts/prepare_data.py --dataset demo"
+            if b.builder_config.name == "demo"
+            else f"scripts/prepare_data.py --dataset {name.lower()} --manual_dir DIR"
+        )
+        raise FileNotFoundError(
+            f"{name} ({b.builder_config.name}) is not prepared in {data_dir!r}. Run {how} "
+            f"--data_dir {data_dir} (or read the data through input_pipeline.sources.create, "
+            "which prepares it; official files: set config.data.manual_dir)."
+        )
     return b
+
+
+def prepare_from_manual_dir(config, dataset: str, variant: str) -> None:
+    """Prepares ``dataset`` from ``config.data.manual_dir`` (its ``<NAME>`` subfolder if there
+    is one) unless it is prepared already or no manual_dir is set."""
+    manual = config.data.manual_dir
+    if not manual or _get_builder(dataset, config, variant).is_prepared():
+        return
+    name = builders.canonical_name(dataset)
+    sub = pathlib.Path(manual) / name
+    builders.prepare(
+        name, data_dir=config.data.data_dir, manual_dir=sub if sub.is_dir() else manual
+    )
 
 
 class _Source:
@@ -318,6 +324,7 @@ class _TrainPlan:
 def make_train_iterator(
     config,
     *,
+    variant: str,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
@@ -329,11 +336,10 @@ def make_train_iterator(
     'coords' (B, 124, 2) int32 heatmap targets at config.heatmap_size (0 where unannotated),
     'mask' (B, 124) bool, 'dataset_id' (B,) int32; B = this process's share of the global
     batch. The batch at step t depends only on (seed, t): start at ``start_step`` to resume.
+    ``variant``: the prepared TFDS builder config to read (demo | official).
     """
-    if config.data.source == "demo":
-        ensure_demo_data(config)
     plan_datasets = _ordered_datasets(config)
-    sources = {d: _Source(_load_builder(d, config), ["train"]) for d in plan_datasets}
+    sources = {d: _Source(_load_builder(d, config, variant), ["train"]) for d in plan_datasets}
     plan = _TrainPlan(
         config, {d: len(s) for d, s in sources.items()}, seed, process_index, process_count
     )
@@ -425,6 +431,7 @@ def make_eval_iterator(
     subset: str = "full",
     batch_size: int = 8,
     *,
+    variant: str,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -440,12 +447,10 @@ def make_eval_iterator(
     batches ``p, p + P, …``, each with the same records as on one process), and every process
     gets the same number of batches (padding batches where the batches do not divide evenly).
     ``dataset``: COFW | WFLW | 300W | AFLW (| pts_folder, read as 300W when it has 68 points).
-    ``subset``: see :func:`list_eval_subsets`, or "train".
+    ``subset``: see :func:`list_eval_subsets`, or "train". ``variant``: demo | official.
     """
     name = builders.canonical_name(dataset)
-    if config.data.source == "demo" and name != "pts_folder":
-        ensure_demo_data(config)
-    builder = _load_builder(name, config)
+    builder = _load_builder(name, config, variant)
     src, idx = _eval_indices(builder, name, subset)
     layout = name
     if name == "pts_folder":
@@ -538,10 +543,10 @@ def make_eval_iterator(
     return gen()
 
 
-def eval_size(config, dataset: str, subset: str = "full") -> int:
+def eval_size(config, dataset: str, subset: str = "full", *, variant: str) -> int:
     """Number of records (without padding) in an evaluation subset."""
     name = builders.canonical_name(dataset)
-    return len(_eval_indices(_load_builder(name, config), name, subset)[1])
+    return len(_eval_indices(_load_builder(name, config, variant), name, subset)[1])
 
 
 # ----------------------------------------------------------------------------------------------

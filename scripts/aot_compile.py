@@ -36,17 +36,14 @@ import json
 import logging
 import os
 import pathlib
-import sys
 import traceback
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-
-from fgtbt_jax.train import aot  # noqa: E402
+from fgtbt_jax import errors
+from fgtbt_jax.train import aot
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fgtbt.py:release", lock_config=False
@@ -246,4 +243,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    errors.run(main)

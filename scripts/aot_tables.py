@@ -18,7 +18,9 @@ import json
 import pathlib
 import re
 
-from absl import app, flags
+from absl import flags
+
+from fgtbt_jax import errors
 
 _JSON = flags.DEFINE_string("json", "benchmarks/aot_tpu_release.json", "aot_compile.py rows.")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Markdown file whose tables are rewritten.")
@@ -135,4 +137,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

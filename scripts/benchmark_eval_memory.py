@@ -22,10 +22,11 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from fgtbt_jax import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 _SIZES = flags.DEFINE_list("sizes", ["200", "2000"], "Test-set sizes (images).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/fgtbt_eval_memory", "Data folder.")
@@ -122,4 +123,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

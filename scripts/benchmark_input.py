@@ -23,7 +23,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from fgtbt_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:preset).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 50, "Timed batches.")
@@ -37,7 +37,7 @@ _OUTPUT = flags.DEFINE_string("output", "benchmark_input.json", "JSON result fil
 
 def main(argv):
     del argv
-    from input_pipeline import pipeline
+    from input_pipeline import sources
 
     config = _CONFIG.value
     if config is None:
@@ -48,7 +48,8 @@ def main(argv):
             config.data.data_dir = f"{_PHOTO_DATA_DIR.value}_{_PHOTO_SIZE.value}"
             config.data.demo_image_size = (_PHOTO_SIZE.value, _PHOTO_SIZE.value)
     t0 = time.perf_counter()
-    it = pipeline.make_train_iterator(config, seed=0)
+    data = sources.create(config)
+    it = data.train_iterator()
     batch = next(it)
     setup_s = time.perf_counter() - t0
     bsz = int(batch["image"].shape[0])
@@ -65,7 +66,7 @@ def main(argv):
         "batch_size": bsz,
         "img_size": int(config.img_size),
         "heatmap_size": int(config.heatmap_size),
-        "source": config.data.source,
+        "source": data.name,
         "photo_size": _PHOTO_SIZE.value or "160-256 (default demo)",
         "num_batches": _NUM_BATCHES.value,
         "setup_s": round(setup_s, 2),
@@ -83,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -30,10 +30,11 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from fgtbt_jax import errors
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WIDTH, HEIGHT, FPS = 720, 540, 25.0
 PAN = (2, 1)
@@ -219,4 +220,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.exit_on_error(main))

@@ -12,20 +12,17 @@ initialised model non-strictly and prints what loaded and what did not.
 from __future__ import annotations
 
 import pathlib
-import sys
 
-from absl import app, flags
+import jax
+from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-
-from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables  # noqa: E402
+from fgtbt_jax import errors
+from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables
 from fgtbt_jax.porting import (
     convert,
     pretrained,
-    pth,  # noqa: E402
+    pth,
 )
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -66,8 +63,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except (convert.CheckpointMismatchError, pth.PthFormatError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    errors.run(main)

@@ -38,24 +38,17 @@ Ctrl-C. By default each face of a frame runs on its own, as above (``"batching":
 
 from __future__ import annotations
 
-import json
+import functools
 import pathlib
 import sys
-import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from fgtbt_jax import errors, landmarks
+from fgtbt_jax.inference import detector, images, networks, smoothing, tracking, video
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fgtbt_jax import landmarks, transforms  # noqa: E402
-from fgtbt_jax.inference import detector, smoothing, tracking, video
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 SCHEMES = (*landmarks.DATASETS, "unified")
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -109,147 +102,9 @@ _BATCH_FACES = flags.DEFINE_bool(
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Video: stop after this many frames.")
 
 
-def list_images(inputs: list[str]) -> list[pathlib.Path]:
-    out: list[pathlib.Path] = []
-    for arg in inputs:
-        p = pathlib.Path(arg)
-        if p.is_dir():
-            out += sorted(
-                f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES or video.is_video(f)
-            )
-        else:
-            out.append(p)
-    return out
-
-
-def read_rgb(path: pathlib.Path) -> np.ndarray | None:
-    """uint8 (H, W, 3) RGB (grayscale is replicated), or None when unreadable."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return None if img is None else np.ascontiguousarray(img[..., ::-1])
-
-
-def draw(rgb: np.ndarray, faces: list[dict]) -> np.ndarray:
-    canvas = np.ascontiguousarray(rgb[..., ::-1])  # BGR for OpenCV
-    unit = max(1, round(max(rgb.shape[:2]) / 400))
-    for face in faces:
-        x0, y0, x1, y1 = (round(v) for v in face["box"])
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 200, 255), unit)
-        for x, y in face["landmarks"]:
-            cv2.circle(canvas, (round(x), round(y)), unit + 1, (0, 255, 0), -1, cv2.LINE_AA)
-    return canvas
-
-
-def track_videos(
-    sources: list[pathlib.Path | int],
-    network: tracking.Network,
-    img_size: int,
-    config,
-    out_dir: pathlib.Path,
-    scheme: str,
-    scheme_index: np.ndarray,
-) -> int:
-    """Tracks faces through each video file or camera index; returns the number that failed.
-
-    ``network``: the :data:`tracking.Network` contract (normalised (B, S, S, 3) crops of side
-    ``img_size`` → heatmap points, peaks and heatmap size).
-    """
-    batch_faces = _BATCH_FACES.value
-    landmarker = tracking.CropLandmarker(network, img_size, batch_faces=batch_faces)
-    extra = {
-        "batching": "per_frame" if batch_faces else "per_face",
-        "csam_reduction": str(config.model.csam_reduction),
-    }
-    try:
-        face_detector = detector.FaceDetector(max_side=_DET_MAX_SIDE.value)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"videos need the face detector: {e}", file=sys.stderr)
-        return len(sources)
-    failures, used_stems = 0, set()
-    for n, src in enumerate(sources, 1):
-        try:
-            source = video.VideoSource(src)
-        except ValueError as e:
-            print(f"[video {n}/{len(sources)}] {e}, skipped", flush=True)
-            failures += 1
-            continue
-        stem = f"camera{src}" if isinstance(src, int) else src.stem
-        while stem in used_stems:
-            stem += "_"
-        used_stems.add(stem)
-        print(f"[video {n}/{len(sources)}] {source.name} ({source.fps:g} frames/s)", flush=True)
-        tracker = tracking.Tracker(
-            landmarker,
-            face_detector,
-            detect_every=_DETECT_EVERY.value,
-            max_missed=_MAX_MISSED.value,
-            max_faces=_MAX_FACES.value,
-            min_confidence=_MIN_CONFIDENCE.value,
-            smooth=_SMOOTH.value == "oneeuro",
-            min_cutoff=_MIN_CUTOFF.value,
-            beta=_BETA.value,
-        )
-        try:
-            summary = video.run_video(
-                source, tracker, out_dir, stem, scheme=scheme, scheme_index=scheme_index,
-                extra=extra, max_frames=_MAX_FRAMES.value,
-                progress=video.Progress(source.num_frames),
-            )  # fmt: skip
-        except KeyboardInterrupt:
-            print(f"interrupted; {out_dir / stem}.jsonl / .mp4 hold the frames so far")
-            return failures
-        print(
-            f"  {summary['frames']} frames in {summary['seconds']:.1f} s "
-            f"({summary['frames'] / max(summary['seconds'], 1e-9):.2f} frames/s), "
-            f"detector on {summary['detector_calls']} frames, tracks {summary['tracks']}: "
-            f"{summary['jsonl']}, {summary['video']}",
-            flush=True,
-        )
-    return failures
-
-
-def make_predictor(config) -> tuple[tracking.Network, int, tuple]:
-    """``(network, crop size, (mean, std))``; ``network``: (B, S, S, 3) normalized float32 NHWC
-    → (points (B, 124, 2) in heatmap index space, heatmap peaks (B, 124), heatmap size)."""
-    if _BACKEND.value == "onnx":
-        from fgtbt_jax.inference.onnx_backend import OnnxPredictor
-
-        onnx_model = OnnxPredictor(_CHECKPOINT.value)
-        wanted = {"decode": True, "with_flip": _FLIP.value, "refine": _REFINE.value}
-        got = {k: getattr(onnx_model, k) for k in wanted}
-        if got != wanted:
-            raise ValueError(f"{_CHECKPOINT.value} was exported with {got}; flags ask {wanted}")
-        meta = onnx_model.metadata
-        mean, std = (
-            np.asarray(meta[k].split(","), np.float32) for k in ("fgtbt.mean", "fgtbt.std")
-        )
-        return (
-            lambda x: (*(onnx_model(x)[k] for k in ("points", "scores")), onnx_model.heatmap_size),
-            onnx_model.img_size,
-            (mean, std),
-        )
-    import fgtbt_jax
-    from fgtbt_jax.evaluation import decoding
-    from fgtbt_jax.models.fgtbt import enable_x64_if_requested
-
-    enable_x64_if_requested(config.model)
-    model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
-    step = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
-
-    def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        out = step(variables, {"image": images})
-        heatmaps = np.asarray(out["heatmaps"])
-        return np.asarray(out["points"]), heatmaps.max(axis=(1, 2)), heatmaps.shape[1]
-
-    mean_std = (
-        np.asarray(transforms.IMAGENET_MEAN, np.float32),
-        np.asarray(transforms.IMAGENET_STD, np.float32),
-    )
-    return predict, int(config.img_size), mean_std
-
-
 def main(argv: list[str]) -> int:
-    inputs = list_images(argv[1:])
-    images = [p for p in inputs if not video.is_video(p)]
+    inputs = images.list_inputs(argv[1:])
+    stills = [p for p in inputs if not video.is_video(p)]
     sources: list[pathlib.Path | int] = [p for p in inputs if video.is_video(p)]
     if _CAMERA.value is not None:
         sources.append(_CAMERA.value)
@@ -262,77 +117,61 @@ def main(argv: list[str]) -> int:
     out_dir = pathlib.Path(_OUT.value)
     out_dir.mkdir(parents=True, exist_ok=True)
     boxes = detector.load_boxes_json(_BOXES.value) if _BOXES.value else {}
-
-    predict, size, (mean, std) = make_predictor(config)
-    scheme = _SCHEME.value
-    scheme_index = (
-        np.arange(landmarks.NUM_UNIFIED) if scheme == "unified" else landmarks.unified_index(scheme)
-    )
+    if _BACKEND.value == "onnx":
+        network, size = networks.onnx_network(
+            _CHECKPOINT.value, flip=_FLIP.value, refine=_REFINE.value
+        )
+    else:
+        network, size = networks.jax_network(
+            config, _CHECKPOINT.value, flip=_FLIP.value, refine=_REFINE.value
+        )
+    face_detector, detector_error = None, ""
+    if sources or any(detector.boxes_for(boxes, p) is None for p in stills):
+        try:
+            face_detector = detector.FaceDetector(max_side=_DET_MAX_SIDE.value)
+        except (FileNotFoundError, RuntimeError, ValueError) as e:
+            detector_error = str(e)
     failures = 0
-    if sources:
-        failures += track_videos(sources, predict, size, config, out_dir, scheme, scheme_index)
-    face_detector = None
-    detector_error = None
-    used_stems: set[str] = set()
-    for n, path in enumerate(images, 1):
-        t0 = time.time()
-        prefix = f"[{n}/{len(images)}] {path}"
-        rgb = read_rgb(path)
-        if rgb is None:
-            print(f"{prefix}: cannot read image, skipped", flush=True)
-            failures += 1
-            continue
-        given = detector.boxes_for(boxes, path)
-        if given is None:
-            if face_detector is None and detector_error is None:
-                try:
-                    face_detector = detector.FaceDetector(max_side=_DET_MAX_SIDE.value)
-                except (FileNotFoundError, RuntimeError, ValueError) as e:
-                    detector_error = str(e)
-            if face_detector is None:
-                print(f"{prefix}: no boxes given and no face detector: {detector_error}")
-                failures += 1
-                continue
-            found = face_detector(rgb)
-        else:
-            found = given
-        found = found[: _MAX_FACES.value]
-        faces = []
-        for face in found:
-            if given is None:
-                center, scale = detector.box_to_center_scale(face.box)
-            else:  # given boxes are taken as tight face boxes
-                center, scale = detector.box_to_center_scale(
-                    face.box, box_to_landmark_box=1.0, center_shift_y=0.0
-                )
-            crop = transforms.crop_image(rgb, center, scale, size).astype(np.float32)
-            points, _, hm_size = predict(((crop / 255.0 - mean) / std)[None])
-            pts = transforms.inverse_transform_points(points[0], center, scale, hm_size)
-            faces.append(
-                {
-                    "box": [float(v) for v in face.box],
-                    "score": float(face.score),
-                    "center": [float(v) for v in center],
-                    "scale": float(scale),
-                    "landmarks_124": pts.round(3).tolist(),
-                    "landmarks": pts[scheme_index].round(3).tolist(),
-                    "scheme": scheme,
-                }
-            )
-        stem = path.stem if path.stem not in used_stems else f"{path.stem}_{path.suffix[1:]}"
-        used_stems.add(stem)
-        record = {"image": str(path), "width": rgb.shape[1], "height": rgb.shape[0]}
-        record["faces"] = faces
-        if not faces:
-            record["note"] = "no face found" if given is None else "no face box given"
-        (out_dir / f"{stem}.json").write_text(json.dumps(record) + "\n")
-        cv2.imwrite(str(out_dir / f"{stem}.png"), draw(rgb, faces))
-        msg = f"{len(faces)} face(s)" if faces else record["note"]
-        print(f"{prefix}: {msg} ({time.time() - t0:.1f} s)", flush=True)
-    total = len(images) + len(sources)
+    if sources and face_detector is None:
+        print(f"videos need the face detector: {detector_error}", file=sys.stderr)
+        failures += len(sources)
+    elif sources:
+        batch_faces = _BATCH_FACES.value
+        make_tracker = functools.partial(
+            tracking.Tracker,
+            tracking.CropLandmarker(network, size, batch_faces=batch_faces),
+            face_detector,
+            detect_every=_DETECT_EVERY.value,
+            max_missed=_MAX_MISSED.value,
+            max_faces=_MAX_FACES.value,
+            min_confidence=_MIN_CONFIDENCE.value,
+            smooth=_SMOOTH.value == "oneeuro",
+            min_cutoff=_MIN_CUTOFF.value,
+            beta=_BETA.value,
+        )
+        extra = {
+            "batching": "per_frame" if batch_faces else "per_face",
+            "csam_reduction": str(config.model.csam_reduction),
+        }
+        failures += video.track_sources(
+            sources, make_tracker, out_dir, scheme=_SCHEME.value,
+            scheme_index=images.scheme_index(_SCHEME.value), extra=extra,
+            max_frames=_MAX_FRAMES.value,
+        )  # fmt: skip
+    failures += images.detect_images(
+        stills,
+        tracking.CropLandmarker(network, size, batch_faces=False),  # images: a face per batch
+        out_dir,
+        boxes=boxes,
+        face_detector=face_detector,
+        detector_error=detector_error,
+        max_faces=_MAX_FACES.value,
+        scheme=_SCHEME.value,
+    )
+    total = len(stills) + len(sources)
     print(f"done: {total - failures}/{total} inputs written to {out_dir}")
     return 1 if failures == total else 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    errors.run(main)

@@ -5,9 +5,9 @@ r"""Evaluates a checkpoint on the test sets (SPEC §5) and writes report.json / 
   python scripts/evaluate.py --config configs/fgtbt.py:reference_tiny \
       --checkpoint tests/fixtures/reference/tiny_checkpoint.pth --out /tmp/eval_tiny  # demo data
 
-Data come from ``input_pipeline.pipeline.make_eval_iterator`` (``config.data``: the bundled
-synthetic "demo" set or the TFDS datasets prepared from the official files). Every dataset of
-``--datasets`` is scored on each of its subsets (``input_pipeline.pipeline.list_eval_subsets``:
+Data come from ``input_pipeline.sources`` (``config.data.source``: the bundled synthetic
+"demo" set, the TFDS datasets prepared from the official files, or in-memory "synthetic"
+faces). Every dataset of ``--datasets`` is scored on each of its subsets (``eval_subsets``:
 WFLW's six attributes, 300W common / challenging / full, AFLW full / frontal); predictions of
 the full set are reused for the subsets. Protocols: ``reference`` (the published code: error vs.
 the quantized heatmap targets mapped back) and ``standard`` (vs. the original annotation).
@@ -25,19 +25,17 @@ process 0 alone writes the files.
 from __future__ import annotations
 
 import pathlib
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fgtbt_jax import errors, landmarks
+from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports
+from fgtbt_jax.models.fgtbt import enable_x64_if_requested
+from fgtbt_jax.train import sharding
 
-from fgtbt_jax import landmarks  # noqa: E402
-from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports  # noqa: E402
-from fgtbt_jax.models.fgtbt import enable_x64_if_requested  # noqa: E402
-from fgtbt_jax.train import sharding  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -64,7 +62,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     import fgtbt_jax
-    from input_pipeline import pipeline
+    from input_pipeline import sources
 
     config = _CONFIG.value
     enable_x64_if_requested(config.model)
@@ -75,12 +73,7 @@ def main(argv: list[str]) -> None:
             raise app.UsageError(f"unknown dataset {ds!r}; choose from {landmarks.DATASETS}")
     process, processes = jax.process_index(), jax.process_count()
     lead = process == 0
-    if config.data.source == "demo":
-        if lead:  # first, so that processes sharing data_dir do not write it at once
-            pipeline.ensure_demo_data(config)
-        if processes > 1:
-            metrics.wait_for_processes("evaluate.py_demo_data")
-            pipeline.ensure_demo_data(config)  # no-op where data_dir is shared
+    data = sources.create(config, datasets=datasets)
     model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config)
     variables = evaluator.host_local(variables)
     predict = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
@@ -88,14 +81,12 @@ def main(argv: list[str]) -> None:
     cache: dict = {}
     t0 = time.time()
     for ds in datasets:
-        subsets = list(pipeline.list_eval_subsets(ds))
+        subsets = list(data.eval_subsets(ds))
         if _SUBSETS.value:
             subsets = [s for s in subsets if s in _SUBSETS.value]
         subsets.sort(key=lambda s: s != metrics.FULL)  # full first: its predictions are reused
         for subset in subsets:
-            it = pipeline.make_eval_iterator(
-                config, ds, subset, _BATCH.value, process_index=process, process_count=processes
-            )
+            it = data.eval_iterator(ds, subset, _BATCH.value)
 
             def tagged(it=it, subset=subset):
                 for i, batch in enumerate(it):  # this process's batch i is batch i·P + p
@@ -120,7 +111,7 @@ def main(argv: list[str]) -> None:
         refine=_REFINE.value,
         flip_test=_FLIP.value,
         batch_size=_BATCH.value,
-        data_source=str(config.data.source),
+        data_source=data.name,
     )
     if lead:  # every process has the whole report; one writes it
         paths = reports.write_report(report, _OUT.value)
@@ -129,4 +120,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import fgtbt_jax
+from fgtbt_jax import errors
+from fgtbt_jax.evaluation import decoding
+from fgtbt_jax.export import function, stablehlo, verify
 
-import fgtbt_jax  # noqa: E402
-from fgtbt_jax.evaluation import decoding  # noqa: E402
-from fgtbt_jax.export import function, stablehlo, verify  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(ROOT / "configs" / "fgtbt.py") + ":release", "Config, e.g. :release"
@@ -122,4 +121,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -66,4 +66,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main)  # not fgtbt_jax.errors.run: fgtbt_jax must be imported from --tree, in main

@@ -5,20 +5,15 @@ python scripts/model_info.py --config configs/fgtbt.py:release
 
 from __future__ import annotations
 
-import pathlib
-import sys
+import time
 
-from absl import app, flags
+import jax
+import numpy as np
+from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables  # noqa: E402
+from fgtbt_jax import errors
+from fgtbt_jax.models.fgtbt import build_model, enable_x64_if_requested, init_variables
 from fgtbt_jax.porting import convert
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -61,4 +56,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

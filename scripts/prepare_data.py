@@ -17,12 +17,9 @@ file and row. A failed run leaves no prepared dataset behind.
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from fgtbt_jax import errors
 
 _DATASET = flags.DEFINE_enum(
     "dataset", None, ["wflw", "300w", "cofw", "aflw", "pts_folder", "demo"], "Dataset to prepare."
@@ -38,7 +35,7 @@ _HELP_LAYOUT = flags.DEFINE_bool("help_layout", False, "Print the expected file 
 
 def main(argv):
     del argv
-    from input_pipeline import builders, formats, pipeline
+    from input_pipeline import builders, pipeline
 
     if _HELP_LAYOUT.value:
         for name, cls in builders.BUILDERS.items():
@@ -58,17 +55,13 @@ def main(argv):
         return 0
     if not _MANUAL_DIR.value:
         raise app.UsageError("--manual_dir is required")
-    try:
-        b = builders.prepare(
-            _DATASET.value,
-            data_dir=_DATA_DIR.value,
-            manual_dir=_MANUAL_DIR.value,
-            on_error=_ON_ERROR.value,
-            overwrite=_OVERWRITE.value,
-        )
-    except formats.AnnotationError as e:
-        print(f"error: {e}\nNothing was prepared.", file=sys.stderr)
-        return 1
+    b = builders.prepare(  # a bad file raises before anything is written
+        _DATASET.value,
+        data_dir=_DATA_DIR.value,
+        manual_dir=_MANUAL_DIR.value,
+        on_error=_ON_ERROR.value,
+        overwrite=_OVERWRITE.value,
+    )
     splits = {k: v.num_examples for k, v in b.info.splits.items()}
     print(f"{b.name}/{b.builder_config.name} -> {b.data_dir} {splits}")
     print(b.skip_log.summary())
@@ -76,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -20,14 +20,12 @@ Multi-host: every host runs this script; ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_
 
 from __future__ import annotations
 
-import pathlib
 import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fgtbt_jax import errors
 from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 from fgtbt_jax.train import sharding, trainer
 
@@ -53,4 +51,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -145,3 +145,33 @@ def test_bad_inputs():
         transforms.get_transform((0, 0, 0), 1.0, 64)
     with pytest.raises(ValueError, match="unknown dataset"):
         transforms.uses_integer_transform("XYZ")
+
+
+def test_imagenet_normalize_bits():
+    """The one normalization keeps each former call site's bits: float32 arithmetic on uint8
+    levels (inference crops, the model helper) and on [0, 1] values (synthetic data), float64
+    on float32 constants (the input pipeline's look-up table)."""
+    import jax.numpy as jnp
+
+    mean = np.asarray(transforms.IMAGENET_MEAN, np.float32)
+    std = np.asarray(transforms.IMAGENET_STD, np.float32)
+    u8 = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    want = (u8.astype(np.float32) / np.float32(255) - mean) / std
+    # XLA may round differently from NumPy (it compiles the division): compare like with like.
+    want_jnp = (jnp.asarray(u8, jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
+    for got, ref in (
+        (transforms.imagenet_normalize(u8), want),
+        (transforms.imagenet_normalize(u8, xp=jnp), want_jnp),
+    ):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(
+            np.asarray(got).view(np.uint32), np.asarray(ref).view(np.uint32)
+        )
+    unit = u8.astype(np.float32) / np.float32(255)
+    got = transforms.imagenet_normalize(unit, scale=1.0)
+    np.testing.assert_array_equal(got.view(np.uint32), ((unit - mean) / std).view(np.uint32))
+    levels = np.arange(256.0)[:, None]
+    want64 = (levels / 255.0 - mean.astype(np.float64)) / std.astype(np.float64)
+    got64 = transforms.imagenet_normalize(levels, dtype=np.float64)
+    assert got64.dtype == np.float64
+    np.testing.assert_array_equal(got64.view(np.uint64), want64.view(np.uint64))

@@ -92,22 +92,24 @@ def main(args: dict) -> int:
     ``AT_STEP k`` before step k and wait for the file ``go``; optional ``kill_after_save`` k:
     SIGKILL this process as soon as the asynchronous save of step k has started (printing
     ``SAVING k``)."""
-    from fgtbt_jax.train import checkpointing, sharding, trainer
+    from fgtbt_jax import checkpointing
+    from fgtbt_jax.train import sharding, trainer
+    from input_pipeline import sources
 
     sharding.maybe_initialize_distributed()
     config = toy_config(**args.get("overrides", {}))
     if args.get("pause_at"):
-        batches = trainer.train_batches
+        batches = sources.SyntheticSource.train_iterator
 
-        def paused(config, start):
-            for step, batch in enumerate(batches(config, start), start=start + 1):
+        def paused(self, start_step=0):
+            for step, batch in enumerate(batches(self, start_step), start=start_step + 1):
                 if step == args["pause_at"]:
                     print(f"AT_STEP {step}", flush=True)
                     while not os.path.exists(args["go"]):
                         time.sleep(0.02)
                 yield batch
 
-        trainer.train_batches = paused
+        sources.SyntheticSource.train_iterator = paused
     if args.get("kill_after_save"):
         save = checkpointing.Checkpointer.save
 

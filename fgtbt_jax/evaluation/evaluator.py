@@ -9,62 +9,15 @@ each evaluates its share of every test set and the per-image errors are gathered
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from fgtbt_jax.evaluation import decoding, metrics
 from fgtbt_jax.models.fgtbt import build_model
-from fgtbt_jax.train import synthetic
-
-
-def _synthetic_share(
-    config: ml_collections.ConfigDict, datasets: tuple[str, ...]
-) -> Iterator[dict[str, Any]]:
-    """This process's batches of the synthetic evaluation set (dealt round-robin), each row
-    with its ``index`` in the single-process order."""
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.data.datasets = datasets
-    batches = synthetic.eval_batches(
-        cfg,
-        num_per_dataset=int(config.data.synthetic_eval_images),
-        batch_size=int(config.eval_batch_size),
-    )
-    start = 0
-    for i, batch in enumerate(batches):
-        n = len(batch["dataset_id"])
-        if i % jax.process_count() == jax.process_index():
-            yield {**batch, "index": np.arange(start, start + n)}
-        start += n
-
-
-def eval_streams(
-    config: ml_collections.ConfigDict, datasets: tuple[str, ...]
-) -> list[Iterable[dict[str, Any]]] | None:
-    """This process's share of the evaluation batches (the :func:`metrics.accumulate`
-    contract), one lazy stream per test set, or None if no evaluation data are available.
-
-    Nothing is read before iteration; every call reads the data again."""
-    if config.data.source == "synthetic":
-        return [_synthetic_share(config, datasets)]
-    try:
-        from input_pipeline import pipeline
-    except ImportError:
-        return None
-
-    def stream(name: str) -> Iterator[dict[str, Any]]:
-        yield from pipeline.make_eval_iterator(
-            config,
-            name,
-            batch_size=int(config.eval_batch_size),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-
-    return [stream(name) for name in datasets]
+from input_pipeline import sources
 
 
 def host_local(variables: Any) -> Any:
@@ -94,16 +47,20 @@ class Evaluator:
     Called on all processes (it holds collectives); each evaluates its share of the data.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, build: Callable = build_model) -> None:
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        build: Callable = build_model,
+        data: sources.Source | None = None,
+    ) -> None:
+        """``data``: the evaluation data (default: ``sources.create(config)``, prepared)."""
         self.config = config
+        self.data = data if data is not None else sources.create(config)
         # stat_groups=1: the eval batch is one CSAM group, as in the reference's evaluation.
         self.step = jax.jit(decoding.make_eval_step(build(config.model)))
 
     def __call__(self, variables: Any, datasets: tuple[str, ...]) -> dict[str, float] | None:
-        streams = eval_streams(self.config, datasets)
-        if streams is None:
-            logging.warning("no evaluation data for %s; skipping evaluation", datasets)
-            return None
+        streams = self.data.eval_streams(datasets, int(self.config.eval_batch_size))
         variables = host_local(variables)
         acc = metrics.Accumulator()
         for stream in streams:

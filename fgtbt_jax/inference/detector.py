@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fgtbt_jax import errors
+
 CASCADE_NAME = "haarcascade_frontalface_default.xml"
 _SYSTEM_DIRS = (
     "/usr/share/opencv4/haarcascades",
@@ -259,23 +261,25 @@ def load_boxes_json(path: str | os.PathLike) -> dict[str, list[Face]]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read boxes from {path}: {e}") from e
+        raise errors.InputFileError(f"cannot read boxes from {path}: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object mapping image names to box lists")
+        raise errors.InputFileError(f"{path}: expected an object mapping image names to box lists")
     out: dict[str, list[Face]] = {}
     for key, items in data.items():
         if not isinstance(items, list):
-            raise ValueError(f"{path}: {key!r} must map to a list of boxes")
+            raise errors.InputFileError(f"{path}: {key!r} must map to a list of boxes")
         faces = []
         for i, it in enumerate(items):
             box, score = (
                 (it.get("box"), it.get("score", 1.0)) if isinstance(it, dict) else (it, 1.0)
             )
             if not (isinstance(box, list | tuple) and len(box) == 4):
-                raise ValueError(f"{path}: {key!r} box {i} must be [x0, y0, x1, y1], got {box!r}")
+                raise errors.InputFileError(
+                    f"{path}: {key!r} box {i} must be [x0, y0, x1, y1], got {box!r}"
+                )
             x0, y0, x1, y1 = (float(v) for v in box)
             if not (x1 > x0 and y1 > y0):
-                raise ValueError(f"{path}: {key!r} box {i} is empty: {box!r}")
+                raise errors.InputFileError(f"{path}: {key!r} box {i} is empty: {box!r}")
             faces.append(Face((x0, y0, x1, y1), float(score)))
         out[key] = faces
     return out

@@ -35,7 +35,6 @@ import numpy as np
 from fgtbt_jax import landmarks, transforms
 from fgtbt_jax.inference import detector as detector_lib
 from fgtbt_jax.inference import smoothing
-from fgtbt_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Crop = tuple[np.ndarray, float]  # (centre (2,) x, y in pixels, scale = crop box side / 200)
 TRACK_SCHEME = "300W"  # the points whose box defines the crop (the detector is calibrated to it)
@@ -74,12 +73,11 @@ class CropLandmarker:
         self.network = network
         self.img_size = int(img_size)
         self.batch_faces = bool(batch_faces)
-        self._mean = np.asarray(IMAGENET_MEAN, np.float32)
-        self._std = np.asarray(IMAGENET_STD, np.float32)
 
     def _crop(self, rgb: np.ndarray, crop: Crop) -> np.ndarray:
-        image = transforms.crop_image(rgb, crop[0], crop[1], self.img_size).astype(np.float32)
-        return (image / 255.0 - self._mean) / self._std
+        return transforms.imagenet_normalize(
+            transforms.crop_image(rgb, crop[0], crop[1], self.img_size)
+        )
 
     def __call__(self, rgb: np.ndarray, crops: Sequence[Crop]) -> list[FacePrediction]:
         """``rgb``: uint8 (H, W, 3) frame; one prediction per crop, in order."""

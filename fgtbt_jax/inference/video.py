@@ -22,7 +22,7 @@ import json
 import pathlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 import numpy as np
@@ -132,24 +132,41 @@ class Progress:
             self.stream.flush()
 
 
-def draw_faces(rgb: np.ndarray, faces: Sequence[tracking.TrackedFace], scheme_index) -> np.ndarray:
-    """BGR copy of ``rgb`` with each face's box, ``scheme_index`` points and track id drawn."""
+def draw(
+    rgb: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    points: Sequence[np.ndarray],
+    labels: Sequence[str] | None = None,
+) -> np.ndarray:
+    """BGR copy of ``rgb`` (uint8 (H, W, 3)) with each face's box ``[x0, y0, x1, y1]``, its
+    (K, 2) ``points`` (non-finite ones skipped) and its label (if given) drawn."""
     import cv2
 
     canvas = np.ascontiguousarray(rgb[..., ::-1])
     unit = max(1, round(max(rgb.shape[:2]) / 400))
-    for face in faces:
-        x0, y0, x1, y1 = (round(v) for v in face.box)
-        color = (0, 200, 255)
+    color = (0, 200, 255)
+    for i, (box, pts) in enumerate(zip(boxes, points, strict=True)):
+        x0, y0, x1, y1 = (round(v) for v in box)
         cv2.rectangle(canvas, (x0, y0), (x1, y1), color, unit)
-        cv2.putText(
-            canvas, f"#{face.track_id}", (x0, max(y0 - 4 * unit, 10 * unit)),
-            cv2.FONT_HERSHEY_SIMPLEX, 0.5 * unit, color, unit, cv2.LINE_AA,
-        )  # fmt: skip
-        for x, y in face.points[scheme_index]:
+        if labels is not None:
+            cv2.putText(
+                canvas, labels[i], (x0, max(y0 - 4 * unit, 10 * unit)),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.5 * unit, color, unit, cv2.LINE_AA,
+            )  # fmt: skip
+        for x, y in pts:
             if np.isfinite(x) and np.isfinite(y):
                 cv2.circle(canvas, (round(x), round(y)), unit + 1, (0, 255, 0), -1, cv2.LINE_AA)
     return canvas
+
+
+def draw_faces(rgb: np.ndarray, faces: Sequence[tracking.TrackedFace], scheme_index) -> np.ndarray:
+    """BGR copy of ``rgb`` with each face's box, ``scheme_index`` points and track id drawn."""
+    return draw(
+        rgb,
+        [f.box for f in faces],
+        [f.points[scheme_index] for f in faces],
+        [f"#{f.track_id}" for f in faces],
+    )
 
 
 def face_record(face: tracking.TrackedFace, scheme_index: np.ndarray, scheme: str) -> dict:
@@ -223,3 +240,48 @@ def run_video(
         "jsonl": str(jsonl_path),
         "video": str(video_path) if sink is not None else None,
     }
+
+
+def track_sources(
+    sources: Sequence[pathlib.Path | int],
+    make_tracker: Callable[[], tracking.Tracker],
+    out_dir: pathlib.Path,
+    *,
+    scheme: str,
+    scheme_index: np.ndarray,
+    extra: dict[str, Any] | None = None,
+    max_frames: int | None = None,
+) -> int:
+    """Tracks faces through each video file or camera index (a fresh ``make_tracker()`` each)
+    with :func:`run_video`, into ``out_dir/<stem>.*`` (``camera<N>`` for cameras; a repeated
+    stem gets ``_`` appended). Returns the number of sources that could not be opened; stops
+    at Ctrl-C, keeping what was written. Progress goes to stdout / stderr."""
+    failures, used_stems = 0, set()
+    for n, src in enumerate(sources, 1):
+        try:
+            source = VideoSource(src)
+        except ValueError as e:
+            print(f"[video {n}/{len(sources)}] {e}, skipped", flush=True)
+            failures += 1
+            continue
+        stem = f"camera{src}" if isinstance(src, int) else pathlib.Path(src).stem
+        while stem in used_stems:
+            stem += "_"
+        used_stems.add(stem)
+        print(f"[video {n}/{len(sources)}] {source.name} ({source.fps:g} frames/s)", flush=True)
+        try:
+            summary = run_video(
+                source, make_tracker(), out_dir, stem, scheme=scheme, scheme_index=scheme_index,
+                extra=extra, max_frames=max_frames, progress=Progress(source.num_frames),
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            print(f"interrupted; {out_dir / stem}.jsonl / .mp4 hold the frames so far")
+            return failures
+        print(
+            f"  {summary['frames']} frames in {summary['seconds']:.1f} s "
+            f"({summary['frames'] / max(summary['seconds'], 1e-9):.2f} frames/s), "
+            f"detector on {summary['detector_calls']} frames, tracks {summary['tracks']}: "
+            f"{summary['jsonl']}, {summary['video']}",
+            flush=True,
+        )
+    return failures

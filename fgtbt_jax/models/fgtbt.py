@@ -26,7 +26,7 @@ from fgtbt_jax.models.backbone import MixVisionTransformer
 from fgtbt_jax.models.decoder import DecodeHead
 from fgtbt_jax.models.layers import param_dtype
 from fgtbt_jax.ops import kernel_ops, resolve_kernels
-from fgtbt_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fgtbt_jax.transforms import imagenet_normalize
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
@@ -157,5 +157,4 @@ def init_variables(model: FGTBT, rng: jax.Array, img_size: int) -> dict:
 
 def normalize_images(images_uint8: jax.Array) -> jax.Array:
     """uint8 RGB (…, 3) → ImageNet-normalized float32."""
-    x = jnp.asarray(images_uint8, jnp.float32) / 255.0
-    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    return imagenet_normalize(images_uint8, xp=jnp)

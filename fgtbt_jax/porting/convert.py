@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fgtbt_jax import errors
 from fgtbt_jax.models.fgtbt import FGTBT
 from fgtbt_jax.models.layers import param_dtype
 
@@ -132,7 +133,7 @@ def release_sort_key(torch_key: str) -> tuple:
     return tuple(key)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.Error, ValueError):
     """The checkpoint does not fit the architecture of the config."""
 
 
@@ -209,20 +210,25 @@ def _describe(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) if shape else "scalar"
 
 
-def _check_dtype(key: str, x: np.ndarray, kind: str, source: str) -> np.ndarray:
+def _check_dtype(
+    key: str, x: np.ndarray, kind: str, source: str, float_dtype: np.dtype
+) -> np.ndarray:
+    """``x`` if its dtype fits a model whose parameters are ``float_dtype`` (float16/bfloat16
+    upcast to float32; float64 only into a float64 model, never silently downcast)."""
     if kind == "counter":
         if not np.issubdtype(x.dtype, np.integer):
             raise CheckpointMismatchError(
                 f"{source}: {key} should be an integer counter, got {x.dtype}"
             )
         return x
-    if x.dtype == np.float32:
+    if x.dtype == np.float32 or x.dtype == float_dtype:
         return x
     if x.dtype in (np.float16, jnp.bfloat16):  # lossless upcast
         return x.astype(np.float32)
     raise CheckpointMismatchError(
         f"{source}: unsupported dtype {x.dtype} for {key} (expected float32; float16/bfloat16 are "
-        "upcast losslessly, float64 would be a silent downcast — convert it explicitly)"
+        "upcast losslessly, float64 loads only into a float64 model (model.dtype='float64'), "
+        "anything else would be a silent downcast — convert it explicitly)"
     )
 
 
@@ -259,9 +265,8 @@ def variables_from_state_dict(
     float_dtype = param_dtype(model.dtype)  # float64 for a float64 model
     flat = {}
     for e in entries:
-        x = e.to_flax(
-            _check_dtype(e.torch_key, np.asarray(state_dict[e.torch_key]), e.kind, source)
-        )
+        x = np.asarray(state_dict[e.torch_key])
+        x = e.to_flax(_check_dtype(e.torch_key, x, e.kind, source, float_dtype))
         flat[(e.collection, *e.path)] = jnp.asarray(
             x if e.kind == "counter" else x.astype(float_dtype)
         )
@@ -355,6 +360,7 @@ def import_partial(
     names that exist with the same shape load, everything else keeps its value in ``variables``.
     """
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(dict(variables))))
+    float_dtype = param_dtype(model.dtype)
     by_key = {e.torch_key: e for e in mapping(model, img_size)}
     report = ImportReport([], [], [], [])
     seen = set()
@@ -369,7 +375,8 @@ def import_partial(
         if tuple(value.shape) != e.torch_shape:
             report.mismatched.append((key, _describe(value.shape), _describe(e.torch_shape)))
             continue
-        flat[(e.collection, *e.path)] = e.to_flax(_check_dtype(full, value, e.kind, "import"))
+        value = _check_dtype(full, value, e.kind, "import", float_dtype)
+        flat[(e.collection, *e.path)] = e.to_flax(value)
         report.loaded.append(key)
     report.missing = [k for k in by_key if k.startswith(prefix) and k not in seen]
     return flax.traverse_util.unflatten_dict(flat), report

@@ -1,7 +1,7 @@
 """Pretrained weights in and out: release ``.pth`` files, orbax directories, training workdirs.
 
 This is the one module that depends on both the porting table (:mod:`fgtbt_jax.porting.convert`)
-and the training checkpoints (:mod:`fgtbt_jax.train.checkpointing`).
+and the training checkpoints (:mod:`fgtbt_jax.checkpointing`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fgtbt_jax import checkpointing
 from fgtbt_jax.models.fgtbt import FGTBT, build_model
 from fgtbt_jax.porting import convert, pth
-from fgtbt_jax.train import checkpointing
 
 
 def export_pth(

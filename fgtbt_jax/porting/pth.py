@@ -34,16 +34,18 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from fgtbt_jax import errors
+
 __all__ = ["PthFormatError", "TorchDtype", "UnsafePickleError", "load_pth", "save_pth"]
 
 PathLike = str | os.PathLike
 
 
-class PthFormatError(ValueError):
+class PthFormatError(errors.Error, ValueError):
     """The file is not a readable zip-format ``torch.save`` checkpoint."""
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(errors.Error, ValueError):
     """The checkpoint's pickle references a global outside the checkpoint allow-list."""
 
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fgtbt_jax import errors
+
 
 def _get(cfg: Mapping[str, Any] | Any, name: str, default: Any) -> Any:
     return cfg[name] if name in cfg else default
@@ -34,11 +36,13 @@ def make_schedule(optim_cfg: Mapping[str, Any] | Any) -> optax.Schedule:
     gamma = float(_get(optim_cfg, "gamma", 1.0))
     milestones = [int(m) for m in _get(optim_cfg, "milestones", ())]
     if any(m <= 0 for m in milestones) or milestones != sorted(set(milestones)):
-        raise ValueError(f"optim.milestones must be increasing positive steps, got {milestones}")
+        raise errors.ConfigError(
+            f"optim.milestones must be increasing positive steps, got {milestones}"
+        )
     steps = optax.piecewise_constant_schedule(lr, {m: gamma for m in milestones})
     warmup = int(_get(optim_cfg, "warmup_steps", 0))
     if warmup < 0:
-        raise ValueError(f"optim.warmup_steps must be >= 0, got {warmup}")
+        raise errors.ConfigError(f"optim.warmup_steps must be >= 0, got {warmup}")
     if warmup == 0:
         return steps
 
@@ -71,7 +75,9 @@ def make_optimizer(
     """
     warmup = int(_get(optim_cfg, "warmup_steps", 0))
     if total_steps <= 0 or warmup > total_steps:
-        raise ValueError(f"total_steps={total_steps} must be > 0 and >= warmup_steps={warmup}")
+        raise errors.ConfigError(
+            f"total_steps={total_steps} must be > 0 and >= warmup_steps={warmup}"
+        )
     schedule = make_schedule(optim_cfg)
     tx = optax.adamw(
         learning_rate=schedule,

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from fgtbt_jax import errors
 from fgtbt_jax.models.fgtbt import FGTBT
 from fgtbt_jax.ops import kernel_ops, resolve_kernels
 from fgtbt_jax.train import optim, sharding
@@ -71,9 +72,9 @@ def trainable_mask(params: PyTree) -> PyTree:
 def grad_accum_steps(config: ml_collections.ConfigDict) -> int:
     accum = int(config.optim.grad_accum_steps)
     if accum < 1:
-        raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}")
+        raise errors.ConfigError(f"optim.grad_accum_steps must be >= 1, got {accum}")
     if config.total_steps % accum:
-        raise ValueError(
+        raise errors.ConfigError(
             f"total_steps={config.total_steps} must be a multiple of optim.grad_accum_steps={accum}"
         )
     return accum

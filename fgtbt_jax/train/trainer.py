@@ -5,7 +5,7 @@ processes into one mesh, and every collective or barrier-bearing call (orbax che
 managers, restores, evaluation, the EMA export's restore) runs on all of them. Process 0 alone
 writes host-local files: the JSON-lines metrics, TensorBoard events and the exported ``.pth``.
 
-WORKDIR layout: ``checkpoints/`` (orbax; see :mod:`fgtbt_jax.train.checkpointing`),
+WORKDIR layout: ``checkpoints/`` (orbax; see :mod:`fgtbt_jax.checkpointing`),
 ``metrics.jsonl``, ``eval.jsonl``, ``tb/`` (see :mod:`fgtbt_jax.train.writers`), a profile
 window's trace in ``plugins/profile/`` (:mod:`fgtbt_jax.train.profiler`) and, at the end,
 ``config.export_pth`` and ``goodput.json`` (:mod:`fgtbt_jax.train.goodput`; step timing, FLOPs
@@ -20,30 +20,28 @@ import logging
 import math
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
+from fgtbt_jax import checkpointing, landmarks
 from fgtbt_jax import compiled as compiled_figures
-from fgtbt_jax import landmarks
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
 from fgtbt_jax.ops import resolve_kernels
 from fgtbt_jax.train import (
-    checkpointing,
     goodput,
     profiler,
     sharding,
-    synthetic,
     throughput,
     writers,
 )
 from fgtbt_jax.train import state as train_state
 from fgtbt_jax.train import step as train_step
+from input_pipeline import sources
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM
 
@@ -53,44 +51,6 @@ def info(message: str) -> None:
     logging.info(message)
     if jax.process_index() == 0:
         print(message, flush=True)
-
-
-# ------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------
-
-
-def prepare_data(config: ml_collections.ConfigDict) -> None:
-    """Prepares the ``demo`` datasets if missing: process 0 first, then the others.
-
-    (On a shared filesystem the others find them ready; concurrent preparation of the same
-    TFDS directory would corrupt it.)
-    """
-    if config.data.source != "demo":
-        return
-    from input_pipeline import pipeline
-
-    if jax.process_index() == 0:
-        pipeline.ensure_demo_data(config)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("fgtbt_demo_data")
-        if jax.process_index() > 0:
-            pipeline.ensure_demo_data(config)
-
-
-def train_batches(config: ml_collections.ConfigDict, start_step: int) -> Iterator[dict]:
-    """This process's rows of the global batches of steps ``start_step, start_step + 1, …``."""
-    kwargs = dict(
-        seed=int(config.seed),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        start_step=start_step,
-    )
-    if config.data.source == "synthetic":
-        return synthetic.make_train_iterator(config, **kwargs)
-    from input_pipeline import pipeline
-
-    return pipeline.make_train_iterator(config, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,7 +203,7 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> i
     """The global batch size; raises :class:`BatchShapeError` unless it splits evenly over the
     mesh's devices and the processes, naming the smallest ``data.batch_per_dataset`` that does.
     """
-    global_batch = len(synthetic.dataset_ids(config))
+    global_batch = sources.global_batch_size(config)
     per_dataset = int(config.data.batch_per_dataset)
     num_datasets = global_batch // max(per_dataset, 1)
     n = math.lcm(mesh.size, jax.process_count())
@@ -311,7 +271,7 @@ def train_and_evaluate(
     profile = profiler.ProfileWindow(config, workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-    prepare_data(config)
+    data = sources.create(config)  # prepared: process 0 first, then the others
 
     # Model. stat_groups = devices: per-device BatchNorm/CSAM statistics like the
     # reference's unsynchronised data parallelism; 1: statistics over the whole global batch.
@@ -345,7 +305,7 @@ def train_and_evaluate(
 
     writer = writers.MetricWriter(workdir, start)
     report_progress = _report_progress(config, writer)
-    evaluator = Evaluator(config, build) if int(config.eval_every) > 0 else None
+    evaluator = Evaluator(config, build, data) if int(config.eval_every) > 0 else None
 
     def evaluate(step: int) -> dict[str, float] | None:
         """Evaluation on every process (collective); logged by process 0."""
@@ -384,7 +344,7 @@ def train_and_evaluate(
         return sharding.shard_batch({k: local[k] for k in train_step.BATCH_KEYS}, mesh)
 
     progress = Progress(total, global_batch, start)
-    batches = train_batches(config, start) if start < total else iter(())
+    batches = data.train_iterator(start) if start < total else iter(())
     compiled = cost = None
     window_steps, rate_logged = 0, False
     exit_code = 0

@@ -51,7 +51,7 @@ def test_two_processes_evaluate_like_one(tmp_path):
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.demo_num_images = 4
     pipeline.ensure_demo_data(config)  # once, before the processes read it
-    assert pipeline.eval_size(config, "300W") == 10
+    assert pipeline.eval_size(config, "300W", variant="demo") == 10
 
     port = str(free_port())
     procs = [

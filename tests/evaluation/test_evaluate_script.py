@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -32,7 +33,9 @@ def test_evaluate_script_on_demo_data(tmp_path, ref_dir):
         "--datasets",
         "300W,WFLW",
     ]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     for protocol in ("reference", "standard"):

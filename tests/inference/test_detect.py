@@ -11,6 +11,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from helpers import subprocess_env
 
 from fgtbt_jax import transforms
 from fgtbt_jax.evaluation import decoding
@@ -162,7 +163,9 @@ def test_detect_cli_with_boxes(tmp_path, real_faces_dir):
         str(blank),
         str(broken),
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=subprocess_env()
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads((out / "takeo.json").read_text())
     assert rec["image"].endswith("takeo.ppm")

@@ -149,7 +149,7 @@ def test_dots_through_the_tfds_pipeline(tmp_path):
     c.data.flip_prob, c.data.rotation_prob, c.data.scale_range = 1.0, 1.0, (0.9, 1.1)
     uidx = landmarks.unified_index("AFLW")
     perm = landmarks.flip_permutation("AFLW")  # always flipped: slot j shows dot perm[j]
-    for batch in _take(pipeline.make_train_iterator(c, seed=3), 2):
+    for batch in _take(pipeline.make_train_iterator(c, variant="official", seed=3), 2):
         assert batch["image"].shape == (2, 96, 96, 3) and list(batch["dataset_id"]) == [3, 3]
         for img, coords in zip(batch["image"], batch["coords"], strict=True):
             found = _centroids(np.clip((img * pipeline.STD + pipeline.MEAN) * 255, 0, 255), 19)
@@ -166,7 +166,7 @@ def test_dots_through_the_tfds_pipeline(tmp_path):
 
 def test_every_batch_has_exact_counts_and_order(config):
     mask = landmarks.annotation_mask()
-    for b in _take(pipeline.make_train_iterator(config, seed=0), 25):
+    for b in _take(pipeline.make_train_iterator(config, variant="demo", seed=0), 25):
         assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
         assert b["coords"].shape == (8, 124, 2) and b["coords"].dtype == np.int32
         np.testing.assert_array_equal(b["dataset_id"], ORDER)
@@ -182,17 +182,25 @@ def _same(a, b):
 
 
 def test_deterministic_and_resumable(config):
-    first = _take(pipeline.make_train_iterator(config, seed=7), 6)
-    _same(first, _take(pipeline.make_train_iterator(config, seed=7), 6))
-    _same(first[4:], _take(pipeline.make_train_iterator(config, seed=7, start_step=4), 2))
-    other = next(pipeline.make_train_iterator(config, seed=8))
+    first = _take(pipeline.make_train_iterator(config, variant="demo", seed=7), 6)
+    _same(first, _take(pipeline.make_train_iterator(config, variant="demo", seed=7), 6))
+    _same(
+        first[4:],
+        _take(pipeline.make_train_iterator(config, variant="demo", seed=7, start_step=4), 2),
+    )
+    other = next(pipeline.make_train_iterator(config, variant="demo", seed=8))
     assert not np.array_equal(other["image"], first[0]["image"])
 
 
 def test_processes_share_the_global_batch(config):
-    single = _take(pipeline.make_train_iterator(config, seed=1), 3)
+    single = _take(pipeline.make_train_iterator(config, variant="demo", seed=1), 3)
     parts = [
-        _take(pipeline.make_train_iterator(config, seed=1, process_index=p, process_count=2), 3)
+        _take(
+            pipeline.make_train_iterator(
+                config, variant="demo", seed=1, process_index=p, process_count=2
+            ),
+            3,
+        )
         for p in range(2)
     ]
     for t in range(3):
@@ -200,7 +208,7 @@ def test_processes_share_the_global_batch(config):
             for k in single[t]:
                 np.testing.assert_array_equal(parts[p][t][k], single[t][k][p::2], err_msg=k)
     with pytest.raises(ValueError, match="divisible"):
-        pipeline.make_train_iterator(config, seed=1, process_count=3)
+        pipeline.make_train_iterator(config, variant="demo", seed=1, process_count=3)
 
 
 def test_each_epoch_visits_every_record_once(config):
@@ -214,12 +222,15 @@ def test_each_epoch_visits_every_record_once(config):
 def test_weighted_sampling(config):
     c = config.copy_and_resolve_references()
     c.data.sampling, c.data.weights = "weighted", (1.0, 0.0, 0.0, 3.0)
-    batches = _take(pipeline.make_train_iterator(c, seed=0), 6)
+    batches = _take(pipeline.make_train_iterator(c, variant="demo", seed=0), 6)
     ids = np.concatenate([b["dataset_id"] for b in batches])
     assert set(ids) <= {0, 3} and (ids == 3).sum() > (ids == 0).sum()
     for b in batches:
         assert np.all(np.diff(b["dataset_id"]) >= 0) and len(b["dataset_id"]) == 8
-    _same(batches[2:4], _take(pipeline.make_train_iterator(c, seed=0, start_step=2), 2))
+    _same(
+        batches[2:4],
+        _take(pipeline.make_train_iterator(c, variant="demo", seed=0, start_step=2), 2),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,9 +240,12 @@ def test_weighted_sampling(config):
 def test_eval_subsets_sizes_padding_and_points(config):
     assert pipeline.list_eval_subsets("300W") == ("full", "common", "challenging")
     assert pipeline.list_eval_subsets("wflw")[1:] == formats.WFLW_ATTRIBUTES
-    n = {s: pipeline.eval_size(config, "300W", s) for s in ("full", "common", "challenging")}
+    n = {
+        s: pipeline.eval_size(config, "300W", s, variant="demo")
+        for s in ("full", "common", "challenging")
+    }
     assert n["full"] == n["common"] + n["challenging"] == 6 + 4
-    batches = list(pipeline.make_eval_iterator(config, "300W", "full", 4))
+    batches = list(pipeline.make_eval_iterator(config, "300W", "full", 4, variant="demo"))
     assert len(batches) == 3
     valid = np.concatenate([b["valid"] for b in batches])
     assert valid.sum() == 10 and not valid[10:].any()
@@ -248,12 +262,15 @@ def test_eval_subsets_sizes_padding_and_points(config):
     assert not batches[-1]["mask"][~batches[-1]["valid"]].any()
     # WFLW attribute subsets follow the flags; AFLW carries its box size
     for attr in formats.WFLW_ATTRIBUTES:
-        assert pipeline.eval_size(config, "WFLW", attr) >= 1
-    a = next(pipeline.make_eval_iterator(config, "AFLW", "full", 2))
+        assert pipeline.eval_size(config, "WFLW", attr, variant="demo") >= 1
+    a = next(pipeline.make_eval_iterator(config, "AFLW", "full", 2, variant="demo"))
     assert np.all(a["box_size"] > 0)
     # two processes deal the one-process batches round-robin and run the same number of batches
-    p = [list(pipeline.make_eval_iterator(config, "300W", "full", 4, process_index=i,
-                                          process_count=2)) for i in range(2)]  # fmt: skip
+    p = [
+        list(pipeline.make_eval_iterator(config, "300W", "full", 4, variant="demo",
+                                         process_index=i, process_count=2))
+        for i in range(2)
+    ]  # fmt: skip
     assert len(p[0]) == len(p[1]) == 2
 
     def valid_ids(bs):

@@ -115,6 +115,27 @@ def test_bad_files_give_clear_errors(tmp_path, tiny_sd):
         load_pretrained(tmp_path / "f64.pth", config)
 
 
+def test_float64_pth_round_trip(tmp_path, ref_dir, tiny_sd):
+    """A float64 model exports float64 tensors; the file loads back into a float64 model
+    unchanged and is refused by a float32 one (that would be a silent downcast)."""
+    config = fgtbt.get_config("reference_tiny")
+    config.model.dtype = "float64"
+    path = tmp_path / "f64.pth"
+    with jax.enable_x64(True):
+        _, variables = load_pretrained(ref_dir / "tiny_checkpoint.pth", config)
+        export_pth(variables, path, config)
+        sd = pth.load_pth(path)["model"]["sd"]
+        floats = {str(v.dtype) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+        assert floats == {"float64"}
+        for key, want in tiny_sd.items():  # float32 -> float64 -> file: exact
+            np.testing.assert_array_equal(sd[key], want, err_msg=key)
+        _, back = load_pretrained(path, config)
+    assert {str(x.dtype) for x in jax.tree.leaves(back)} == {"float64", "int32"}
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
+    with pytest.raises(convert.CheckpointMismatchError, match="only into a float64 model"):
+        load_pretrained(path, fgtbt.get_config("reference_tiny"))
+
+
 def test_bare_state_dict_and_fp16_upcast(tmp_path, tiny_sd):
     config = fgtbt.get_config("reference_tiny")
     half = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in tiny_sd.items()}

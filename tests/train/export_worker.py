@@ -14,9 +14,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import fgtbt
+from fgtbt_jax import checkpointing
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.porting import convert, pretrained
-from fgtbt_jax.train import checkpointing, sharding
+from fgtbt_jax.train import sharding
 from fgtbt_jax.train.state import TrainState
 
 sharding.maybe_initialize_distributed()  # before any backend starts

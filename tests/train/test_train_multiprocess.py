@@ -18,7 +18,8 @@ import numpy as np
 from helpers import free_port, subprocess_env
 from toy_model import build_toy, toy_command, toy_config
 
-from fgtbt_jax.train import checkpointing, sharding
+from fgtbt_jax import checkpointing
+from fgtbt_jax.train import sharding
 from fgtbt_jax.train import state as train_state
 
 ROOT = pathlib.Path(__file__).parents[2]

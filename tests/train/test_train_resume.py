@@ -21,7 +21,8 @@ import numpy as np
 from helpers import subprocess_env
 from toy_model import toy_command
 
-from fgtbt_jax.train import checkpointing, sharding
+from fgtbt_jax import checkpointing
+from fgtbt_jax.train import sharding
 from fgtbt_jax.train import state as train_state
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -105,7 +106,7 @@ SAVER = textwrap.dedent(
     """
     import os, signal, sys
     import jax.numpy as jnp
-    from fgtbt_jax.train import checkpointing
+    from fgtbt_jax import checkpointing
     from fgtbt_jax.train import state as train_state
 
     def state(step):

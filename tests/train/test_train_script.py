@@ -15,10 +15,10 @@ from helpers import subprocess_env
 from toy_model import build_toy, toy_config
 
 from configs import fgtbt
-from fgtbt_jax import landmarks, load_pretrained
+from fgtbt_jax import checkpointing, landmarks, load_pretrained
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.porting import convert, pretrained
-from fgtbt_jax.train import checkpointing, trainer
+from fgtbt_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).parents[2]
 

@@ -12,9 +12,10 @@ import jax
 import numpy as np
 from toy_model import build_toy, toy_config
 
-from fgtbt_jax.train import sharding, synthetic
+from fgtbt_jax.train import sharding
 from fgtbt_jax.train import state as train_state
 from fgtbt_jax.train import step as train_step
+from input_pipeline import synthetic
 
 
 def run(num_devices: int, fsdp: bool, stat_groups: int, steps: int = 2):

@@ -48,9 +48,10 @@ from fgtbt_jax.models import backbone
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.porting import convert
 from fgtbt_jax.porting.pth import load_pth
-from fgtbt_jax.train import sharding, synthetic
+from fgtbt_jax.train import sharding
 from fgtbt_jax.train import state as train_state
 from fgtbt_jax.train import step as train_step
+from input_pipeline import synthetic
 
 DATASETS = landmarks.DATASETS
 

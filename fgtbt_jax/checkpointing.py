@@ -25,14 +25,15 @@ import signal
 import threading
 from collections.abc import Mapping, Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from fgtbt_jax.train.state import TrainState
+if TYPE_CHECKING:  # the trainer's state type; imported only by type checkers (layering)
+    from fgtbt_jax.train.state import TrainState
 
 PyTree = Any
 
@@ -159,7 +160,7 @@ class Checkpointer:
             ),
         )
         ema = restored["ema"]
-        return TrainState(
+        return type(abstract_state)(
             **restored["state"], ema_params=ema["params"], ema_batch_stats=ema["batch_stats"]
         )
 

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from fgtbt_jax import landmarks, transforms
-from fgtbt_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fgtbt_jax.transforms import imagenet_normalize
 
 _TEMPLATE_SEED = 20_240_601
 _EVAL_STREAM = 1_000_003  # keeps evaluation samples apart from training steps
@@ -104,9 +104,7 @@ def render_sample(
     dots = _gaussian_blur(dots, blur) * (2 * np.pi * blur * blur)
     image = 0.4 * background + np.clip(dots, 0.0, 1.0)
     image += rng.normal(0.0, 0.03, image.shape).astype(np.float32)
-    image = (np.clip(image, 0.0, 1.0) - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(
-        IMAGENET_STD, np.float32
-    )
+    image = imagenet_normalize(np.clip(image, 0.0, 1.0), scale=1.0)  # x / 1.0 is exact
 
     name = landmarks.DATASETS[dataset_id]
     center, scale = np.array([s / 2, s / 2]), s / 200.0
@@ -140,21 +138,35 @@ def _rows(
     config: ml_collections.ConfigDict, seed: int, step: int, rows: np.ndarray
 ) -> dict[str, np.ndarray]:
     ids = dataset_ids(config)
+    return _train_rows(ids[rows], rows, int(config.img_size), int(config.heatmap_size), seed, step)
+
+
+def _train_rows(
+    ids: np.ndarray, rows: np.ndarray, img_size: int, heatmap_size: int, seed: int, step: int
+) -> dict[str, np.ndarray]:
+    """Rows ``rows`` (dataset ids ``ids``) of step ``step``'s batch, stacked."""
     samples = [
-        render_sample(
-            np.random.default_rng((int(seed), int(step), int(r))),
-            int(ids[r]),
-            int(config.img_size),
-            int(config.heatmap_size),
-        )
-        for r in rows
-    ]
+        render_sample(np.random.default_rng((int(seed), int(step), int(r))), int(d), img_size,
+                      heatmap_size)
+        for d, r in zip(ids, rows, strict=True)
+    ]  # fmt: skip
     return {
         "image": np.stack([x["image"] for x in samples]),
         "coords": np.stack([x["coords"] for x in samples]),
         "mask": np.stack([x["mask"] for x in samples]),
-        "dataset_id": ids[rows],
+        "dataset_id": np.asarray(ids, np.int32),
     }
+
+
+def mixed_batch(
+    batch_size: int, img_size: int, heatmap_size: int, *, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A training batch of any size (benchmarks): row ``r`` is a face of dataset ``r mod 4``
+    (``landmarks.DATASETS`` order), rendered as row ``r`` of step 0; same keys as
+    :func:`global_batch`."""
+    rows = np.arange(int(batch_size))
+    ids = (rows % len(landmarks.DATASETS)).astype(np.int32)
+    return _train_rows(ids, rows, int(img_size), int(heatmap_size), seed, 0)
 
 
 def process_rows(
