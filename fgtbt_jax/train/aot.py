@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fgtbt_jax import compiled as compiled_figures
-from fgtbt_jax import landmarks
+from fgtbt_jax import errors, landmarks
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.train import sharding
@@ -268,7 +268,7 @@ def gpu_devices(target: Target) -> list[Any]:
     import importlib.util
 
     if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
-        raise RuntimeError(
+        raise errors.Error(
             f"{target.name}: compiling for GPUs needs the CUDA plugin: pip install -e '.[gpu-aot]'"
         )
     from jax.experimental import topologies
