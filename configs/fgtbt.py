@@ -60,6 +60,11 @@ def model_config(variant: str = "b4") -> ml_collections.ConfigDict:
     # Op implementations (fgtbt_jax/ops): "xla" = the SPEC's layers on standard lax ops (GPU/TPU),
     # "cpu" = XLA:CPU fast paths (same parameters), "auto" = "cpu" on a CPU backend, else "xla".
     m.kernels = "auto"
+    # Decoder formulation (same parameters, same results up to rounding): "paper" = SPEC §2.2's
+    # layer order; "fused" = linear_c{s}∘linear_fuse at each stage's resolution and
+    # upSample∘conv2 as one 3×3 convolution (fewer FLOPs and bytes; fgtbt_jax/models/
+    # fused_decoder.py), with either kernels; "auto" = "fused" with cpu kernels, else "paper".
+    m.decoder_form = "auto"
     return m
 
 

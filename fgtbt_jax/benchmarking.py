@@ -194,7 +194,7 @@ def prepare_jax(spec: Spec) -> Prepared:
         {
             "setup_seconds": t1 - t0,
             "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
-            "kernels": model.kernels,
+            "kernels": model.ops.NAME,
             "flops_per_image": None if flops is None else flops / spec["batch"],
             "backend_versions": {"jax": jax.__version__},
         },

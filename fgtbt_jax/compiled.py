@@ -1,8 +1,11 @@
 """Figures read from a compiled XLA program: the one place that parses them.
 
 ``cost(compiled)`` gives XLA's cost analysis (``flops``, ``bytes accessed``, …) as a flat dict;
-``memory(compiled)`` gives the per-device buffer sizes of ``memory_analysis()``. The trainer's
-start-up log, ``train/aot.py`` (planning rows) and ``scripts/benchmark.py`` all read them here.
+``memory(compiled)`` gives the per-device buffer sizes of ``memory_analysis()``;
+``traffic(compiled)`` the HBM-traffic model of the optimized HLO (:mod:`fgtbt_jax.traffic`),
+which, unlike XLA's "bytes accessed", counts each top-level instruction's operands and result
+once at their tiled sizes and tells HBM from on-chip buffers. The trainer's start-up log,
+``train/aot.py`` (planning rows) and ``scripts/benchmark.py`` all read them here.
 
 Deviceless GPU executables (compiled for a ``jax.experimental.topologies`` description, no GPU
 attached) have no ``cost_analysis()``: XLA:GPU's needs a local client. ``module_cost`` runs
@@ -10,7 +13,8 @@ XLA's generic HLO cost analysis over an HLO module instead: ``optimized_cost(com
 the compiled per-device module, ``lowered_cost(lowered)`` over the unoptimized (global, not
 yet partitioned) module. The generic analysis counts ``dot`` / ``convolution`` instructions but
 not the cuBLAS / cuDNN custom calls that XLA:GPU rewrites them into, so GPU FLOPs come from the
-lowered module and GPU bytes accessed from the optimized one.
+lowered module and GPU bytes accessed from the optimized one, plus the operands and results of
+its custom calls (:func:`custom_call_bytes`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import re
 from typing import Any
 
 import jax
+
+from fgtbt_jax import traffic as traffic_model
 
 
 class Unavailable(RuntimeError):
@@ -131,3 +137,10 @@ def memory(compiled: Any) -> dict[str, int]:
     }
     row["total"] = row["argument"] + row["output"] - row["alias"] + row["temp"]
     return row
+
+
+def traffic(compiled: Any) -> traffic_model.Traffic:
+    """The HBM / on-chip traffic model of ``compiled``'s optimized HLO
+    (:mod:`fgtbt_jax.traffic`: per top-level instruction, operands and result at tiled sizes).
+    """
+    return traffic_model.of_hlo(compiled.as_text())

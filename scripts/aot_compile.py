@@ -15,11 +15,12 @@ shardings (``--sharding dp`` = data parallel with a replicated state, ``fsdp`` =
 ``config.sharding.fsdp``). Prints, per row, the per-device memory of the compiled executable
 (arguments, outputs, temporaries; whether it fits the chip's HBM), FLOPs and bytes accessed,
 compile time and a roofline estimate (a lower bound on step time and the images/s per chip it
-implies, from the chip's published peak FLOP/s and HBM bandwidth). A TPU configuration that
-does not fit fails to compile with XLA's out-of-memory error, recorded in the row; XLA:GPU
-compiles it anyway (the row says it does not fit; a GPU would fail to allocate at run time).
-GPU compiles are not autotuned, and their FLOPs and bytes come from XLA's HLO cost analysis
-(``fgtbt_jax/train/aot.py`` says which module each comes from).
+implies, from the chip's published peak FLOP/s and HBM bandwidth); TPU rows also on the
+HBM-traffic model of ``fgtbt_jax/traffic.py`` (columns ``GB HBM``, ``HBM≤i/s``). A TPU
+configuration that does not fit fails to compile with XLA's out-of-memory error, recorded in
+the row; XLA:GPU compiles it anyway (the row says it does not fit; a GPU would fail to
+allocate at run time). GPU compiles are not autotuned, and their FLOPs and bytes come from
+XLA's HLO cost analysis (``fgtbt_jax/train/aot.py`` says which module each comes from).
 
 ``--export_dir DIR`` with GPU targets serializes each step with ``jax.export`` for ``cuda``
 (StableHLO with the shardings, compiled by the CUDA host that loads it) instead of compiling
@@ -109,6 +110,8 @@ def format_row(row: dict) -> str:
     fits = {True: "yes", False: "NO", None: "-"}[row.get("fits")]
     t = roof.get("step_seconds_lower_bound")
     ips = roof.get("images_per_second_per_chip_upper_bound")
+    hbm = (row.get("hbm_traffic") or {}).get("hbm_bytes")
+    ips_hbm = (row.get("roofline_hbm") or {}).get("images_per_second_per_chip_upper_bound")
     seconds = row.get("compile_seconds") or row.get("export_seconds")
     return (
         f"{row['target']:<13} {row['step']:<5} {row['batch_per_device']:>3} {row['dtype']:<8} "
@@ -117,6 +120,8 @@ def format_row(row: dict) -> str:
         f"{'-' if flops is None else f'{flops / 1e9:.1f}':>8} "
         f"{'-' if traffic is None else f'{traffic / 1e9:.2f}':>8} "
         f"{'-' if t is None else f'{t * 1e3:.1f}':>8} {'-' if ips is None else f'{ips:.1f}':>7} "
+        f"{'-' if hbm is None else f'{hbm / 1e9:.2f}':>8} "
+        f"{'-' if ips_hbm is None else f'{ips_hbm:.1f}':>7} "
         f"{'-' if seconds is None else f'{seconds:.0f}':>6}  {row.get('status', '')}"
     )
 
@@ -124,7 +129,7 @@ def format_row(row: dict) -> str:
 HEADER = (
     f"{'target':<13} {'step':<5} {'b/d':>3} {'dtype':<8} {'sharding':<13} {'arg GiB':>7} "
     f"{'out GiB':>7} {'tmp GiB':>7} {'tot GiB':>7} {'fits':>4} {'GFLOP':>8} {'GB acc':>8} "
-    f"{'≥ms/step':>8} {'≤img/s':>7} {'comp s':>6}"
+    f"{'≥ms/step':>8} {'≤img/s':>7} {'GB HBM':>8} {'HBM≤i/s':>7} {'comp s':>6}"
 )
 
 
@@ -227,7 +232,9 @@ def main(argv: list[str]) -> None:
         print(format_row(row), flush=True)
     print(
         "≥ms/step, ≤img/s: roofline ESTIMATE per chip, max(FLOPs / peak FLOP/s, bytes / HBM "
-        "bandwidth); real steps are slower."
+        'bandwidth); real steps are slower. GB acc: XLA\'s "bytes accessed" (counts on-chip '
+        "buffers too). GB HBM, HBM≤i/s (TPU rows): the HBM-traffic model "
+        "(fgtbt_jax/traffic.py) and the roofline on it."
     )
     if any(t.platform == "cuda" for t in targets) and not _EXPORT_DIR.value:
         print(

@@ -24,6 +24,14 @@ TINY_TORCH = dict(
     decoder_dim=64,
 )
 
+# Every (model.kernels, model.decoder_form) pair: both decoder forms on both op paths. The first
+# of each op path is what decoder_form="auto" picks with it.
+OP_PATHS_AND_FORMS = (("cpu", "fused"), ("cpu", "paper"), ("xla", "paper"), ("xla", "fused"))
+
+
+def op_path_id(pair: tuple[str, str]) -> str:
+    return f"kernels={pair[0]}-decoder={pair[1]}"
+
 
 def reference_batch(ref_outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The reference train batch (COFW, WFLW, 300W, AFLW, one each) in unified form: ``image``

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from fgtbt_jax.models.layers import BatchNorm, expand_groups, group_mean
+from fgtbt_jax.ops import xla
 
 
 class ToyNet(nn.Module):
@@ -32,14 +33,14 @@ class ToyNet(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         x = nn.Conv(self.width, (3, 3), (2, 2), padding=1, use_bias=False, name="conv1")(images)
-        x = nn.relu(BatchNorm(stat_groups=self.stat_groups, name="bn1")(x, train))
+        x = nn.relu(BatchNorm(ops=xla, stat_groups=self.stat_groups, name="bn1")(x, train))
         # CSAM-like attention from batch statistics (over the statistic group).
         pooled = group_mean(x, (0, 1, 2), self.stat_groups)  # (groups, C)
         att = nn.sigmoid(nn.Dense(self.width, name="att")(pooled))
         x = x * expand_groups(att, x, self.stat_groups)
         x = nn.Dropout(0.1, broadcast_dims=(1, 2))(x, deterministic=not train)
         x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="conv2")(x)
-        x = nn.relu(BatchNorm(stat_groups=self.stat_groups, name="bn2")(x, train))
+        x = nn.relu(BatchNorm(ops=xla, stat_groups=self.stat_groups, name="bn2")(x, train))
         x = nn.Conv(self.num_landmarks, (1, 1), name="head")(x)
         if self.ballast:
             x = x + 0.0 * self.param("ballast", nn.initializers.zeros, (self.ballast,))[0]

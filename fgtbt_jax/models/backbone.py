@@ -13,17 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgtbt_jax.models.layers import (
-    BatchNorm,
     DropPath,
-    Dtype,
-    KernelBias,
-    conv,
-    dense,
+    Layers,
     expand_groups,
-    gelu,
     group_max,
     group_mean,
-    layer_norm,
     param_dtype,
 )
 
@@ -70,32 +64,36 @@ def high_pass_dft(x: jax.Array, sigma: float = 20.0) -> jax.Array:
     return jnp.abs(x - jnp.einsum("ij,bjkc,lk->bilc", lh, x, lw))
 
 
-class OverlapPatchEmbed(nn.Module):
+class OverlapPatchEmbed(nn.Module, kw_only=True):
     """BN → ReLU → 1×1 → BN → ReLU → k×k/stride (``proj``) → BN → ReLU → 1×1 (``conv3``) → LN.
 
     (B, H, W, C_in) → tokens (B, H'·W', C) plus the grid size (H', W').
     """
 
+    layers: Layers
     features: int
     kernel: int
     stride: int
-    stat_groups: int = 1
-    dtype: Dtype = jnp.float32
-    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, int, int]:
-        bn = dict(stat_groups=self.stat_groups, dtype=self.dtype, kernels=self.kernels)
-        cv = dict(dtype=self.dtype, kernels=self.kernels)
-        x = nn.relu(BatchNorm(name="bn1", **bn)(x, train))
-        x = conv(self.features, 1, bias=False, name="conv1", **cv)(x)
-        x = nn.relu(BatchNorm(name="bn2", **bn)(x, train))
-        x = conv(self.features, self.kernel, self.stride, self.kernel // 2, name="proj", **cv)(x)
-        x = nn.relu(BatchNorm(name="bn3", **bn)(x, train))
-        x = conv(self.features, 1, bias=False, name="conv3", **cv)(x)
+        lay, f = self.layers, self.features
+        x = nn.relu(lay.batch_norm(name="bn1")(x, train))
+        x = lay.conv(f, 1, bias=False, name="conv1")(x)
+        x = nn.relu(lay.batch_norm(name="bn2")(x, train))
+        k = self.kernel
+        x = lay.conv(f, k, stride=self.stride, padding=k // 2, name="proj")(x)
+        x = nn.relu(lay.batch_norm(name="bn3")(x, train))
+        x = lay.conv(f, 1, bias=False, name="conv3")(x)
         b, h, w, c = x.shape
-        x = layer_norm(1e-5, self.dtype, self.kernels, name="norm")(x.reshape(b, h * w, c))
+        x = lay.layer_norm(1e-5, name="norm")(x.reshape(b, h * w, c))
         return x, h, w
+
+    @classmethod
+    def of_stage(cls, stage: int, features: int, layers: Layers, name: str) -> OverlapPatchEmbed:
+        """The patch embedding of stage ``stage`` (0-based): 7×7/4, then 3×3/2."""
+        kernel, stride = (7, 4) if stage == 0 else (3, 2)
+        return cls(layers=layers, features=features, kernel=kernel, stride=stride, name=name)
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -105,86 +103,85 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(logits, axis=-1), v)
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, kw_only=True):
     """Efficient self-attention with spatial reduction ``sr`` of keys and values."""
 
-    dim: int
+    layers: Layers
     num_heads: int
     sr_ratio: int
-    dtype: Dtype = jnp.float32
-    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
+        lay = self.layers
         b, n, c = x.shape
         hd = c // self.num_heads
-        q = dense(c, dtype=self.dtype, name="q")(x).reshape(b, n, self.num_heads, hd)
+        q = lay.dense(c, name="q")(x).reshape(b, n, self.num_heads, hd)
         if self.sr_ratio > 1:
             kv_in = x.reshape(b, h, w, c)
             s = self.sr_ratio
-            kv_in = conv(c, s, s, 0, dtype=self.dtype, kernels=self.kernels, name="sr")(kv_in)
+            kv_in = lay.conv(c, s, stride=s, name="sr")(kv_in)
             kv_in = kv_in.reshape(b, -1, c)
-            kv_in = layer_norm(1e-5, self.dtype, self.kernels, name="norm")(kv_in)
+            kv_in = lay.layer_norm(1e-5, name="norm")(kv_in)
         else:
             kv_in = x
-        kv = dense(2 * c, dtype=self.dtype, name="kv")(kv_in)
+        kv = lay.dense(2 * c, name="kv")(kv_in)
         kv = kv.reshape(b, -1, 2, self.num_heads, hd)  # k first, then v (SPEC §2.1)
         if q.dtype == jnp.float64:  # jax.nn.dot_product_attention's softmax is float32
             out = _attention(q, kv[:, :, 0], kv[:, :, 1])
         else:
             out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])
-        return dense(c, dtype=self.dtype, name="proj")(out.reshape(b, n, c))
+        return lay.dense(c, name="proj")(out.reshape(b, n, c))
 
 
-class DWConv(nn.Module):
+class DWConv(nn.Module, kw_only=True):
     """Depthwise 3×3 convolution (padding 1, bias) of tokens (B, N, C) on their H×W grid."""
 
-    dim: int
-    dtype: Dtype = jnp.float32
-    kernels: str = "xla"
+    layers: Layers
 
     @nn.compact
     def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
         b, n, c = x.shape
-        dw = conv(c, 3, 1, 1, groups=c, dtype=self.dtype, kernels=self.kernels, name="dwconv")
+        dw = self.layers.conv(c, 3, padding=1, groups=c, name="dwconv")
         return dw(x.reshape(b, h, w, c)).reshape(b, n, c)
 
 
-class Mlp(nn.Module):
+class Mlp(nn.Module, kw_only=True):
+    """fc1 → depthwise 3×3 on the token grid → GELU → fc2 (Mix-FFN), tokens (B, N, C)."""
+
+    layers: Layers
     hidden: int
-    dtype: Dtype = jnp.float32
-    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, h: int, w: int) -> jax.Array:
+        lay = self.layers
         c = x.shape[-1]
-        x = dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-        x = DWConv(self.hidden, dtype=self.dtype, kernels=self.kernels, name="dwconv")(x, h, w)
-        x = gelu(x, self.kernels)
-        return dense(c, dtype=self.dtype, name="fc2")(x)
+        x = lay.dense(self.hidden, name="fc1")(x)
+        x = DWConv(layers=lay, name="dwconv")(x, h, w)
+        return lay.dense(c, name="fc2")(lay.gelu(x))
 
 
-class Block(nn.Module):
-    dim: int
+class Block(nn.Module, kw_only=True):
+    """Pre-norm transformer block: attention and Mix-FFN, each with stochastic depth."""
+
+    layers: Layers
     num_heads: int
     mlp_ratio: int
     sr_ratio: int
     drop_path: float
-    dtype: Dtype = jnp.float32
-    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, h: int, w: int, train: bool) -> jax.Array:
-        dt, kn = self.dtype, self.kernels
+        lay = self.layers
         dp = DropPath(self.drop_path)
-        y = layer_norm(1e-6, dt, kn, name="norm1")(x)
-        attn = Attention(self.dim, self.num_heads, self.sr_ratio, dt, kn, name="attn")
+        y = lay.layer_norm(1e-6, name="norm1")(x)
+        attn = Attention(layers=lay, num_heads=self.num_heads, sr_ratio=self.sr_ratio, name="attn")
         x = x + dp(attn(y, h, w), train)
-        y = layer_norm(1e-6, dt, kn, name="norm2")(x)
-        return x + dp(Mlp(self.dim * self.mlp_ratio, dt, kn, name="mlp")(y, h, w), train)
+        y = lay.layer_norm(1e-6, name="norm2")(x)
+        mlp = Mlp(layers=lay, hidden=x.shape[-1] * self.mlp_ratio, name="mlp")
+        return x + dp(mlp(y, h, w), train)
 
 
-class CSAM(nn.Module):
+class CSAM(nn.Module, kw_only=True):
     """Channel attention of the prompt branch (``shared_csam{s}.semantic_att``).
 
     x: the reference's (B, C′, A, A) view with its channels on ``axis`` (any layout of the
@@ -192,24 +189,23 @@ class CSAM(nn.Module):
     statistic group), "sample" over (A, A) only.
     """
 
+    layers: Layers
     reduction: str = "batch"
-    stat_groups: int = 1
-    dtype: Dtype = jnp.float32
     axis: int = -1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         axis = self.axis % x.ndim
         c = x.shape[axis]
-        fc1 = dense(c // 16, dtype=self.dtype, name="linear_0")
-        fc2 = dense(c, dtype=self.dtype, name="linear_2")
+        fc1 = self.layers.dense(c // 16, name="linear_0")
+        fc2 = self.layers.dense(c, name="linear_2")
 
         def mlp(v):
             return fc2(nn.relu(fc1(v)))
 
         spatial = tuple(a for a in range(1, x.ndim) if a != axis)
         if self.reduction == "batch":
-            g = self.stat_groups
+            g = self.layers.stat_groups
             mx = group_max(x, (0,) + spatial, g)  # (g, C′)
             mean = group_mean(x, (0,) + spatial, g)
             att = expand_groups(nn.sigmoid(mlp(mx) + mlp(mean)), x, g, axis)
@@ -240,7 +236,7 @@ def view_as_tokens(g: jax.Array) -> jax.Array:
     return g.reshape(b, n, c)
 
 
-class PromptGenerator(nn.Module):
+class PromptGenerator(nn.Module, kw_only=True):
     """FGSA prompt branch (``prompt_generator``): per-stage parameters, applied before each block.
 
     Sub-module names mirror the reference: ``handcrafted_generator{s}``, ``embedding_generator{s}``,
@@ -248,58 +244,42 @@ class PromptGenerator(nn.Module):
     ``conv{s}``, ``shared_csam{s}``.
     """
 
+    layers: Layers
     embed_dims: Sequence[int]
     depths: Sequence[int]
     scale_factor: int = 4
     hpf_sigma: float = 20.0
     csam_reduction: str = "batch"
-    stat_groups: int = 1
-    dtype: Dtype = jnp.float32
-    kernels: str = "xla"
     fft: str = "fft"
 
     def setup(self):
+        lay = self.layers
         dims = [e // self.scale_factor for e in self.embed_dims]
-        groups, dt = self.stat_groups, self.dtype
         self.handcrafted = [
-            OverlapPatchEmbed(
-                d,
-                7 if s == 0 else 3,
-                4 if s == 0 else 2,
-                groups,
-                dt,
-                self.kernels,
-                name=f"handcrafted_generator{s + 1}",
-            )
+            OverlapPatchEmbed.of_stage(s, d, lay, name=f"handcrafted_generator{s + 1}")
             for s, d in enumerate(dims)
         ]
         self.embedding = [
-            dense(d, dtype=dt, name=f"embedding_generator{s + 1}") for s, d in enumerate(dims)
+            lay.dense(d, name=f"embedding_generator{s + 1}") for s, d in enumerate(dims)
         ]
         self.lightweight = [
-            [
-                dense(d, dtype=dt, name=f"lightweight_mlp{s + 1}_{i}_0")
-                for i in range(self.depths[s])
-            ]
+            [lay.dense(d, name=f"lightweight_mlp{s + 1}_{i}_0") for i in range(self.depths[s])]
             for s, d in enumerate(dims)
         ]
         self.shared_mlp = [
-            dense(e, dtype=dt, name=f"shared_mlp{s + 1}") for s, e in enumerate(self.embed_dims)
+            lay.dense(e, name=f"shared_mlp{s + 1}") for s, e in enumerate(self.embed_dims)
         ]
         # The prompt map is processed in the reference's (B, C′, A·A) memory layout (channels on
         # axis 1), which is a free reshape of the (B, N, C′) tokens both ways.
-        self.bn = [
-            BatchNorm(stat_groups=groups, dtype=dt, axis=1, kernels=self.kernels, name=f"bn{s + 1}")
-            for s in range(len(dims))
-        ]
-        # 1×1 convolutions on that layout, applied as matmuls over axis 1 (with either kernels:
-        # XLA lowers a 1×1 convolution to the same dot).
+        self.bn = [lay.batch_norm(axis=1, name=f"bn{s + 1}") for s in range(len(dims))]
+        # 1×1 convolutions on that layout, applied as matmuls over axis 1 (whatever the ops: the
+        # compiler lowers a 1×1 convolution to the same dot).
         self.conv = [
-            KernelBias((1, 1, e + 2 * d, e + 2 * d), dtype=dt, name=f"conv{s + 1}")
+            lay.kernel_bias((1, 1, e + 2 * d, e + 2 * d), name=f"conv{s + 1}")
             for s, (e, d) in enumerate(zip(self.embed_dims, dims, strict=True))
         ]
         self.csam = [
-            CSAM(self.csam_reduction, groups, dt, axis=1, name=f"shared_csam{s + 1}")
+            CSAM(layers=lay, reduction=self.csam_reduction, axis=1, name=f"shared_csam{s + 1}")
             for s in range(len(dims))
         ]
 
@@ -308,7 +288,8 @@ class PromptGenerator(nn.Module):
         if self.fft not in ("fft", "dft"):
             raise ValueError(f"model.fft must be 'fft' or 'dft', got {self.fft!r}")
         hpf = high_pass if self.fft == "fft" else high_pass_dft
-        x = hpf(image.astype(param_dtype(self.dtype)), self.hpf_sigma).astype(self.dtype)
+        dt = self.layers.dtype
+        x = hpf(image.astype(param_dtype(dt)), self.hpf_sigma).astype(dt)
         out = []
         for gen in self.handcrafted:
             tokens, h, w = gen(x, train)
@@ -323,20 +304,22 @@ class PromptGenerator(nn.Module):
         self, stage: int, block: int, x: jax.Array, hc: jax.Array, emb: jax.Array, train: bool
     ) -> jax.Array:
         """Returns the prompt-updated tokens x + prompt (B, N, E_s)."""
+        dt = self.layers.dtype
         g = tokens_as_view(jnp.concatenate([x, hc, emb], axis=-1))  # (B, C′, N)
         r = g
         g = self.csam[stage](g)
         g = nn.relu(self.bn[stage](g, train))
         kernel, bias = self.conv[stage]()
-        g = jnp.einsum("bcn,co->bon", g, kernel[0, 0].astype(self.dtype))
-        g = g + bias.astype(self.dtype)[:, None] + r
-        f = gelu(self.lightweight[stage][block](view_as_tokens(g)), self.kernels)
+        g = jnp.einsum("bcn,co->bon", g, kernel[0, 0].astype(dt))
+        g = g + bias.astype(dt)[:, None] + r
+        f = self.layers.gelu(self.lightweight[stage][block](view_as_tokens(g)))
         return x + self.shared_mlp[stage](f)
 
 
-class MixVisionTransformer(nn.Module):
+class MixVisionTransformer(nn.Module, kw_only=True):
     """Four-stage MiT with FGSA prompts. (B, H, W, 3) → four maps at strides 4, 8, 16, 32."""
 
+    layers: Layers
     embed_dims: Sequence[int]
     num_heads: Sequence[int]
     depths: Sequence[int]
@@ -346,23 +329,19 @@ class MixVisionTransformer(nn.Module):
     hpf_sigma: float = 20.0
     prompt_scale_factor: int = 4
     csam_reduction: str = "batch"
-    stat_groups: int = 1
     remat: bool = False
-    dtype: Dtype = jnp.float32
-    kernels: str = "xla"
     fft: str = "fft"
 
     @nn.compact
     def __call__(self, image: jax.Array, train: bool) -> list[jax.Array]:
+        lay = self.layers
         prompt = PromptGenerator(
-            self.embed_dims,
-            self.depths,
-            self.prompt_scale_factor,
-            self.hpf_sigma,
-            self.csam_reduction,
-            self.stat_groups,
-            self.dtype,
-            self.kernels,
+            layers=lay,
+            embed_dims=self.embed_dims,
+            depths=self.depths,
+            scale_factor=self.prompt_scale_factor,
+            hpf_sigma=self.hpf_sigma,
+            csam_reduction=self.csam_reduction,
             fft=self.fft,
             name="prompt_generator",
         )
@@ -370,34 +349,24 @@ class MixVisionTransformer(nn.Module):
         total = sum(self.depths)
         rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         block_cls = nn.remat(Block, static_argnums=(2, 3, 4)) if self.remat else Block
-        x = image.astype(self.dtype)
+        x = image.astype(lay.dtype)
         outs, cur = [], 0
         for s, dim in enumerate(self.embed_dims):
-            embed = OverlapPatchEmbed(
-                dim,
-                7 if s == 0 else 3,
-                4 if s == 0 else 2,
-                self.stat_groups,
-                self.dtype,
-                self.kernels,
-                name=f"patch_embed{s + 1}",
-            )
+            embed = OverlapPatchEmbed.of_stage(s, dim, lay, name=f"patch_embed{s + 1}")
             tokens, h, w = embed(x, train)
             emb = prompt.embedding_prompt(s, tokens)
             for i in range(self.depths[s]):
                 tokens = prompt(s, i, tokens, hcs[s], emb, train)
                 tokens = block_cls(
-                    dim,
-                    self.num_heads[s],
-                    self.mlp_ratio,
-                    self.sr_ratios[s],
-                    rates[cur + i],
-                    self.dtype,
-                    self.kernels,
+                    layers=lay,
+                    num_heads=self.num_heads[s],
+                    mlp_ratio=self.mlp_ratio,
+                    sr_ratio=self.sr_ratios[s],
+                    drop_path=rates[cur + i],
                     name=f"block{s + 1}_{i}",
                 )(tokens, h, w, train)
             cur += self.depths[s]
-            tokens = layer_norm(1e-6, self.dtype, self.kernels, name=f"norm{s + 1}")(tokens)
+            tokens = lay.layer_norm(1e-6, name=f"norm{s + 1}")(tokens)
             x = tokens.reshape(tokens.shape[0], h, w, dim)
             outs.append(x)
         return outs

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fgtbt_jax import ops as ops_lib
 from fgtbt_jax.models.backbone import MixVisionTransformer
 from fgtbt_jax.models.decoder import DecodeHead
-from fgtbt_jax.models.layers import param_dtype
-from fgtbt_jax.ops import kernel_ops, resolve_kernels
+from fgtbt_jax.models.layers import Layers, Ops, param_dtype
 from fgtbt_jax.transforms import imagenet_normalize
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -41,13 +41,15 @@ def enable_x64_if_requested(model_config: ml_collections.ConfigDict) -> None:
         jax.config.update("jax_enable_x64", True)
 
 
-class FGTBT(nn.Module):
+class FGTBT(nn.Module, kw_only=True):
     """(B, H, W, 3) normalized images → (B, H/2, W/2, num_landmarks) heatmaps, NHWC.
 
-    ``kernels`` ("xla" or "cpu", resolved from ``model.kernels`` by :func:`build_model`) picks
-    the ops the layers compute with (:mod:`fgtbt_jax.ops`); the parameters are the same.
+    ``ops`` (a module of :mod:`fgtbt_jax.ops`, chosen by :func:`build_model`) is what every
+    layer computes with; ``decoder_form`` ("paper" or "fused") how the decode head is
+    formulated. Neither changes the parameters.
     """
 
+    ops: Ops
     embed_dims: Sequence[int] = (64, 128, 320, 512)
     num_heads: Sequence[int] = (1, 2, 5, 8)
     depths: Sequence[int] = (3, 6, 18, 3)
@@ -63,41 +65,38 @@ class FGTBT(nn.Module):
     stat_groups: int = 1
     remat: bool = False
     dtype: jnp.dtype = jnp.float32
-    kernels: str = "xla"
     fft: str = "fft"
+    decoder_form: str = "paper"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        kernel_ops(self.kernels)  # rejects an unresolved or unknown value
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected NHWC RGB images (B, H, W, 3), got shape {images.shape}")
         if images.dtype not in (jnp.float32, param_dtype(self.dtype)):
             raise ValueError(f"images must be float32 (normalized), got {images.dtype}")
+        layers = Layers(ops=self.ops, dtype=self.dtype, stat_groups=self.stat_groups)
         feats = MixVisionTransformer(
-            self.embed_dims,
-            self.num_heads,
-            self.depths,
-            self.sr_ratios,
-            self.mlp_ratio,
-            self.drop_path_rate,
-            self.hpf_sigma,
-            self.prompt_scale_factor,
-            self.csam_reduction,
-            self.stat_groups,
-            self.remat,
-            self.dtype,
-            self.kernels,
+            layers=layers,
+            embed_dims=self.embed_dims,
+            num_heads=self.num_heads,
+            depths=self.depths,
+            sr_ratios=self.sr_ratios,
+            mlp_ratio=self.mlp_ratio,
+            drop_path_rate=self.drop_path_rate,
+            hpf_sigma=self.hpf_sigma,
+            prompt_scale_factor=self.prompt_scale_factor,
+            csam_reduction=self.csam_reduction,
+            remat=self.remat,
             fft=self.fft,
             name="backbone",
         )(images, train)
         return DecodeHead(
-            self.embed_dims,
-            self.decoder_dim,
-            self.num_landmarks,
-            self.decoder_dropout,
-            self.stat_groups,
-            self.dtype,
-            self.kernels,
+            layers=layers,
+            embed_dims=self.embed_dims,
+            decoder_dim=self.decoder_dim,
+            num_landmarks=self.num_landmarks,
+            dropout=self.decoder_dropout,
+            form=self.decoder_form,
             name="decode_head",
         )(feats, train)
 
@@ -107,8 +106,8 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
 
     ``stat_groups`` splits the batch into that many groups for BatchNorm / CSAM statistics
     (one per device reproduces the reference's per-device statistics under data parallelism).
-    ``model.kernels`` is resolved here, once ("auto" → "cpu" on a CPU backend, else "xla"); the
-    model's ``kernels`` attribute holds the resolved value.
+    The ops module and the decoder form are chosen here, once, from the config
+    (:func:`fgtbt_jax.ops.select`; ``model.ops.NAME`` names the ops chosen).
     """
     m = model_config
     if m.dtype not in _DTYPES:
@@ -119,7 +118,9 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
             "fgtbt_jax.models.fgtbt.enable_x64_if_requested(config.model) at the start of the "
             "program (the scripts do), use `with jax.enable_x64(True):`, or set JAX_ENABLE_X64=1"
         )
+    ops, decoder_form = ops_lib.select(m)
     return FGTBT(
+        ops=ops,
         embed_dims=tuple(m.embed_dims),
         num_heads=tuple(m.num_heads),
         depths=tuple(m.depths),
@@ -135,14 +136,14 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
         stat_groups=stat_groups,
         remat=m.remat,
         dtype=_DTYPES[m.dtype],
-        kernels=resolve_kernels(m.kernels),
         fft=m.fft,
+        decoder_form=decoder_form,
     )
 
 
 def init_variables(model: FGTBT, rng: jax.Array, img_size: int) -> dict:
     """Random initial variables ``{'params', 'batch_stats'}`` for (1, img_size, img_size, 3)
-    NHWC, computed by a jitted init compiled with the kernels' ``INIT_COMPILER_OPTIONS`` (or,
+    NHWC, computed by a jitted init compiled with the ops' ``INIT_COMPILER_OPTIONS`` (or,
     under ``jax.jit`` / ``jax.eval_shape``, traced into the caller's program)."""
 
     def init(key: jax.Array) -> dict:
@@ -151,7 +152,7 @@ def init_variables(model: FGTBT, rng: jax.Array, img_size: int) -> dict:
 
     if isinstance(rng, jax.core.Tracer):  # compiler options belong to the outermost jit
         return init(rng)
-    options = kernel_ops(model.kernels).INIT_COMPILER_OPTIONS
+    options = model.ops.INIT_COMPILER_OPTIONS
     return jax.jit(init, compiler_options=options)(rng)
 
 

@@ -5,19 +5,22 @@ converter in :mod:`fgtbt_jax.porting.convert` is a table: a Flax ``Dense``/``Con
 ``LayerNorm`` named ``fc1`` holds ``kernel``/``bias``/``scale`` where PyTorch holds
 ``fc1.weight``/``fc1.bias``.
 
-Layers whose computation has an XLA:CPU fast path take a ``kernels`` attribute: ``"xla"``
-computes with the plain ops of :mod:`fgtbt_jax.ops.xla`, ``"cpu"`` with their
-:mod:`fgtbt_jax.ops.cpu` counterparts (same parameters, same results to float32 rounding).
+Layers whose computation goes through an op of :mod:`fgtbt_jax.ops` hold the ops module they
+compute with (``ops``), injected from outside: they never choose one. :class:`Layers` bundles
+the ops with the compute dtype and the statistic groups, which every layer of a network shares,
+and builds the layers with them; the network's modules hold one ``layers`` field.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import types
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fgtbt_jax.ops import kernel_ops
-from fgtbt_jax.ops.xla import (
+from fgtbt_jax.ops.common import (
     Dtype,
     channel_shape,
     expand_groups,
@@ -33,15 +36,17 @@ __all__ = [
     "Dtype",
     "KernelBias",
     "LayerNorm",
-    "conv",
+    "Layers",
+    "Ops",
     "dense",
     "expand_groups",
-    "gelu",
     "group_max",
     "group_mean",
-    "layer_norm",
     "param_dtype",
 ]
+
+# A module of fgtbt_jax.ops: each has the same function names and signatures.
+Ops = types.ModuleType
 
 
 def dense(features: int, *, dtype: Dtype, name: str | None = None) -> nn.Dense:
@@ -49,26 +54,22 @@ def dense(features: int, *, dtype: Dtype, name: str | None = None) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype(dtype), name=name)
 
 
-def gelu(x: jax.Array, kernels: str = "xla") -> jax.Array:
-    """PyTorch's default GELU (exact erf form); rematerialized with ``kernels="cpu"``."""
-    return kernel_ops(kernels).gelu(x)
-
-
-class BatchNorm(nn.Module):
+class BatchNorm(nn.Module, kw_only=True):
     """BatchNorm with PyTorch semantics; channels on ``axis`` (default: the last one).
 
     Train mode normalizes with the biased batch variance and updates the running variance with
     the *unbiased* one (PyTorch), ``running = (1 - momentum) * running + momentum * batch`` with
     PyTorch's momentum 0.1 (Flax's 0.9). ``num_batches_tracked`` is kept as PyTorch does.
     Parameters and statistics are kept in ``param_dtype(dtype)`` (float32 for bfloat16).
+    Train mode computes with ``ops.batch_norm_train``.
     """
 
+    ops: Ops
     momentum: float = 0.1
     epsilon: float = 1e-5
     stat_groups: int = 1
     dtype: Dtype = jnp.float32
     axis: int = -1
-    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -84,7 +85,7 @@ class BatchNorm(nn.Module):
         )
         if train:
             g = self.stat_groups
-            y, mean_g, var_g = kernel_ops(self.kernels).batch_norm_train(
+            y, mean_g, var_g = self.ops.batch_norm_train(
                 x, scale, bias, g, self.epsilon, self.dtype, axis
             )
             n = x.size // (c * g)
@@ -117,12 +118,12 @@ class DropPath(nn.Module):
         return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))
 
 
-class Conv(nn.Module):
-    """A PyTorch-style ``Conv2d`` on NHWC input, with ``nn.Conv``'s parameters (``kernel``
-    (kh, kw, C_in / groups, C_out) HWIO and ``bias``) and initializers: one
-    ``lax.conv_general_dilated`` (``kernels="xla"``) or the per-shape XLA:CPU lowering of
-    :func:`fgtbt_jax.ops.cpu.conv2d` (``kernels="cpu"``)."""
+class Conv(nn.Module, kw_only=True):
+    """A PyTorch-style ``Conv2d`` (symmetric explicit padding) on NHWC input, with ``nn.Conv``'s
+    parameters (``kernel`` (kh, kw, C_in / groups, C_out) HWIO and ``bias``) and initializers,
+    computed by ``ops.conv2d``."""
 
+    ops: Ops
     features: int
     kernel_size: int
     stride: int = 1
@@ -130,7 +131,6 @@ class Conv(nn.Module):
     use_bias: bool = True
     groups: int = 1
     dtype: Dtype = jnp.float32
-    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -144,7 +144,7 @@ class Conv(nn.Module):
             else None
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = kernel_ops(self.kernels).conv2d(x, kernel, self.stride, self.padding, self.groups)
+        y = self.ops.conv2d(x, kernel, self.stride, self.padding, self.groups)
         return y if bias is None else y + bias
 
 
@@ -170,30 +170,15 @@ class KernelBias(nn.Module):
         return kernel, bias
 
 
-def conv(
-    features: int,
-    kernel: int,
-    stride: int = 1,
-    padding: int = 0,
-    *,
-    bias: bool = True,
-    groups: int = 1,
-    dtype: Dtype = jnp.float32,
-    kernels: str = "xla",
-    name: str | None = None,
-) -> Conv:
-    """A PyTorch-style ``Conv2d`` (symmetric explicit padding) on NHWC input."""
-    return Conv(features, kernel, stride, padding, bias, groups, dtype, kernels, name=name)
-
-
-class LayerNorm(nn.Module):
+class LayerNorm(nn.Module, kw_only=True):
     """LayerNorm over the last axis with ``nn.LayerNorm``'s parameters ``scale`` and ``bias``
-    (statistics and parameters in ``param_dtype(dtype)``). With ``kernels="cpu"``
-    rematerialized (the backward pass keeps only the input)."""
+    (statistics and parameters in ``param_dtype(dtype)``), computed by ``ops.layer_norm``.
+    ``epsilon`` is explicit: Flax defaults to 1e-6, PyTorch to 1e-5 (SPEC §2.1 says which is
+    which)."""
 
-    epsilon: float = 1e-6
+    ops: Ops
+    epsilon: float
     dtype: Dtype = jnp.float32
-    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -201,11 +186,61 @@ class LayerNorm(nn.Module):
         pd = param_dtype(self.dtype)
         scale = self.param("scale", nn.initializers.ones, (c,), pd)
         bias = self.param("bias", nn.initializers.zeros, (c,), pd)
-        return kernel_ops(self.kernels).layer_norm(x, scale, bias, self.epsilon, self.dtype)
+        return self.ops.layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
-def layer_norm(
-    epsilon: float, dtype: Dtype, kernels: str = "xla", name: str | None = None
-) -> LayerNorm:
-    # Explicit eps: Flax defaults to 1e-6, PyTorch to 1e-5 (SPEC §2.1 says which is which).
-    return LayerNorm(epsilon=epsilon, dtype=dtype, kernels=kernels, name=name)
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """The layers of one network with what they all share, chosen once (by
+    :func:`fgtbt_jax.models.fgtbt.build_model`): the ops module they compute with, the compute
+    ``dtype`` (parameters in ``param_dtype(dtype)``) and the number of sample groups of the
+    BatchNorm / CSAM statistics."""
+
+    ops: Ops
+    dtype: Dtype = jnp.float32
+    stat_groups: int = 1
+
+    def conv(
+        self,
+        features: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        groups: int = 1,
+        name: str | None = None,
+    ) -> Conv:
+        """A PyTorch-style ``Conv2d``: :class:`Conv`."""
+        return Conv(
+            ops=self.ops,
+            features=features,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            use_bias=bias,
+            groups=groups,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    def batch_norm(self, *, axis: int = -1, name: str | None = None) -> BatchNorm:
+        """:class:`BatchNorm` over this network's statistic groups, channels on ``axis``."""
+        return BatchNorm(
+            ops=self.ops, stat_groups=self.stat_groups, dtype=self.dtype, axis=axis, name=name
+        )
+
+    def layer_norm(self, epsilon: float, *, name: str | None = None) -> LayerNorm:
+        return LayerNorm(ops=self.ops, epsilon=epsilon, dtype=self.dtype, name=name)
+
+    def dense(self, features: int, *, name: str | None = None) -> nn.Dense:
+        return dense(features, dtype=self.dtype, name=name)
+
+    def kernel_bias(
+        self, shape: tuple[int, ...], *, bias: bool = True, name: str | None = None
+    ) -> KernelBias:
+        return KernelBias(shape, use_bias=bias, dtype=self.dtype, name=name)
+
+    def gelu(self, x: jax.Array) -> jax.Array:
+        """PyTorch's default GELU (exact erf form)."""
+        return self.ops.gelu(x)

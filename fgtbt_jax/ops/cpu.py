@@ -4,9 +4,11 @@ Each function computes what its namesake in :mod:`fgtbt_jax.ops.xla` computes (s
 same parameters, results equal to float32 rounding; ``tests/ops`` checks values and VJPs), in a
 form that XLA:CPU runs faster: matmuls instead of XLA:CPU's generic convolution, hand-written
 VJPs instead of its slow dilated-convolution weight gradients, rematerialization of cheap
-elementwise ops, and algebraic fusions of the decoder's linear layers. On GPU/TPU these forms
-are not expected to help (cuDNN and the MXU run native convolutions and their gradients well),
-so ``model.kernels="auto"`` picks them only when the default backend is CPU.
+elementwise ops. On GPU/TPU these forms are not expected to help (cuDNN and the MXU run native
+convolutions and their gradients well), so ``model.kernels="auto"`` picks them only when the
+default backend is CPU. The decoder's algebraic fusions are not here: they are a formulation of
+the model (``model.decoder_form="fused"``, :mod:`fgtbt_jax.models.fused_decoder`), available with
+either op path; ``decoder_form="auto"`` picks them with these ops.
 
 Gains are stated per function where measured. What is measured as a whole: the release
 benchmark with ``--config.model.kernels=cpu`` against ``=xla`` on the same 2-core CPU
@@ -19,23 +21,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fgtbt_jax.ops import xla
-from fgtbt_jax.ops.xla import (
-    Dtype,
-    Padding,
-    channel_shape,
-    expand_groups,
-    group_mean,
-    param_dtype,
-)
+from fgtbt_jax.ops import common, xla
+from fgtbt_jax.ops.common import Dtype, Padding, param_dtype
 
 # XLA:CPU weakness: the jitted parameter initialisation (a threefry draw and a truncated-normal
 # transform per parameter, ~1,400 kernels for the tiny network) spends most of its compile time
 # in LLVM optimizing kernels that run once. Compiled without backend optimization: 85 s → 22 s
 # for the tiny network on 2 cores; initial values change by float32 rounding (≤ 2e-7).
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+NAME = "cpu"  # the ``model.kernels`` value of this op path
 
 # --------------------------------------------------------------------------------------------
 # Normalization and activation
@@ -76,15 +72,15 @@ def _batch_norm_train_bwd(groups, epsilon, dtype, axis, res, cts):
     axes = tuple(a for a in range(x.ndim) if a != axis)
 
     def expand(stat):
-        return expand_groups(stat, xf, groups, axis)
+        return common.expand_groups(stat, xf, groups, axis)
 
     centered = xf - expand(mean_g)
     xhat = centered * expand(rstd_g)
     d_bias = jnp.sum(gy, axis=axes)
     d_scale = jnp.sum(gy * xhat, axis=axes)
-    gxh = gy * scale.reshape(channel_shape(x, axis))  # gradient w.r.t. xhat
-    m1 = group_mean(gxh, axes, groups)  # (g, C)
-    m2 = group_mean(gxh * xhat, axes, groups)
+    gxh = gy * scale.reshape(common.channel_shape(x, axis))  # gradient w.r.t. xhat
+    m1 = common.group_mean(gxh, axes, groups)  # (g, C)
+    m2 = common.group_mean(gxh * xhat, axes, groups)
     n = x.size // (x.shape[axis] * groups)
     dx = expand(rstd_g) * (gxh - expand(m1) - xhat * expand(m2))
     # The statistics are outputs too (for the running averages); their cotangents are zero in
@@ -117,12 +113,6 @@ traffic. Applied whatever ``model.remat`` says. Gain: not measured separately.""
 # any convolution), so ``conv2d`` lowers each shape to the op that XLA:CPU runs well: matmuls,
 # shifted multiply-adds, or a forward convolution with a matmul-based weight gradient.
 # --------------------------------------------------------------------------------------------
-
-
-def _lax_conv(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
-    return jax.lax.conv_general_dilated(
-        x, w, (1, 1), padding, dimension_numbers=xla.CONV_DIMENSIONS
-    )
 
 
 def conv_weight_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: Padding) -> jax.Array:
@@ -172,11 +162,11 @@ def conv_s1(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
     gradient (see :func:`conv_weight_grad`), computed here as kh matmuls. Gain: not measured
     separately.
     """
-    return _lax_conv(x, w, padding)
+    return xla.conv_s1(x, w, padding)
 
 
 def _conv_s1_fwd(x: jax.Array, w: jax.Array, padding: Padding):
-    return _lax_conv(x, w, padding), (x, w)
+    return xla.conv_s1(x, w, padding), (x, w)
 
 
 def _conv_s1_bwd(padding: Padding, res, g: jax.Array):
@@ -184,7 +174,7 @@ def _conv_s1_bwd(padding: Padding, res, g: jax.Array):
     kh, kw = w.shape[:2]
     (pt, pb), (pl, pr) = padding
     flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    dx = _lax_conv(g, flipped, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+    dx = xla.conv_s1(g, flipped, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
     dw = conv_weight_grad(x, g, kh, kw, padding)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
@@ -239,7 +229,7 @@ def _conv_strided_bwd(stride, padding, res, g):
     w_s2d = wpad.reshape(kb, s, kb, s, c, o).transpose(0, 2, 1, 3, 4, 5)
     w_s2d = w_s2d.reshape(kb, kb, s * s * c, o)
     flipped = jnp.flip(w_s2d, (0, 1)).transpose(0, 1, 3, 2)
-    dx_s2d = _lax_conv(g, flipped.astype(g.dtype), ((kb - 1, kb - 1), (kb - 1, kb - 1)))
+    dx_s2d = xla.conv_s1(g, flipped.astype(g.dtype), ((kb - 1, kb - 1), (kb - 1, kb - 1)))
     dx = dx_s2d.reshape(b, hp // s, wp // s, s, s, c).transpose(0, 1, 3, 2, 4, 5)
     dx = dx.reshape(b, hp, wp, c)
     # Input rows / columns that no window reaches get zero gradient.
@@ -335,7 +325,7 @@ def conv2d(
 
 
 # --------------------------------------------------------------------------------------------
-# Resizing and the decoder's fused forms
+# Resizing
 # --------------------------------------------------------------------------------------------
 
 
@@ -366,118 +356,3 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
         y = x if height == h else _upsample_axis(x, 1, height // h)
         return y if width == w else _upsample_axis(y, 2, width // w)
     return xla.resize_bilinear(x, height, width)
-
-
-def decoder_fuse(
-    feats: list[jax.Array],
-    linear: list[tuple[jax.Array, jax.Array]],
-    fuse: jax.Array,
-    dtype: Dtype,
-) -> jax.Array:
-    """SPEC §2.2's ``linear_c{s}`` → resize to stage 1 → concat [c4, c3, c2, c1] →
-    ``linear_fuse.conv`` (1×1, no bias), in a cheaper order with the same parameters.
-
-    Each stage's ``linear_c{s}`` (kernel (E_s, D), bias (D,)) is composed with its block of the
-    fusion kernel ``fuse`` (1, 1, n·D, D): both are linear and bilinear resizing commutes with
-    channel mixing, so the fusion runs at each stage's own resolution and the n·D-channel
-    concatenation at stage-1 resolution never exists. feats: n NHWC maps at strides 4..32;
-    returns (B, H1, W1, D). XLA:CPU weakness: none specific (fewer FLOPs and bytes anywhere),
-    but the algebra hides the paper's order, so the "xla" path keeps the plain form.
-    Gain: not measured separately.
-    """
-    n = len(feats)
-    d = fuse.shape[-1]
-    h, w = feats[0].shape[1:3]
-    blocks = fuse.reshape(n, d, d)  # in concatenation order [c4, c3, c2, c1]
-    x = None
-    for s, (f, (kc, bc)) in enumerate(zip(feats, linear, strict=True)):
-        block = blocks[n - 1 - s]
-        y = jnp.einsum("bhwc,cd->bhwd", f.astype(dtype), (kc @ block).astype(dtype))
-        y = y + (bc @ block).astype(dtype)
-        y = y if s == 0 else resize_bilinear(y, h, w)
-        x = y if x is None else x + y
-    return x
-
-
-def _taps(kind: str) -> np.ndarray:
-    """0/1 tap tables of ConvTranspose2d(k=4, s=2, p=1) along one axis, with output phases a
-    (output 2m + a) and input offsets e (input m + e, e = -1, 0, 1).
-
-    ``"up"``: T[a, e + 1, k] = 1 when kernel tap k links input m + e to output 2m + a.
-    ``"up_conv"``: T[a, e + 1, d + 1, k] = 1 when, for a following 3-tap convolution with tap
-    d (reading up-sampled position 2m + a + d), kernel tap k links input m + e to it.
-    """
-    up = np.zeros((2, 3, 4), np.float32)
-    for a in range(2):
-        for e in (-1, 0, 1):
-            k = a + 1 - 2 * e
-            if 0 <= k < 4:
-                up[a, e + 1, k] = 1
-    if kind == "up":
-        return up
-    both = np.zeros((2, 3, 3, 4), np.float32)
-    for a in range(2):
-        for d in (-1, 0, 1):
-            q = a + d  # up-sampled row 2m + q = 2(m + q // 2) + q % 2
-            for e in (-1, 0, 1):
-                src = q // 2 + e  # input offset from m
-                if -1 <= src <= 1:
-                    both[a, src + 1, d + 1] += up[q % 2, e + 1]
-    return both
-
-
-def _depth_to_space(y: jax.Array, channels: int) -> jax.Array:
-    """(B, H, W, 2·2·C) with channels ordered (a, b, c) → (B, 2H, 2W, C), out[2m+a, 2n+b]."""
-    b, h, w, _ = y.shape
-    y = y.reshape(b, h, w, 2, 2, channels).transpose(0, 1, 3, 2, 4, 5)
-    return y.reshape(b, 2 * h, 2 * w, channels)
-
-
-def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """PyTorch ``ConvTranspose2d(k=4, s=2, p=1)`` on NHWC as a 3×3 convolution to the four
-    output phases plus depth-to-space. ``kernel`` (4, 4, C_out, C_in) is the Flax
-    ``ConvTranspose(transpose_kernel=True)`` layout (= torch weight .transpose(2, 3, 1, 0)).
-
-    XLA:CPU weakness: ``lax.conv_transpose`` is an lhs-dilated convolution (three quarters of
-    its multiply-adds hit inserted zeros) and its gradients are dilated convolutions too.
-    Gain: not measured separately.
-    """
-    t = jnp.asarray(_taps("up"), kernel.dtype)
-    c_out = kernel.shape[2]
-    k3 = jnp.einsum("aek,bfl,klci->efiabc", t, t, kernel).reshape(3, 3, kernel.shape[3], -1)
-    y = conv_s1(x, k3.astype(x.dtype), ((1, 1), (1, 1)))
-    return _depth_to_space(y, c_out) + bias
-
-
-def upsample_conv3x3(x: jax.Array, kt: jax.Array, bt: jax.Array, w2: jax.Array) -> jax.Array:
-    """``conv3x3_pad1(ConvTranspose2d_k4_s2_p1(x; kt, bt); w2)`` without the intermediate map
-    (the decoder's ``upSample`` then ``conv2``).
-
-    The two linear layers compose into one 3×3 convolution at the input resolution with
-    2·2·C_out outputs (one per output phase): about 4× fewer FLOPs than running the 3×3
-    convolution on the up-sampled map. The composed kernel sees the transposed convolution's
-    values just outside the map where the second convolution pads with zeros, so the four
-    border lines of the output are recomputed exactly from their definition.
-    XLA:CPU weakness: as :func:`conv_transpose_4x4_s2`, plus the 3×3 convolution at 240² is
-    the largest convolution of the network. Gain: not measured separately.
-
-    x: (B, H, W, C_in) NHWC; kt (4, 4, C_mid, C_in) Flax ConvTranspose layout; bt (C_mid,);
-    w2 (3, 3, C_mid, C_out) HWIO. Returns (B, 2H, 2W, C_out).
-    """
-    c_out = w2.shape[-1]
-    both = jnp.asarray(_taps("up_conv"), kt.dtype)
-    kc = jnp.einsum("aedk,bfgl,klci,dgco->efiabo", both, both, kt, w2)
-    kc = kc.reshape(3, 3, x.shape[-1], 4 * c_out).astype(x.dtype)
-    out = _depth_to_space(conv_s1(x, kc, ((1, 1), (1, 1))), c_out)
-    out = out + jnp.einsum("c,dgco->o", bt, w2).astype(x.dtype)  # the bias, away from borders
-
-    def up(strip: jax.Array) -> jax.Array:
-        return conv_transpose_4x4_s2(strip, kt.astype(x.dtype), bt.astype(x.dtype))
-
-    w2 = w2.astype(x.dtype)
-    top = conv_s1(up(x[:, :2])[:, :2], w2, ((1, 0), (1, 1)))
-    bottom = conv_s1(up(x[:, -2:])[:, -2:], w2, ((0, 1), (1, 1)))
-    left = conv_s1(up(x[:, :, :2])[:, :, :2], w2, ((1, 1), (1, 0)))
-    right = conv_s1(up(x[:, :, -2:])[:, :, -2:], w2, ((1, 1), (0, 1)))
-    out = out.at[:, :1].set(top).at[:, -1:].set(bottom)
-    return out.at[:, :, :1].set(left).at[:, :, -1:].set(right)

@@ -4,7 +4,9 @@ TPU targets: libtpu (``pip install -e ".[tpu]"``) describes a pod slice through
 ``jax.experimental.topologies`` without any TPU attached, and XLA:TPU compiles the real train
 step for a mesh of those devices, as MaxText's ``train_compile.py`` does. The compiled
 executable reports per-device memory (``memory_analysis()``) and FLOPs / bytes accessed
-(``cost_analysis()``).
+(``cost_analysis()``); rows also carry the HBM-traffic model of the optimized HLO
+(``hbm_traffic``, :mod:`fgtbt_jax.traffic`) and the roofline on it (``roofline_hbm``), next to
+the roofline on XLA's "bytes accessed" (``roofline``), which also counts on-chip buffers.
 
 GPU targets (``gpu:h100-8``, ``gpu:h200-8``, ``gpu:a100-8``, multi-host ``gpu:h100-2x8``): the
 CUDA plugin (``pip install -e ".[gpu-aot]"``) describes NVIDIA GPUs from a text
@@ -530,6 +532,12 @@ def measure(
         figures = compiled_figures_of(target, lowered, compiled, mesh.size)
         total = figures["memory_bytes"]["total"]
         flops, traffic = figures["flops"], figures["bytes_accessed"]
+        if target.platform == "tpu":  # the traffic model reads XLA:TPU's tiled layouts
+            hbm = compiled_figures.traffic(compiled)
+            row.update(
+                hbm_traffic=hbm.summary(),
+                roofline_hbm=roofline(flops, hbm.hbm_bytes, batch_per_device, target.chip, dtype),
+            )
         row.update(
             compiled=True,
             fits=total <= target.chip.hbm_bytes,

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import OP_PATHS_AND_FORMS, op_path_id
 
 from configs import fgtbt
 from fgtbt_jax import load_pretrained
@@ -43,14 +44,15 @@ def test_high_pass_matches_reference(images, ref_outputs):
     assert rel_err(nchw(high_pass(images)), ref_outputs["hpf_nchw"]) < 1e-4
 
 
-@pytest.fixture(scope="module", params=["cpu", "xla"])
-def eval_outputs(request, tiny, images):
+@pytest.fixture(scope="module", params=OP_PATHS_AND_FORMS, ids=op_path_id)
+def eval_outputs(request, ref_dir, images):
     """(heatmaps, backbone stage maps) of the batch of 4, from one compiled function, with
-    each ``model.kernels`` (the other tests use the backend's default, ``auto``)."""
-    config, _, variables = tiny
-    config = config.copy_and_resolve_references()
-    config.model.kernels = request.param
-    model = build_model(config.model)
+    each ``model.kernels`` and ``model.decoder_form`` (the other tests use the defaults,
+    ``auto``), the reference checkpoint loaded by that model."""
+    config = fgtbt.get_config("reference_tiny")
+    config.model.kernels, config.model.decoder_form = request.param
+    model, variables = load_pretrained(ref_dir / "tiny_checkpoint.pth", config)
+    assert (model.ops.NAME, model.decoder_form) == request.param
     out, state = jit_apply(model, capture_intermediates=lambda mdl, _: mdl.name == "backbone")(
         variables, images
     )
@@ -155,14 +157,14 @@ def test_model_rejects_bad_input(tiny):
         model.apply(variables, jnp.zeros((1, 96, 96, 3), jnp.uint8))
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "xla"])
-def test_release_configuration_shapes(kernels):
+@pytest.mark.parametrize("pair", OP_PATHS_AND_FORMS, ids=op_path_id)
+def test_release_configuration_shapes(pair):
     """The full 480² network, checked by shapes only (a real forward pass is scripted:
     ``python scripts/model_info.py --config configs/fgtbt.py:release --forward 1``)."""
     from fgtbt_jax.porting import convert
 
     config = fgtbt.get_config("release")
-    config.model.kernels = kernels
+    config.model.kernels, config.model.decoder_form = pair
     model = build_model(config.model)
     variables = convert.abstract_variables(model, config.img_size)
     images = jax.ShapeDtypeStruct((2, 480, 480, 3), jnp.float32)

@@ -1,6 +1,7 @@
 """The two op implementations (``model.kernels``): every XLA:CPU fast path of fgtbt_jax.ops.cpu
 against the plain op of fgtbt_jax.ops.xla (values and VJPs on random inputs), both against
-PyTorch where the op is a PyTorch layer, and the whole network built either way."""
+PyTorch where the op is a PyTorch layer; the decoder's fused forms (``model.decoder_form``) on
+either ops against the unfused layers; and the whole network built each way."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import OP_PATHS_AND_FORMS, op_path_id
 
 from configs import fgtbt
+from fgtbt_jax.models import fused_decoder
 from fgtbt_jax.models.fgtbt import build_model
-from fgtbt_jax.ops import cpu, kernel_ops, resolve_kernels, xla
+from fgtbt_jax.ops import cpu, kernel_ops, resolve_decoder_form, resolve_kernels, xla
+
+OPS = pytest.mark.parametrize("ops", [cpu, xla], ids=["cpu", "xla"])
 
 
 def _vjp_pair(f_cpu, f_xla, args, rng, *, atol_value=1e-5, atol_grad=1e-4):
@@ -117,9 +122,22 @@ def test_resize_vjp_cpu_matches_xla():
     )
 
 
+@pytest.mark.parametrize("padding", [((1, 0), (1, 1)), ((0, 2), (1, 0))])
+def test_conv_s1_cpu_matches_xla(padding):
+    """The stride-1 convolution with asymmetric padding that the fused decoder uses."""
+    rng = np.random.default_rng(8)
+    x, w = _normal(rng, (2, 5, 6, 3)), _normal(rng, (3, 3, 3, 4))
+    _vjp_pair(
+        lambda a, b: cpu.conv_s1(a, b, padding),
+        lambda a, b: xla.conv_s1(a, b, padding),
+        (x, w),
+        rng,
+    )
+
+
 def _conv_transpose(x, kt, bt):
     """Flax's ``nn.ConvTranspose(k=4, s=2, padding 2, transpose_kernel)``: PyTorch's
-    ConvTranspose2d(4, 2, 1), the decoder's ``upSample`` with ``kernels="xla"``."""
+    ConvTranspose2d(4, 2, 1), the decoder's ``upSample`` in the paper form."""
     return (
         jax.lax.conv_transpose(
             x,
@@ -133,7 +151,8 @@ def _conv_transpose(x, kt, bt):
     )
 
 
-def test_conv_transpose_and_fused_upsample_conv_match_torch():
+@OPS
+def test_conv_transpose_and_fused_upsample_conv_match_torch(ops):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     rng = np.random.default_rng(1)
@@ -151,15 +170,18 @@ def test_conv_transpose_and_fused_upsample_conv_match_torch():
     both = F.conv2d(up, torch.from_numpy(w2.transpose(3, 2, 0, 1)), padding=1)
     up, both = up.numpy().transpose(0, 2, 3, 1), both.numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(_conv_transpose(x, kt, bt), up, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cpu.conv_transpose_4x4_s2(x, kt, bt), up, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cpu.upsample_conv3x3(x, kt, bt, w2), both, rtol=1e-5, atol=1e-4)
+    got = fused_decoder.conv_transpose_4x4_s2(x, kt, bt, ops=ops)
+    np.testing.assert_allclose(got, up, rtol=1e-5, atol=1e-5)
+    got = fused_decoder.upsample_conv3x3(x, kt, bt, w2, ops=ops)
+    np.testing.assert_allclose(got, both, rtol=1e-5, atol=1e-4)
 
 
-def test_fused_upsample_conv_vjp_matches_unfused():
+@OPS
+def test_fused_upsample_conv_vjp_matches_unfused(ops):
     rng = np.random.default_rng(2)
     args = tuple(_normal(rng, s) for s in ((2, 4, 4, 3), (4, 4, 4, 3), (4,), (3, 3, 4, 2)))
     _vjp_pair(
-        cpu.upsample_conv3x3,
+        lambda *a: fused_decoder.upsample_conv3x3(*a, ops=ops),
         lambda x, kt, bt, w2: xla.conv2d(_conv_transpose(x, kt, bt), w2, 1, 1),
         args,
         rng,
@@ -167,7 +189,8 @@ def test_fused_upsample_conv_vjp_matches_unfused():
     )
 
 
-def test_decoder_fuse_matches_unfused():
+@OPS
+def test_decoder_fuse_matches_unfused(ops):
     """linear_c{s} → resize → concat [c4..c1] → 1×1 fuse, against its composed form."""
     rng = np.random.default_rng(7)
     d, dims, sizes = 6, (3, 4, 5, 7), (8, 4, 2, 1)
@@ -181,7 +204,7 @@ def test_decoder_fuse_matches_unfused():
         return xla.conv2d(jnp.concatenate(maps[::-1], axis=-1), fuse)
 
     _vjp_pair(
-        lambda *a: cpu.decoder_fuse(*a, jnp.float32),
+        lambda *a: fused_decoder.fuse_stages(*a, jnp.float32, ops=ops),
         unfused,
         (feats, linear, fuse),
         rng,
@@ -200,28 +223,48 @@ def test_resolve_kernels():
     with pytest.raises(ValueError, match="model.kernels"):
         build_model(config.model)
     config.model.kernels = "auto"
-    assert build_model(config.model).kernels == auto
+    assert build_model(config.model).ops.NAME == auto
     with pytest.raises(ValueError, match="resolved"):
         kernel_ops("auto")
 
 
+def test_resolve_decoder_form():
+    """ "auto" keeps each op path's historical form; explicit forms go with either ops."""
+    assert resolve_decoder_form("auto", "cpu") == "fused"
+    assert resolve_decoder_form("auto", "xla") == "paper"
+    for kernels in ("cpu", "xla"):
+        for form in ("paper", "fused"):
+            assert resolve_decoder_form(form, kernels) == form
+    with pytest.raises(ValueError, match=r"model.decoder_form must be one of"):
+        resolve_decoder_form("fast", "xla")
+    config = fgtbt.get_config("tiny")
+    config.model.kernels, config.model.decoder_form = "xla", "fused"
+    model = build_model(config.model)
+    assert (model.ops.NAME, model.decoder_form) == ("xla", "fused")
+    config.model.decoder_form = "fusd"
+    with pytest.raises(ValueError, match="model.decoder_form"):
+        build_model(config.model)
+
+
 @pytest.fixture(scope="module")
-def both_models():
-    """The tiny architecture at 64² without stochastic layers, built with each ``kernels``."""
+def all_models():
+    """The tiny architecture at 64² without stochastic layers, built with each ``kernels`` and
+    each ``decoder_form``."""
     config = fgtbt.get_config("reference_tiny")
     config.img_size = 64
     config.model.drop_path_rate = 0.0
     config.model.decoder_dropout = 0.0
     models = {}
-    for kernels in ("cpu", "xla"):
-        config.model.kernels = kernels
-        models[kernels] = build_model(config.model)
+    for pair in OP_PATHS_AND_FORMS:
+        config.model.kernels, config.model.decoder_form = pair
+        models[op_path_id(pair)] = build_model(config.model)
     return models
 
 
-def test_models_share_parameters_and_agree(both_models):
+def test_models_share_parameters_and_agree(all_models):
     """Same parameter tree and initial values (a checkpoint moves freely), and the train-mode
-    forward, BatchNorm updates and parameter gradients agree at float32 noise."""
+    forward, BatchNorm updates and parameter gradients agree at float32 noise with the SPEC's
+    layers on plain ops (xla ops, paper form)."""
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3), jnp.float32)
     # Everything compiled without backend optimization (the cpu path's init options: a
     # fraction of the compile time, and this test is about values): the same initializers must
@@ -231,12 +274,14 @@ def test_models_share_parameters_and_agree(both_models):
             lambda x, m=m: m.init({"params": jax.random.key(0)}, x),
             compiler_options=cpu.INIT_COMPILER_OPTIONS,
         )(images[:1])
-        for k, m in both_models.items()
+        for k, m in all_models.items()
     }
-    assert jax.tree.structure(init["cpu"]) == jax.tree.structure(init["xla"])
-    for a, b in zip(jax.tree.leaves(init["cpu"]), jax.tree.leaves(init["xla"]), strict=True):
-        np.testing.assert_array_equal(a, b)
-    variables = init["cpu"]
+    plain = op_path_id(("xla", "paper"))
+    for name, variables in init.items():
+        assert jax.tree.structure(variables) == jax.tree.structure(init[plain]), name
+        for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(init[plain]), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    variables = init[plain]
     probe = jax.random.normal(jax.random.key(2), (2, 32, 32, 124), jnp.float32)
 
     def step(model):
@@ -249,11 +294,15 @@ def test_models_share_parameters_and_agree(both_models):
         grad = jax.grad(loss, has_aux=True)
         return jax.jit(grad, compiler_options=cpu.INIT_COMPILER_OPTIONS)(variables["params"])
 
-    (g_cpu, (out_cpu, bn_cpu)), (g_xla, (out_xla, bn_xla)) = map(step, both_models.values())
-    scale = float(jnp.abs(out_xla).max())
-    assert float(jnp.abs(out_cpu - out_xla).max()) < 1e-5 * scale
-    for a, b in zip(jax.tree.leaves(bn_cpu), jax.tree.leaves(bn_xla), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_xla))
-    errs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()) / largest, g_cpu, g_xla)
-    assert max(jax.tree.leaves(errs)) < 1e-4, errs
+    g_want, (out_want, bn_want) = step(all_models[plain])
+    scale = float(jnp.abs(out_want).max())
+    largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_want))
+    for name, model in all_models.items():
+        if name == plain:
+            continue
+        g, (out, bn) = step(model)
+        assert float(jnp.abs(out - out_want).max()) < 1e-5 * scale, name
+        for a, b in zip(jax.tree.leaves(bn), jax.tree.leaves(bn_want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+        errs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()) / largest, g, g_want)
+        assert max(jax.tree.leaves(errs)) < 1e-4, (name, errs)

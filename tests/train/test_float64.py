@@ -12,10 +12,11 @@ BatchNorm 2e-15, gradients median 4e-15 / worst 3e-11):
   reference gradient (they vanish in exact arithmetic; both sides hold rounding noise);
 * BatchNorm running statistics after the train forward: 1e-10.
 
-Both ``model.kernels`` paths are held to the same bounds: the fixtures are parametrized over
-"cpu" and "xla" (one eval compile and one train-step compile each), and neither compiled step may
-hold a float32 op. Everything runs under ``jax.enable_x64(True)`` inside the fixtures, so other
-tests keep 32-bit JAX; the results leave the context as NumPy arrays.
+Both ``model.kernels`` paths with both ``model.decoder_form``s are held to the same bounds: the
+fixtures are parametrized over the four pairs (one eval compile and one train-step compile
+each), and no compiled step may hold a float32 op. Everything runs under
+``jax.enable_x64(True)`` inside the fixtures, so other tests keep 32-bit JAX; the results leave
+the context as NumPy arrays.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, reference_batch, subprocess_env
+from helpers import OP_PATHS_AND_FORMS, ROOT, op_path_id, reference_batch, subprocess_env
 
 from configs import fgtbt
 from fgtbt_jax import landmarks
@@ -40,16 +41,16 @@ from fgtbt_jax.train import state as train_state
 from fgtbt_jax.train import step as train_step
 
 DATASETS = landmarks.DATASETS
-KERNELS = ("cpu", "xla")
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
-def _float64_config(**model_overrides):
+def _float64_config(pair=("xla", "paper"), **model_overrides):
     config = fgtbt.get_config("reference_tiny")  # release optimizer: AdamW 2.5e-4, wd 0.01
     config.model.dtype = "float64"
+    config.model.kernels, config.model.decoder_form = pair
     for key, value in model_overrides.items():
         setattr(config.model, key, value)
     return config
@@ -59,11 +60,11 @@ def _nchw(x: jax.Array) -> np.ndarray:
     return np.asarray(x).transpose(0, 3, 1, 2)
 
 
-@pytest.fixture(scope="module", params=KERNELS, ids=lambda k: f"kernels={k}")
+@pytest.fixture(scope="module", params=OP_PATHS_AND_FORMS, ids=op_path_id)
 def forward64(request, ref_dir, ref_float64):
     """Eval-mode float64 forward of the reference batch: hpf, stages, heatmaps (NCHW), dtypes."""
     with jax.enable_x64(True):
-        config = _float64_config(kernels=request.param)
+        config = _float64_config(request.param)
         model = build_model(config.model)
         sd = load_pth(ref_dir / "tiny_checkpoint.pth")["model"]["sd"]
         variables = convert.variables_from_state_dict(sd, model, config.img_size)
@@ -83,7 +84,7 @@ def forward64(request, ref_dir, ref_float64):
             "stages": [_nchw(s) for s in stages],
             "heatmaps": _nchw(heatmaps),
             "variable_dtypes": {str(x.dtype) for x in jax.tree.leaves(variables)},
-            "kernels": model.kernels,
+            "path": op_path_id(request.param),
         }
 
 
@@ -97,7 +98,7 @@ def test_float64_forward_matches_reference(forward64, ref_float64):
         forward64["heatmaps"][:2], ref_float64["eval_heatmaps_first2_nchw"]
     )
     print(
-        f"\nfloat64 forward, kernels={forward64['kernels']}: "
+        f"\nfloat64 forward, {forward64['path']}: "
         + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
     )
     assert forward64["variable_dtypes"] == {"float64", "int32"}  # int32: num_batches_tracked
@@ -115,12 +116,12 @@ def test_float64_forward_matches_reference(forward64, ref_float64):
     assert rel_err(forward64["heatmaps"][:2], ref_float64["eval_heatmaps_first2_nchw"]) < 1e-10
 
 
-@pytest.fixture(scope="module", params=KERNELS, ids=lambda k: f"kernels={k}")
+@pytest.fixture(scope="module", params=OP_PATHS_AND_FORMS, ids=op_path_id)
 def step64(request, ref_dir, ref_float64):
     """One float64 train step from the reference checkpoint on the reference batch (our own
     float64 high-pass image). Returns state dicts (release names) and metrics as NumPy."""
     with jax.enable_x64(True):
-        config = _float64_config(kernels=request.param, drop_path_rate=0.0, decoder_dropout=0.0)
+        config = _float64_config(request.param, drop_path_rate=0.0, decoder_dropout=0.0)
         model = build_model(config.model)
         sd = load_pth(ref_dir / "tiny_checkpoint.pth")["model"]["sd"]
         variables = convert.variables_from_state_dict(sd, model, config.img_size)
@@ -150,7 +151,7 @@ def step64(request, ref_dir, ref_float64):
             "hlo": lowered.as_text(),
             "state_dtypes": state_dtypes,
             "new_state_dtypes": {str(x.dtype) for x in jax.tree.leaves(new_state)},
-            "kernels": model.kernels,
+            "path": op_path_id(request.param),
         }
 
 
@@ -168,7 +169,7 @@ def test_float64_loss_terms_match_reference(step64, ref_float64):
         ref_float64["train_loss_total"]
     )
     print(
-        f"\nfloat64 loss, kernels={step64['kernels']}: per dataset "
+        f"\nfloat64 loss, {step64['path']}: per dataset "
         + ", ".join(f"{e:.1e}" for e in errors)
         + f"; total {total:.1e}"
     )
@@ -206,7 +207,7 @@ def test_float64_gradients_match_reference(step64, ref_float64):
     worst = max(errors, key=errors.get)
     zero_max = max(float(np.abs(grads[k]).max()) for k in zero) / largest
     print(
-        f"\nfloat64 gradients, kernels={step64['kernels']}: {len(errors)} non-zero, median "
+        f"\nfloat64 gradients, {step64['path']}: {len(errors)} non-zero, median "
         f"{np.median(list(errors.values())):.1e}, worst {errors[worst]:.1e} ({worst}); "
         f"structurally zero <= {zero_max:.1e} x largest"
     )
@@ -223,7 +224,7 @@ def test_float64_batchnorm_statistics_match_reference(step64, ref_float64):
     }
     assert len(ref) == 66
     worst = max(rel_err(step64["after"][key], want) for key, want in ref.items())
-    print(f"\nfloat64 BatchNorm statistics, kernels={step64['kernels']}: worst {worst:.1e}")
+    print(f"\nfloat64 BatchNorm statistics, {step64['path']}: worst {worst:.1e}")
     for key, want in ref.items():  # measured: at most 7.3e-14
         got = step64["after"][key]
         assert got.dtype == np.float64

@@ -1,0 +1,451 @@
+"""A memory-traffic model of a compiled XLA program, read from its optimized HLO text.
+
+Every top-level instruction of the entry computation (fusions, convolutions, custom calls,
+copies, collectives …) is taken to read each of its operands once and write its result once,
+at the arrays' *tiled* sizes: the layout's tiles pad the minor dimensions, e.g.
+``bf16[4,120,120,64]{2,3,1,0:T(8,128)(2,1)}`` is stored as 4·120·(64/8)·(128/128)·8·128
+elements (the minor dimension 120 padded to 128). Bytes are split by memory space: an array
+whose layout carries ``S(n)`` with ``n ≠ 0`` lives on-chip (XLA:TPU's memory-space assignment
+puts it in VMEM); arrays without it are in HBM (device memory on GPU/CPU, whose programs have
+no memory spaces, so everything counts as HBM there).
+
+Counting rules:
+
+- ``parameter``, ``constant``, ``bitcast``, ``get-tuple-element``, ``tuple`` and other views
+  move nothing (their consumers read them);
+- asynchronous pairs (``copy-start``/``copy-done``, ``all-gather-start``/``-done`` …): the
+  ``-start`` reads the operands, the ``-done`` writes the result;
+- ``while`` and ``call`` are expanded into their bodies' instructions (a ``while`` body times
+  its ``known_trip_count`` when XLA states it, else once); ``conditional`` counts its costliest
+  branch.
+
+What the model ignores: caches and re-reads inside an instruction (an operand re-read per
+output tile counts once; a fused ``slice`` of an operand counts the whole operand; an in-place
+``dynamic-update-slice`` counts its whole buffer), overlap of transfers with compute, launch
+overheads, and collectives' network traffic (a collective counts only its local reads and
+writes). It is a fusion-boundary count, not a simulation: on-chip bytes are listed, not
+charged to HBM bandwidth.
+
+FLOPs per instruction count only the matrix units' work: ``2 · output elements · contraction
+size`` of every ``dot`` and ``convolution``, also inside fusions (a convolution's window taps
+that fall on ``lhs_dilate`` holes are not counted; taps on padding are); elementwise work is not
+counted (XLA's ``cost_analysis()["flops"]`` includes it, so it is somewhat larger).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Iterable
+
+HBM = 0  # the default memory space; ``S(n)`` with n ≠ 0 is on-chip
+
+_BITS = {
+    "pred": 8,
+    "s2": 2,
+    "u2": 2,
+    "s4": 4,
+    "u4": 4,
+    "s8": 8,
+    "u8": 8,
+    "s16": 16,
+    "u16": 16,
+    "s32": 32,
+    "u32": 32,
+    "s64": 64,
+    "u64": 64,
+    "f16": 16,
+    "bf16": 16,
+    "f32": 32,
+    "f64": 64,
+    "c64": 64,
+    "c128": 128,
+    "token": 0,
+}
+
+# Instructions that only name or reinterpret existing buffers.
+_VIEWS = {
+    "parameter",
+    "constant",
+    "bitcast",
+    "get-tuple-element",
+    "tuple",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+}
+
+_ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([^\]]*)\](?:\{([^}]*)\})?")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
+_FRAME_ID = re.compile(r"\bstack_frame_id=(\d+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+    """One array of an HLO shape: element type, logical dims and its layout's storage facts.
+
+    ``minor_to_major`` is the layout's dimension order (empty: row-major), ``tiles`` the
+    layout's tiles in order (``T(8,128)(2,1)`` → ``((8, 128), (2, 1))``; 0 stands for ``*``),
+    ``memory_space`` the ``S(n)`` annotation (0 when absent).
+    """
+
+    dtype: str
+    dims: tuple[int, ...]
+    minor_to_major: tuple[int, ...] = ()
+    tiles: tuple[tuple[int, ...], ...] = ()
+    memory_space: int = HBM
+    element_bits: int | None = None
+
+    @property
+    def bits(self) -> int:
+        if self.element_bits:
+            return self.element_bits
+        if self.dtype.startswith("f8"):
+            return 8
+        return _BITS.get(self.dtype, 32)
+
+    @property
+    def logical_bytes(self) -> int:
+        """Bytes without padding: elements × element size."""
+        return math.prod(self.dims) * self.bits // 8
+
+    @property
+    def tiled_bytes(self) -> int:
+        """Bytes as stored: the dims in physical (major-to-minor) order, tiled by each tile.
+
+        Each tile ``(t_1 … t_k)`` splits the k most minor dims ``d_i`` into
+        ``ceil(d_i / t_i)`` tiles of ``t_i`` (padding), as XLA's ``Tile`` does; the next tile
+        then applies to the tile dims.
+        """
+        order = self.minor_to_major or tuple(reversed(range(len(self.dims))))
+        shape = [self.dims[d] for d in reversed(order)]
+        for tile in self.tiles:
+            k = len(tile)
+            if k > len(shape):
+                shape = [1] * (k - len(shape)) + shape
+            head, minor = shape[:-k], shape[-k:]
+            outer = [-(-d // t) if t else 1 for d, t in zip(minor, tile, strict=True)]
+            inner = [t if t else d for d, t in zip(minor, tile, strict=True)]
+            shape = head + outer + inner
+        return math.prod(shape) * self.bits // 8
+
+
+def parse_arrays(shape: str) -> list[Array]:
+    """The arrays of an HLO shape string (a tuple is flattened in order)."""
+    arrays = []
+    for dtype, dims, layout in _ARRAY.findall(shape):
+        if dtype not in _BITS and not dtype.startswith("f8"):
+            continue
+        sizes = tuple(int(d.lstrip("<=")) for d in dims.split(",") if d)
+        minor_to_major: tuple[int, ...] = ()
+        tiles: list[tuple[int, ...]] = []
+        space, element_bits = HBM, None
+        if layout:
+            order, _, rest = layout.partition(":")
+            minor_to_major = tuple(int(d) for d in order.split(",") if d)
+            t = re.search(r"T((?:\([\d,*]+\))+)", rest)
+            if t:
+                for group in re.findall(r"\(([\d,*]+)\)", t.group(1)):
+                    tiles.append(tuple(0 if x == "*" else int(x) for x in group.split(",")))
+            s = re.search(r"S\((\d+)\)", rest)
+            space = int(s.group(1)) if s else HBM
+            e = re.search(r"E\((\d+)\)", rest)
+            element_bits = int(e.group(1)) if e else None
+        arrays.append(Array(dtype, sizes, minor_to_major, tuple(tiles), space, element_bits))
+    return arrays
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the parenthesis group opening at ``text[start]``."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise ValueError(f"unbalanced parentheses in HLO: {text[:200]!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """One HLO instruction: ``name = shape opcode(operands), attributes``."""
+
+    name: str
+    opcode: str
+    shape: str
+    operands: tuple[str, ...]
+    attributes: str
+
+    @property
+    def arrays(self) -> list[Array]:
+        return parse_arrays(self.shape)
+
+    @property
+    def op_name(self) -> str:
+        m = _OP_NAME.search(self.attributes)
+        return m.group(1) if m else ""
+
+    @property
+    def stack_frame(self) -> int:
+        """The ``stack_frame_id`` of the metadata (0: none)."""
+        m = _FRAME_ID.search(self.attributes)
+        return int(m.group(1)) if m else 0
+
+    def called(self, key: str) -> list[str]:
+        """Computations named by attribute ``key`` (``calls``, ``body``, ``to_apply`` …)."""
+        m = re.search(rf"\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)", self.attributes)
+        if not m:
+            return []
+        return re.findall(r"%?([\w.\-]+)", m.group(1).strip("{}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """The computations of an HLO module by name, each a list of instructions in order, and
+    the Python stack of each ``stack_frame_id``: ``(file, function)`` pairs, innermost first."""
+
+    computations: dict[str, list[Instruction]]
+    entry: str
+    stacks: dict[int, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+
+
+def _stacks(text: str) -> dict[int, tuple[tuple[str, str], ...]]:
+    """The module's stack-frame tables (``FileNames`` … ``StackFrames``) as whole stacks."""
+    tables: dict[str, dict[int, str]] = {}
+    table = None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            table = tables.setdefault(line, {})
+            continue
+        m = re.match(r"^(\d+) (.*)$", line) if table is not None else None
+        if not m:
+            table = None
+            continue
+        table[int(m.group(1))] = m.group(2)
+    files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    locations = {}
+    for i, v in tables.get("FileLocations", {}).items():
+        f = re.search(r"file_name_id=(\d+)", v)
+        g = re.search(r"function_name_id=(\d+)", v)
+        locations[i] = (
+            files.get(int(f.group(1)), "").strip('"') if f else "",
+            functions.get(int(g.group(1)), "").strip('"') if g else "",
+        )
+    frames = {}
+    for i, v in tables.get("StackFrames", {}).items():
+        loc = re.search(r"file_location_id=(\d+)", v)
+        parent = re.search(r"parent_frame_id=(\d+)", v)
+        frames[i] = (int(loc.group(1)) if loc else 0, int(parent.group(1)) if parent else 0)
+    stacks = {}
+    for i in frames:
+        stack, j = [], i
+        while j in frames and len(stack) < 256:
+            loc, parent = frames[j]
+            stack.append(locations.get(loc, ("", "")))
+            # HLO text prints a frame's parent as its id + 1 (0: none).
+            j = parent - 1
+        stacks[i] = tuple(stack)
+    return stacks
+
+
+def parse_module(text: str) -> Module:
+    """Parse optimized HLO text (``compiled.as_text()``) into computations and instructions."""
+    computations: dict[str, list[Instruction]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m and "=" not in line.split("(")[0]:
+                current = m.group(2)
+                computations[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, rest = m.groups()
+        if rest.startswith("("):
+            end = _balanced(rest, 0)
+        else:
+            end = len(rest.split(" ", 1)[0])
+        shape, tail = rest[:end], rest[end:].lstrip()
+        op = re.match(r"([\w\-]+)\(", tail)
+        if not op:
+            continue
+        close = _balanced(tail, op.end() - 1)
+        operands = tuple(re.findall(r"%([\w.\-]+)", tail[op.end() : close - 1]))
+        computations[current].append(Instruction(name, op.group(1), shape, operands, tail[close:]))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return Module(computations, entry, _stacks(text))
+
+
+@dataclasses.dataclass
+class Row:
+    """Traffic of one top-level instruction (bytes at tiled sizes) and its matmul FLOPs.
+
+    ``read`` / ``written``: bytes per memory space (0 = HBM, others on-chip).
+    ``count`` is the number of executions (a ``while`` body's trip count).
+    """
+
+    name: str
+    opcode: str
+    op_name: str
+    read: dict[int, int]
+    written: dict[int, int]
+    flops: float
+    count: int = 1
+    stack: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.count * (self.read.get(HBM, 0) + self.written.get(HBM, 0))
+
+    @property
+    def on_chip_bytes(self) -> int:
+        moved = sum(self.read.values()) + sum(self.written.values())
+        return self.count * moved - self.hbm_bytes
+
+    @property
+    def boundary_bytes(self) -> int:
+        """All bytes read and written at the instruction's boundary, every memory space."""
+        return self.hbm_bytes + self.on_chip_bytes
+
+
+def _add(into: dict[int, int], arrays: Iterable[Array]) -> None:
+    for a in arrays:
+        into[a.memory_space] = into.get(a.memory_space, 0) + a.tiled_bytes
+
+
+def _flops_of(ins: Instruction, shapes: dict[str, list[Array]]) -> float:
+    """``2 · output elements · contraction`` of one ``dot`` or ``convolution`` (else 0)."""
+    out = ins.arrays
+    if not out:
+        return 0.0
+    if ins.opcode == "dot":
+        lhs = shapes.get(ins.operands[0], [])
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attributes)
+        if lhs and m:
+            k = math.prod(lhs[0].dims[int(d)] for d in m.group(1).split(",") if d)
+            return 2.0 * math.prod(out[0].dims) * k
+    elif ins.opcode == "convolution" and len(ins.operands) > 1:
+        rhs = shapes.get(ins.operands[1], [])
+        m = re.search(r"dim_labels=\w+_(\w+)->\w+", ins.attributes)
+        if rhs and m:
+            features_out = rhs[0].dims[m.group(1).index("o")]
+            taps = math.prod(rhs[0].dims) / features_out
+            # An input gradient's lhs_dilate holes are zeros: per output, 1/∏dilation of the
+            # window's taps meet data.
+            dilate = re.search(r"lhs_dilate=([\dx]+)", ins.attributes)
+            if dilate:
+                taps /= math.prod(int(d) for d in dilate.group(1).split("x"))
+            return 2.0 * math.prod(out[0].dims) * taps
+    return 0.0
+
+
+def _fused_flops(module: Module, computation: str) -> float:
+    """Matmul FLOPs of every dot and convolution in ``computation`` and what it calls."""
+    if computation not in module.computations:
+        return 0.0
+    instructions = module.computations[computation]
+    shapes = {i.name: i.arrays for i in instructions}
+    total = 0.0
+    for ins in instructions:
+        total += _flops_of(ins, shapes)
+        for sub in ins.called("calls"):
+            total += _fused_flops(module, sub)
+    return total
+
+
+def _trip_count(ins: Instruction) -> int:
+    m = _TRIP.search(ins.attributes)
+    return int(m.group(1)) if m else 1
+
+
+def instruction_rows(module: Module, computation: str | None = None, count: int = 1) -> list[Row]:
+    """One :class:`Row` per top-level instruction of ``computation`` (default: the entry)."""
+    computation = computation or module.entry
+    instructions = module.computations[computation]
+    shapes = {i.name: i.arrays for i in instructions}
+    rows: list[Row] = []
+    for ins in instructions:
+        if ins.opcode in _VIEWS:
+            continue
+        if ins.opcode in ("while", "call"):
+            n = count * (_trip_count(ins) if ins.opcode == "while" else 1)
+            for key in ("body", "condition", "to_apply"):
+                for sub in ins.called(key):
+                    rows += instruction_rows(module, sub, n)
+            continue
+        if ins.opcode == "conditional":
+            keys = ("branch_computations", "true_computation", "false_computation")
+            branches = [instruction_rows(module, b, count) for key in keys for b in ins.called(key)]
+            if branches:
+                rows += max(branches, key=lambda rs: sum(r.hbm_bytes for r in rs))
+            continue
+        read: dict[int, int] = {}
+        written: dict[int, int] = {}
+        if not ins.opcode.endswith("-done"):
+            for operand in ins.operands:
+                _add(read, shapes.get(operand, []))
+        if not ins.opcode.endswith("-start"):
+            _add(written, ins.arrays)
+        flops = _flops_of(ins, shapes) + sum(_fused_flops(module, c) for c in ins.called("calls"))
+        stack = module.stacks.get(ins.stack_frame, ())
+        rows.append(Row(ins.name, ins.opcode, ins.op_name, read, written, flops, count, stack))
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """Totals over a program's top-level instructions (bytes at tiled sizes, per call).
+
+    ``hbm_bytes``: reads and writes of HBM arrays; ``on_chip_bytes``: of on-chip arrays
+    (``S(n)``, n ≠ 0); ``boundary_bytes``: both (the fusion-boundary count);
+    ``matmul_flops``: dot and convolution FLOPs; ``rows``: the per-instruction figures.
+    """
+
+    hbm_bytes: int
+    on_chip_bytes: int
+    boundary_bytes: int
+    matmul_flops: float
+    rows: tuple[Row, ...]
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "hbm_bytes": self.hbm_bytes,
+            "on_chip_bytes": self.on_chip_bytes,
+            "boundary_bytes": self.boundary_bytes,
+            "matmul_flops": self.matmul_flops,
+            "instructions": len(self.rows),
+        }
+
+
+def of_hlo(text: str) -> Traffic:
+    """The traffic model of optimized HLO text (``compiled.as_text()``)."""
+    rows = instruction_rows(parse_module(text))
+    return Traffic(
+        hbm_bytes=sum(r.hbm_bytes for r in rows),
+        on_chip_bytes=sum(r.on_chip_bytes for r in rows),
+        boundary_bytes=sum(r.boundary_bytes for r in rows),
+        matmul_flops=sum(r.count * r.flops for r in rows),
+        rows=tuple(rows),
+    )
+
+
+def rows_json(traffic: Traffic) -> str:
+    """The per-instruction rows as JSON lines (for inspection)."""
+    return "\n".join(json.dumps(dataclasses.asdict(r)) for r in traffic.rows)

@@ -1,0 +1,290 @@
+"""The traffic model (fgtbt_jax/traffic.py) on hand-written HLO, a CPU program and single-op
+programs compiled for TPU v5e, whose HBM traffic is worked out by hand from their shapes.
+
+The TPU programs compile in a child process (tests/traffic_single_ops.py; seconds) and are
+skipped where libtpu is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import ROOT, run_script, subprocess_env
+
+from fgtbt_jax import attribution, traffic
+from fgtbt_jax import compiled as compiled_figures
+
+MiB = 2**20
+
+
+def test_tiled_sizes():
+    # W=120 is the minor dim (layout 2,3,1,0), padded to 128 lanes; C=64 fills 8-row tiles.
+    (a,) = traffic.parse_arrays("bf16[4,120,120,64]{2,3,1,0:T(8,128)(2,1)}")
+    assert a.logical_bytes == 4 * 120 * 120 * 64 * 2
+    assert (a.tiled_bytes, a.memory_space) == (4 * 120 * 64 * 128 * 2, traffic.HBM)
+    (b,) = traffic.parse_arrays("bf16[3,3,1,128]{3,1,2,0:T(4,128)(2,1)S(1)}")
+    assert (b.tiled_bytes, b.memory_space) == (3 * 4 * 128 * 2, 1)  # the 1 padded to 4 rows
+    (s,) = traffic.parse_arrays("bf16[]{:T(256)}")
+    assert s.tiled_bytes == 256 * 2
+    (p,) = traffic.parse_arrays("pred[32,17]{0,1:T(8,128)(4,1)}")
+    assert p.tiled_bytes == 24 * 128  # physical [17, 32] → [24, 128] bytes
+    (c,) = traffic.parse_arrays("f32[100,300]{1,0}")  # CPU: no tiles, no memory space
+    assert (c.tiled_bytes, c.memory_space) == (120_000, traffic.HBM)
+    t = traffic.parse_arrays("(f32[8,128]{1,0:T(8,128)S(1)}, f32[2]{0:T(256)}, u32[]{:S(2)})")
+    assert [x.tiled_bytes for x in t] == [4096, 1024, 4]
+
+
+HLO = """\
+HloModule m, is_scheduled=true
+
+%fused_exp (p0: bf16[3,100]) -> f32[3,100] {
+  %p0 = bf16[3,100]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  %c = f32[3,100]{1,0:T(8,128)} convert(%p0)
+  ROOT %e = f32[3,100]{1,0:T(8,128)} exponential(%c)
+}
+
+%fused_dot (q0: f32[3,100], q1: f32[100,256]) -> f32[3,256] {
+  %q0 = f32[3,100]{1,0:T(8,128)} parameter(0)
+  %q1 = f32[100,256]{1,0:T(8,128)} parameter(1)
+  ROOT %d = f32[3,256]{1,0:T(8,128)} dot(%q0, %q1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (w: f32[3,256]) -> f32[3,256] {
+  %w = f32[3,256]{1,0:T(8,128)} parameter(0)
+  ROOT %n = f32[3,256]{1,0:T(8,128)} negate(%w)
+}
+
+%cond (v: f32[3,256]) -> pred[] {
+  %v = f32[3,256]{1,0:T(8,128)} parameter(0)
+  ROOT %k = pred[]{:T(512)} constant(true)
+}
+
+ENTRY %main (a: bf16[3,100], m: f32[100,256]) -> f32[3,256] {
+  %a = bf16[3,100]{1,0:T(8,128)(2,1)} parameter(0), metadata={op_name="a"}
+  %m = f32[100,256]{1,0:T(8,128)} parameter(1)
+  %cs = (bf16[3,100]{1,0:T(8,128)(2,1)S(1)}, bf16[3,100]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%a)
+  %cd = bf16[3,100]{1,0:T(8,128)(2,1)S(1)} copy-done(%cs)
+  %x = f32[3,100]{1,0:T(8,128)} fusion(%cd), kind=kLoop, calls=%fused_exp, metadata={op_name="jit(f)/transpose(jvp(M))/stage/exp"}
+  %b = f32[3,100]{1,0:T(8,128)} bitcast(%x)
+  %y = f32[3,256]{1,0:T(8,128)} fusion(%b, %m), kind=kOutput, calls=%fused_dot
+  ROOT %l = f32[3,256]{1,0:T(8,128)} while(%y), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+}
+"""  # noqa: E501
+
+
+def test_counting_rules_on_hand_written_hlo():
+    model = traffic.of_hlo(HLO)
+    rows = {r.name: r for r in model.rows}
+    # Views (parameter, bitcast) move nothing; the while body runs 3 times; its condition's
+    # constant moves nothing.
+    assert set(rows) == {"cs", "cd", "x", "y", "n"}
+    small, wide = 8 * 128 * 2, 8 * 128 * 4  # bf16[3,100] and f32[3,100]: one (8,128) tile
+    matrix, out = 104 * 256 * 4, 8 * 256 * 4  # f32[100,256] (rows to 104), f32[3,256]
+    assert (rows["cs"].read, rows["cs"].written) == ({0: small}, {})  # -start reads
+    assert (rows["cd"].read, rows["cd"].written) == ({}, {1: small})  # -done writes
+    assert (rows["x"].read, rows["x"].written) == ({1: small}, {0: wide})
+    assert rows["x"].op_name == "jit(f)/transpose(jvp(M))/stage/exp"
+    assert rows["y"].hbm_bytes == wide + matrix + out
+    assert rows["y"].flops == 2 * 3 * 256 * 100
+    assert (rows["n"].count, rows["n"].hbm_bytes) == (3, 3 * 2 * out)
+    assert model.hbm_bytes == small + wide + (wide + matrix + out) + 3 * 2 * out
+    assert model.on_chip_bytes == 2 * small
+    assert model.boundary_bytes == model.hbm_bytes + model.on_chip_bytes
+    assert model.matmul_flops == 2 * 3 * 256 * 100
+
+
+def test_cpu_program():
+    # CPU layouts carry no tiles or memory spaces: one loop fusion reads x and writes the result.
+    x = jax.ShapeDtypeStruct((100, 300), jnp.float32)
+    compiled = jax.jit(lambda v: jnp.tanh(v) * 2).lower(x).compile()
+    model = compiled_figures.traffic(compiled)
+    assert (model.hbm_bytes, model.on_chip_bytes) == (2 * 100 * 300 * 4, 0)
+
+
+@pytest.fixture(scope="module")
+def tpu_programs() -> dict:
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+    # Another process on the machine may hold libtpu's lock file; these compiles need no chip.
+    env = subprocess_env(ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    proc = subprocess.run(
+        [sys.executable, "tests/traffic_single_ops.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_tpu_elementwise_and_transpose(tpu_programs):
+    # Input and output once each, all in HBM; XLA's "bytes accessed" agrees.
+    full = 4 * 128 * 128 * 128 * 2
+    assert tpu_programs["elementwise"]["hbm_bytes"] == 2 * full
+    padded = 4 * 120 * 64 * 128 * 2  # W=120 is the minor dim: padded to 128 lanes
+    assert tpu_programs["elementwise_padded"]["hbm_bytes"] == 2 * padded
+    assert tpu_programs["transpose"]["hbm_bytes"] == 2 * 1024 * 2048 * 2
+    for name in ("elementwise", "elementwise_padded", "transpose"):
+        p = tpu_programs[name]
+        assert p["on_chip_bytes"] == 0 and p["xla_bytes_accessed"] == p["hbm_bytes"]
+
+
+def test_tpu_matmul(tpu_programs):
+    p = tpu_programs["matmul"]
+    a, b, c = 1024 * 512 * 2, 512 * 768 * 2, 1024 * 768 * 2
+    assert p["hbm_bytes"] == a + b + c
+    assert p["on_chip_bytes"] == 2 * a  # a is prefetched into VMEM, then read there
+    assert p["matmul_flops"] == 2 * 1024 * 512 * 768
+
+
+@pytest.mark.parametrize("name, weight", [("conv", 3 * 3 * 128 * 256), ("depthwise", 3 * 4 * 256)])
+def test_tpu_convolutions(tpu_programs, name, weight):
+    # x and y (4,128,128,128) bf16 cross HBM once; everything in between stays in VMEM. XLA:TPU
+    # prefetches the weight twice and reads two constants: a bf16 pad value (one 256-element
+    # tile, 512 B) and a pred[32,17] mask (24×128 B). The depthwise weight (3,3,1,128) is laid
+    # out with its 1-dim padded to 4 rows (T(4,128)): 3·4·128·2 B.
+    p = tpu_programs[name]
+    x = 4 * 128 * 128 * 128 * 2
+    assert p["hbm_bytes"] == 2 * x + 2 * weight + 512 + 24 * 128
+    # XLA's count takes the on-chip buffers for HBM traffic: over 7× the real figure.
+    assert p["xla_bytes_accessed"] > 7 * p["hbm_bytes"]
+    # The compiled convolution computes 17 rows for every 16 (window blocks of the output).
+    per_tap = 128 if name == "conv" else 1
+    assert p["matmul_flops"] == 2 * 4 * 128 * 128 * 128 * 9 * per_tap * 17 / 16
+
+
+def _row(op_name: str, stack: tuple = (), hbm: int = 0) -> traffic.Row:
+    return traffic.Row("i", "fusion", op_name, {0: hbm}, {}, 0.0, 1, stack)
+
+
+@pytest.mark.parametrize(
+    "op_name, stack, expected",
+    [
+        (
+            "jit(train_step)/jvp(FGTBT)/backbone/patch_embed1/proj/conv_general_dilated",
+            (),
+            ("stem: patch_embed1", "forward"),
+        ),
+        (
+            "jit(train_step)/transpose(jvp(FGTBT))/backbone/block2_1/mlp/dwconv/dwconv/conv",
+            (),
+            ("stage 2 depthwise conv", "backward"),
+        ),
+        (
+            "jit(train_step)/transpose(jvp(FGTBT))/backbone/block3_0/mlp/fc1/dot_general",
+            (),
+            ("stage 3 Mix-FFN", "backward"),
+        ),
+        (
+            "jit(train_step)/jvp(FGTBT)/backbone/prompt_generator/lightweight_mlp4_1_0/dot",
+            (),
+            ("stage 4 prompt branch", "forward"),
+        ),
+        (
+            "jit(train_step)/jvp(FGTBT)/backbone/prompt_generator/shared_csam1/mul",
+            (),
+            ("stage 1 prompt CSAM", "forward"),
+        ),
+        (
+            "jit(train_step)/jvp(FGTBT)/backbone/prompt_generator/fft",
+            (("/x/fgtbt_jax/models/backbone.py", "high_pass"),),
+            ("FFT high-pass", "forward"),
+        ),
+        (
+            "jit(train_step)/mul",
+            (("/x/fgtbt_jax/train/optim.py", "ema_update"), ("/x/step.py", "train_step")),
+            ("EMA", "update"),
+        ),
+        (
+            "jit(train_step)/add",
+            (("/x/fgtbt_jax/train/step.py", "make_train_step.<locals>.train_step"),),
+            ("optimizer", "update"),
+        ),
+        (
+            "jit(train_step)/jvp(FGTBT)/decode_head/linear_fuse_conv/conv",
+            (),
+            ("decoder", "forward"),
+        ),
+    ],
+)
+def test_parts(op_name, stack, expected):
+    row = _row(op_name, stack)
+    assert (attribution.part(row), attribution.direction(row.op_name)) == expected
+
+
+def test_by_part_sums():
+    rows = [
+        _row("jit(f)/jvp(M)/decode_head/a", hbm=3),
+        _row("jit(f)/jvp(M)/decode_head/b", hbm=4),
+        _row("jit(f)/transpose(jvp(M))/decode_head/c", hbm=10),
+    ]
+    parts = attribution.by_part(rows)
+    assert [(p.direction, p.hbm_bytes, p.instructions) for p in parts] == [
+        ("backward", 10, 1),
+        ("forward", 7, 2),
+    ]
+
+
+def test_attribution_script_tiny(tmp_path):
+    # The tiny preset's train step compiled for two CPU devices (one compile, no libtpu).
+    out = tmp_path / "traffic.json"
+    proc = run_script(
+        "scripts/traffic_attribution.py",
+        "--config",
+        "configs/fgtbt.py:tiny",
+        "--target",
+        "cpu:2",
+        "--batch_per_device",
+        "2",
+        "--json",
+        str(out),
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    totals, parts = result["totals"], result["parts"]
+    assert "| 1 |" in proc.stdout and "hbm_bytes" in proc.stdout
+    assert sum(p["hbm_bytes"] for p in parts) == totals["hbm_bytes"] > 0
+    assert totals["on_chip_bytes"] == 0  # CPU programs have no on-chip memory space
+    assert totals["xla_bytes_accessed"] > 0 and totals["xla_flops"] > 0
+    # XLA's count adds elementwise work but leaves out convolution taps on padding.
+    assert 0.8 * totals["xla_flops"] < totals["matmul_flops"] < 1.1 * totals["xla_flops"]
+    seen = {(p["part"], p["direction"]) for p in parts}
+    for key in [
+        ("stem: patch_embed1", "forward"),
+        ("stem: patch_embed1", "backward"),
+        ("stem: prompt handcrafted_generator1", "backward"),
+        ("FFT high-pass", "forward"),
+        ("decoder", "backward"),
+        ("loss", "forward"),
+        ("heatmap targets", "forward"),
+        ("optimizer", "update"),
+        ("EMA", "update"),
+        *[(f"stage {s} {what}", "backward") for s in "1234" for what in ("attention",)],
+        *[(f"stage {s} depthwise conv", "forward") for s in "1234"],
+        ("stage 1 prompt CSAM", "forward"),
+    ]:
+        assert key in seen, key
+    # Little is left unattributed.
+    other = sum(p["hbm_bytes"] for p in parts if p["part"] == "other")
+    assert other < 0.05 * totals["hbm_bytes"]
+
+
+def test_attribution_script_bad_hlo_path(tmp_path):
+    res = run_script(
+        "scripts/traffic_attribution.py",
+        "--config",
+        "configs/fgtbt.py:tiny",
+        "--hlo",
+        str(tmp_path / "missing.hlo"),
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --hlo: no such file")
