@@ -1,23 +1,30 @@
-r"""Compiles the train and eval steps ahead of time for TPU slices (and lowers them for GPUs).
+r"""Compiles the train and eval steps ahead of time for TPU slices and NVIDIA GPUs.
 
   pip install -e ".[tpu]"   # libtpu, matched to the installed jax
   python scripts/aot_compile.py --config configs/fgtbt.py:release --target tpu:v5e-8 \
       --batch_per_device 1,4 --sharding dp,fsdp --json aot.json
+  pip install -e ".[gpu-aot]"   # the CUDA plugin and CUDA wheels, matched to the installed jax
+  JAX_PLATFORMS=cpu python scripts/aot_compile.py --config configs/fgtbt.py:release \
+      --target gpu:h100-8,gpu:a100-8 --dtype bfloat16 --batch_per_device 4 --json aot.json
 
-Runs on a CPU machine: libtpu describes the TPU slice (``jax.experimental.topologies``) and
-XLA:TPU compiles the trainer's jitted train step and the evaluator's eval step for a mesh of
-its devices, with the trainer's shardings (``--sharding dp`` = data parallel with a replicated
-state, ``fsdp`` = ``config.sharding.fsdp``). Prints, per row, the per-device memory of the
-compiled executable (arguments, outputs, temporaries; whether it fits the chip's HBM), FLOPs
-and bytes accessed (``cost_analysis()``), compile time and a roofline estimate (a lower bound
-on step time and the images/s per chip it implies, from the chip's published peak FLOP/s and
-HBM bandwidth), once on XLA's "bytes accessed" and once on the HBM-traffic model of
-``fgtbt_jax/traffic.py`` (columns ``GB HBM``, ``HBM≤i/s``). A configuration that does not
-fit fails to compile with XLA's out-of-memory error, recorded in the row.
+Runs on a CPU machine: libtpu describes the TPU slice, the CUDA plugin the GPUs
+(``gpu:<h100|h200|a100>-<GPUs>`` or multi-host ``gpu:h100-<hosts>x<GPUs per host>``), both
+through ``jax.experimental.topologies``, and XLA:TPU / XLA:GPU compile the trainer's jitted
+train step and the evaluator's eval step for a mesh of those devices, with the trainer's
+shardings (``--sharding dp`` = data parallel with a replicated state, ``fsdp`` =
+``config.sharding.fsdp``). Prints, per row, the per-device memory of the compiled executable
+(arguments, outputs, temporaries; whether it fits the chip's HBM), FLOPs and bytes accessed,
+compile time and a roofline estimate (a lower bound on step time and the images/s per chip it
+implies, from the chip's published peak FLOP/s and HBM bandwidth); TPU rows also on the
+HBM-traffic model of ``fgtbt_jax/traffic.py`` (columns ``GB HBM``, ``HBM≤i/s``). A TPU
+configuration that does not fit fails to compile with XLA's out-of-memory error, recorded in
+the row; XLA:GPU compiles it anyway (the row says it does not fit; a GPU would fail to
+allocate at run time). GPU compiles are not autotuned, and their FLOPs and bytes come from
+XLA's HLO cost analysis (``fgtbt_jax/train/aot.py`` says which module each comes from).
 
-``--target gpu:h100-8`` (or ``gpu:a100-<n>``): this machine has no GPU and no CUDA plugin, so
-both steps are only *lowered* for ``cuda`` with ``jax.export`` and serialized (``--export_dir``);
-a CUDA machine compiles the artefact when it loads it. No GPU memory or cost figures.
+``--export_dir DIR`` with GPU targets serializes each step with ``jax.export`` for ``cuda``
+(StableHLO with the shardings, compiled by the CUDA host that loads it) instead of compiling
+it; this needs no CUDA plugin.
 
 ``--json OUT`` is rewritten after every row (rows are keyed by target, step, batch, dtype,
 sharding and kernels, so several runs can fill one file); rows still to be measured are
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import traceback
 
@@ -42,7 +50,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fgtbt.py:release", lock_config=False
 )
 _TARGET = flags.DEFINE_list(
-    "target", ["tpu:v5e-8"], f"tpu:<slice> ({', '.join(aot.TPU_SLICES)}) or gpu:<h100|a100>-<n>"
+    "target",
+    ["tpu:v5e-8"],
+    f"tpu:<slice> ({', '.join(aot.TPU_SLICES)}), gpu:<chip>-<GPUs> or "
+    f"gpu:<chip>-<hosts>x<GPUs per host> (chip: {', '.join(aot.GPU_SPECS)})",
 )
 _STEP = flags.DEFINE_list("step", ["train", "eval"], "Steps to compile: train, eval.")
 _BATCH = flags.DEFINE_list("batch_per_device", ["1"], "Per-device batch sizes.")
@@ -52,7 +63,10 @@ _SHARDING = flags.DEFINE_list(
 )
 _JSON = flags.DEFINE_string("json", None, "JSON file of rows (updated after every row).")
 _EXPORT_DIR = flags.DEFINE_string(
-    "export_dir", None, "GPU targets: directory for the serialized jax.export artefacts."
+    "export_dir",
+    None,
+    "GPU targets: serialize the steps with jax.export into this directory instead of "
+    "compiling them (no CUDA plugin needed).",
 )
 
 KEY = ("target", "step", "batch_per_device", "dtype", "sharding", "kernels")
@@ -133,7 +147,10 @@ def main(argv: list[str]) -> None:
             raise app.UsageError(f"--step: train or eval, got {s!r}")
     batches = [int(b) for b in _BATCH.value]
     gpu_devices = max((t.num_devices for t in targets if t.platform == "cuda"), default=0)
-    if gpu_devices:  # cuda export needs as many (CPU) devices as the target has GPUs
+    if gpu_devices and "JAX_PLATFORMS" not in os.environ:
+        # The CUDA plugin fails at cuInit without a driver unless the runtime stays on CPU.
+        jax.config.update("jax_platforms", "cpu")
+    if gpu_devices and _EXPORT_DIR.value:  # export needs as many CPU devices as GPUs
         jax.config.update("jax_num_cpu_devices", gpu_devices)
 
     plan = [
@@ -165,10 +182,11 @@ def main(argv: list[str]) -> None:
     meshes: dict[str, object] = {}
     for target, which, b, dtype, s in plan:
         if target.name not in meshes:
+            exporting = target.platform == "cuda" and _EXPORT_DIR.value
             devices = (
-                aot.tpu_devices(target)
-                if target.platform == "tpu"
-                else jax.devices("cpu")[: target.num_devices]
+                jax.devices("cpu")[: target.num_devices]
+                if exporting
+                else aot.target_devices(target)
             )
             meshes[target.name] = aot.mesh_of(devices)
         try:
@@ -212,17 +230,18 @@ def main(argv: list[str]) -> None:
         _upsert(rows, row)
         _save(path, rows)
         print(format_row(row), flush=True)
-    if any(t.platform == "tpu" for t in targets):
+    print(
+        "≥ms/step, ≤img/s: roofline ESTIMATE per chip, max(FLOPs / peak FLOP/s, bytes / HBM "
+        'bandwidth); real steps are slower. GB acc: XLA\'s "bytes accessed" (counts on-chip '
+        "buffers too). GB HBM, HBM≤i/s (TPU rows): the HBM-traffic model "
+        "(fgtbt_jax/traffic.py) and the roofline on it."
+    )
+    if any(t.platform == "cuda" for t in targets) and not _EXPORT_DIR.value:
         print(
-            "≥ms/step, ≤img/s: roofline ESTIMATE per chip, max(FLOPs / peak FLOP/s, bytes / HBM "
-            "bandwidth) from cost_analysis(); real steps are slower. GB acc: XLA's \"bytes "
-            'accessed" (counts on-chip buffers too). GB HBM, HBM≤i/s: the HBM-traffic model '
-            "(fgtbt_jax/traffic.py) and the roofline on it."
-        )
-    if any(t.platform == "cuda" for t in targets):
-        print(
-            "GPU targets: lowered and serialized with jax.export for cuda, NOT compiled (no GPU "
-            "or CUDA plugin on this machine): no memory, FLOP or fit figures."
+            "GPU targets: deviceless XLA:GPU compiles without autotuning (Triton GEMMs off); "
+            "FLOPs from the unoptimized program / devices, bytes from the optimized module "
+            "with its cuBLAS/cuDNN calls' operands. A GPU row over the HBM still compiles: "
+            "XLA:GPU does not refuse it, the allocation would fail on the GPU."
         )
 
 

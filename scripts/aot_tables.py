@@ -2,6 +2,8 @@ r"""Renders docs/planning.md's planning tables from the JSON rows of ``scripts/a
 
   python scripts/aot_tables.py --json benchmarks/aot_tpu_release.json            # print them
   python scripts/aot_tables.py --json benchmarks/aot_tpu_release.json --markdown docs/planning.md
+  python scripts/aot_tables.py --targets gpu --json benchmarks/aot_gpu_release.json \
+      --markdown docs/planning_gpu.md
 
 The planning table has one line per target, dtype and sharding and one column per batch per
 device (train step, ``kernels=xla``): the total memory per device and whether it fits, XLA's
@@ -22,9 +24,11 @@ from fgtbt_jax import errors
 
 _JSON = flags.DEFINE_string("json", "benchmarks/aot_tpu_release.json", "aot_compile.py rows.")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Markdown file whose tables are rewritten.")
+_TARGETS = flags.DEFINE_enum("targets", "tpu", ["tpu", "gpu"], "Which targets' tables.")
 
 GiB = 2**30
 TARGETS = {"tpu:v5e-8": "v5e, 16 GiB", "tpu:v4-32": "v4, 32 GiB"}
+GPU_TARGETS = {"gpu:h100-8": "H100 SXM, 79.11 GiB", "gpu:a100-8": "A100 SXM, 79.26 GiB"}
 DTYPES = ("float32", "bfloat16")
 SHARDINGS = {"data_parallel": "data parallel", "fsdp": "FSDP"}
 BATCHES = (1, 4, 16)
@@ -73,9 +77,9 @@ def cell(row: dict | None) -> str:
     return "failed to compile" if status == "failed" else "not measured"
 
 
-def planning_table(rows: list[dict]) -> list[str]:
+def planning_table(rows: list[dict], targets: dict[str, str] = TARGETS) -> list[str]:
     lines = [PLAN_HEADER, "|---|---|---|---|---|---|"]
-    for target, chip in TARGETS.items():
+    for target, chip in targets.items():
         for dtype in DTYPES:
             for sharding, name in SHARDINGS.items():
                 cells = [cell(find(rows, target, "train", dtype, sharding, b)) for b in BATCHES]
@@ -85,9 +89,9 @@ def planning_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def full_table(rows: list[dict]) -> list[str]:
+def full_table(rows: list[dict], targets: dict[str, str] = TARGETS) -> list[str]:
     lines = [FULL_HEADER, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    cells = itertools.product(TARGETS, ("train", "eval"), DTYPES, SHARDINGS.items(), BATCHES)
+    cells = itertools.product(targets, ("train", "eval"), DTYPES, SHARDINGS.items(), BATCHES)
     for target, step, dtype, (sharding, name), b in cells:
         r = find(rows, target, step, dtype, sharding, b)
         if r is None or r.get("status") != "compiled":
@@ -123,7 +127,8 @@ def replace_table(text: str, table: list[str]) -> str:
 def main(argv: list[str]) -> None:
     del argv
     rows = json.loads(pathlib.Path(_JSON.value).read_text())
-    plan, full = planning_table(rows), full_table(rows)
+    targets = GPU_TARGETS if _TARGETS.value == "gpu" else TARGETS
+    plan, full = planning_table(rows, targets), full_table(rows, targets)
     if _MARKDOWN.value is None:
         print("\n".join(plan + [""] + full))
         return

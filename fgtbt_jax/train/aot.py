@@ -8,10 +8,20 @@ executable reports per-device memory (``memory_analysis()``) and FLOPs / bytes a
 (``hbm_traffic``, :mod:`fgtbt_jax.traffic`) and the roofline on it (``roofline_hbm``), next to
 the roofline on XLA's "bytes accessed" (``roofline``), which also counts on-chip buffers.
 
-GPU targets: without a GPU and without the CUDA plugin, JAX can only *lower* for ``cuda``:
-:func:`export_cuda` serializes a ``jax.export`` artefact (StableHLO with the shardings) that a
-CUDA machine compiles on load. Nothing is compiled for the GPU here, so there is no memory or
-cost analysis from XLA:GPU.
+GPU targets (``gpu:h100-8``, ``gpu:h200-8``, ``gpu:a100-8``, multi-host ``gpu:h100-2x8``): the
+CUDA plugin (``pip install -e ".[gpu-aot]"``) describes NVIDIA GPUs from a text
+``GpuTargetConfigProto`` (:func:`gpu_target_config`, built from the named fields of
+:data:`GPU_SPECS`) and XLA:GPU compiles for them on a machine without GPU or driver
+("deviceless", as jax's ``tests/aot_test.py``), with ``JAX_PLATFORMS=cpu``. Memory plans and
+bytes are XLA:GPU's own; there is no autotuning without a GPU, so GEMMs get untuned default
+configurations (kernel choices and times are not meaningful), and Triton GEMMs are switched
+off (:data:`GPU_COMPILER_OPTIONS`). The executable has no ``cost_analysis()``:
+FLOPs are XLA's HLO cost analysis of the unoptimized program divided by the device count (the
+optimized GPU module hides GEMMs/convolutions in cuBLAS/cuDNN custom calls, which that analysis
+does not count); bytes accessed are that analysis of the optimized per-device module plus the
+operands and results of its custom calls (:func:`fgtbt_jax.compiled.optimized_cost`).
+:func:`export_cuda` still serializes a ``jax.export`` artefact (StableHLO with the shardings)
+for a real CUDA host (``--export_dir``).
 
 The steps are exactly the trainer's: :func:`fgtbt_jax.train.step.make_train_step` under
 :func:`~fgtbt_jax.train.step.jit_train_step` with the shardings of
@@ -23,6 +33,7 @@ The steps are exactly the trainer's: :func:`fgtbt_jax.train.step.make_train_step
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fgtbt_jax import compiled as compiled_figures
-from fgtbt_jax import landmarks
+from fgtbt_jax import errors, landmarks
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.train import sharding
@@ -45,11 +56,91 @@ GiB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """The fields of XLA's ``GpuTargetConfigProto`` that differ between the GPUs below.
+
+    Values as in XLA's ``xla/backends/gpu/target_config/specs/<name>.txtpb`` (Apache-2.0, the
+    OpenXLA authors; the device properties CUDA reports for that card); the fields common to
+    all of them (thread, block and register limits) are in :func:`gpu_target_config`.
+    """
+
+    name: str  # CUDA's device name, also JAX's ``device_kind``
+    compute_capability: tuple[int, int]
+    accelerated_features: bool  # sm_90a (wgmma, TMA) on Hopper
+    core_count: int  # streaming multiprocessors
+    fpus_per_core: int
+    clock_rate_ghz: float
+    memory_bandwidth: int  # bytes/s
+    l2_cache_size: int
+    device_memory_size: int  # bytes the driver reports (less than the marketing "80 GB")
+    shared_memory_per_core: int
+    shared_memory_per_block_optin: int
+
+
+# From XLA's specs h100_sxm.txtpb, h200.txtpb and a100_sxm_80.txtpb (openxla/xla, 2026).
+GPU_SPECS: dict[str, GpuSpec] = {
+    "h100": GpuSpec(
+        "NVIDIA H100 80GB HBM3", (9, 0), True, 132, 128, 1.98, 3352320000000, 52428800,
+        84942979072, 233472, 232448,
+    ),
+    "h200": GpuSpec(
+        "NVIDIA H200 141GB HBM3e", (9, 0), True, 132, 128, 1.98, 4800000000000, 52428800,
+        151397597184, 233472, 232448,
+    ),
+    "a100": GpuSpec(
+        "NVIDIA A100-SXM4-80GB", (8, 0), False, 108, 64, 1.41, 2039040000000, 41943040,
+        85100068864, 167936, 166912,
+    ),
+}  # fmt: skip
+
+
+def gpu_target_config(spec: GpuSpec) -> str:
+    """``spec`` as a text ``stream_executor.GpuTargetConfigProto`` for
+    ``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)``.
+
+    Only fields that jaxlib 0.10.2 parses (newer XLA specs add e.g.
+    ``collective_memory_granularity``, which it rejects).
+    """
+    major, minor = spec.compute_capability
+    extension = "ACCELERATED_FEATURES" if spec.accelerated_features else "NONE"
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {spec.shared_memory_per_core}
+  threads_per_core_limit: 2048
+  core_count: {spec.core_count}
+  fpus_per_core: {spec.fpus_per_core}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {spec.memory_bandwidth}
+  l2_cache_size: {spec.l2_cache_size}
+  clock_rate_ghz: {spec.clock_rate_ghz}
+  device_memory_size: {spec.device_memory_size}
+  shared_memory_per_block_optin: {spec.shared_memory_per_block_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} feature_extension: {extension} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  thread_dim_limit_x: 1024
+  thread_dim_limit_y: 1024
+  thread_dim_limit_z: 64
+  name: "{spec.name}"
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+device_description_str: "{spec.name}"
+"""
+
+
+@dataclasses.dataclass(frozen=True)
 class Chip:
     """Published per-chip figures (one JAX device = one chip for every target below).
 
-    ``peak_flops``: dense bfloat16 FLOP/s (also the ceiling for float32 matmuls, which XLA:TPU
-    runs as bfloat16 passes on the MXU at default precision); ``hbm_bandwidth`` in bytes/s.
+    ``peak_flops``: dense bfloat16 FLOP/s; ``peak_flops_float32``: the ceiling for float32
+    matmuls at JAX's default precision (XLA:TPU runs them as bfloat16 passes on the MXU, so the
+    bfloat16 peak; XLA:GPU as TF32 on the tensor cores, half of it); ``hbm_bandwidth`` in
+    bytes/s. GPU ``hbm_bytes`` is the memory CUDA reports (:class:`GpuSpec`).
     """
 
     name: str
@@ -57,19 +148,44 @@ class Chip:
     peak_flops: float
     hbm_bandwidth: float
     source: str
+    peak_flops_float32: float | None = None  # None: same as peak_flops
+
+    def peak_for(self, dtype: str) -> float:
+        """Peak FLOP/s for a step computing in ``dtype``."""
+        if dtype == "bfloat16" or self.peak_flops_float32 is None:
+            return self.peak_flops
+        return self.peak_flops_float32
 
 
 # Sources: Google Cloud TPU documentation, "System architecture" pages of each generation
-# (https://cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), and NVIDIA's H100 / A100
-# datasheets (SXM, dense bfloat16 tensor-core peak without sparsity).
+# (https://cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), and NVIDIA's datasheets (SXM
+# boards, dense tensor-core peaks without sparsity): H100 (nvidia.com/en-us/data-center/h100:
+# BF16 989 TFLOPS, TF32 495 TFLOPS, 3.35 TB/s), H200 (nvidia.com/en-us/data-center/h200: BF16
+# 989 TFLOPS, TF32 495 TFLOPS, 4.8 TB/s), A100 80GB (nvidia.com/en-us/data-center/a100: BF16
+# 312 TFLOPS, TF32 156 TFLOPS, 2.039 TB/s).
 CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", 32 * GiB, 275e12, 1228e9, "cloud.google.com/tpu/docs/v4"),
     "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, "cloud.google.com/tpu/docs/v5e"),
     "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, "cloud.google.com/tpu/docs/v5p"),
     "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9, "cloud.google.com/tpu/docs/v6e"),
-    "h100": Chip("NVIDIA H100 SXM", 80 * 10**9, 989e12, 3.35e12, "NVIDIA H100 datasheet"),
-    "a100": Chip("NVIDIA A100 SXM 80GB", 80 * 10**9, 312e12, 2.039e12, "NVIDIA A100 datasheet"),
-}
+    "h100": Chip(
+        "NVIDIA H100 SXM", GPU_SPECS["h100"].device_memory_size, 989e12, 3.35e12,
+        "NVIDIA H100 datasheet (SXM)", 495e12,
+    ),
+    "h200": Chip(
+        "NVIDIA H200 SXM", GPU_SPECS["h200"].device_memory_size, 989e12, 4.8e12,
+        "NVIDIA H200 datasheet (SXM)", 495e12,
+    ),
+    "a100": Chip(
+        "NVIDIA A100 SXM 80GB", GPU_SPECS["a100"].device_memory_size, 312e12, 2.039e12,
+        "NVIDIA A100 datasheet (SXM 80GB)", 156e12,
+    ),
+}  # fmt: skip
+
+# XLA:GPU flags for deviceless compiles: the Triton GEMM emitter cannot pick tile sizes without
+# autotuning for some of the release model's dots ("Couldn't find output tile sizes that
+# satisfy hlo", bf16[3600,320] in block3's attention); cuBLAS calls compile for every dot.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 # Pod-slice names as Cloud TPU sells them → (chip, topology, chip config), the table of
 # MaxText's accelerator_to_spec_map.py. v4/v5p slices count TensorCores (2 per chip, fused into
@@ -94,18 +210,21 @@ TPU_SLICES: dict[str, tuple[str, str, str]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A compile target: ``tpu:<slice>`` (e.g. ``tpu:v5e-8``) or ``gpu:<chip>-<count>``."""
+    """A compile target: ``tpu:<slice>`` (e.g. ``tpu:v5e-8``) or
+    ``gpu:<chip>-[<hosts>x]<GPUs per host>`` (e.g. ``gpu:h100-8``, ``gpu:h100-2x8``)."""
 
     name: str
     platform: str  # "tpu" or "cuda"
     chip: Chip
     num_devices: int
-    topology: str | None = None
+    topology: str | None = None  # TPU: "v5e:2x4"; GPU: "<partitions>x<hosts>x<per host>"
     chip_config: str | None = None
+    gpu: GpuSpec | None = None
 
 
 def parse_target(name: str) -> Target:
-    """``tpu:<slice>`` (a key of :data:`TPU_SLICES`, e.g. ``tpu:v5e-8``) or ``gpu:h100-8``."""
+    """``tpu:<slice>`` (a key of :data:`TPU_SLICES`, e.g. ``tpu:v5e-8``) or
+    ``gpu:<chip>-[<hosts>x]<GPUs per host>`` with chip in :data:`GPU_SPECS`."""
     kind, _, spec = name.partition(":")
     if kind == "tpu" and spec in TPU_SLICES:
         chip, topology, chip_config = TPU_SLICES[spec]
@@ -113,11 +232,16 @@ def parse_target(name: str) -> Target:
         return Target(name, "tpu", CHIPS[chip], int(np.prod(dims)), topology, chip_config)
     if kind == "gpu":
         chip, _, count = spec.rpartition("-")
-        if chip in ("h100", "a100") and count.isdigit() and int(count) > 0:
-            return Target(name, "cuda", CHIPS[chip], int(count))
+        hosts, _, per_host = count.rpartition("x")
+        hosts = hosts or "1"
+        if chip in GPU_SPECS and hosts.isdigit() and per_host.isdigit():
+            h, d = int(hosts), int(per_host)
+            if h > 0 and d > 0:
+                return Target(name, "cuda", CHIPS[chip], h * d, f"1x{h}x{d}", gpu=GPU_SPECS[chip])
     raise ValueError(
         f"unknown target {name!r}; choose tpu:<slice> with slice in {sorted(TPU_SLICES)} "
-        "or gpu:<h100|a100>-<number of GPUs>"
+        f"or gpu:<chip>-<GPUs> / gpu:<chip>-<hosts>x<GPUs per host> with chip in "
+        f"{sorted(GPU_SPECS)}"
     )
 
 
@@ -138,6 +262,34 @@ def tpu_devices(target: Target) -> list[Any]:
             f"{target.name}: libtpu describes {len(devices)} devices, expected {target.num_devices}"
         )
     return devices
+
+
+def gpu_devices(target: Target) -> list[Any]:
+    """The GPUs of ``target`` described by the CUDA plugin from :func:`gpu_target_config`
+    (no GPU or driver needed; run with ``JAX_PLATFORMS=cpu``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise errors.Error(
+            f"{target.name}: compiling for GPUs needs the CUDA plugin: pip install -e '.[gpu-aot]'"
+        )
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(
+        platform="cuda", target_config=gpu_target_config(target.gpu), topology=target.topology
+    )
+    devices = list(topo.devices)
+    if len(devices) != target.num_devices:
+        raise RuntimeError(
+            f"{target.name}: the CUDA plugin describes {len(devices)} devices, "
+            f"expected {target.num_devices}"
+        )
+    return devices
+
+
+def target_devices(target: Target) -> list[Any]:
+    """The devices of ``target`` (TPU: libtpu; GPU: the CUDA plugin), without any attached."""
+    return tpu_devices(target) if target.platform == "tpu" else gpu_devices(target)
 
 
 def mesh_of(devices: Sequence[Any]) -> Mesh:
@@ -231,19 +383,23 @@ def eval_step_and_args(
     return step, (variables, batch)
 
 
-def roofline(flops: float, bytes_accessed: float, batch_per_device: int, chip: Chip) -> dict:
+def roofline(
+    flops: float, bytes_accessed: float, batch_per_device: int, chip: Chip, dtype: str
+) -> dict:
     """Lower bound on the step time of one device from its FLOPs and HBM traffic.
 
-    ``max(flops / peak, bytes / bandwidth)``: an estimate that ignores communication, overlap
-    limits and launch overheads, so real steps are slower and real images/s lower.
+    ``max(flops / peak, bytes / bandwidth)`` with the chip's peak for ``dtype``: an estimate
+    that ignores communication, overlap limits and launch overheads, so real steps are slower
+    and real images/s lower.
     """
-    t_compute = flops / chip.peak_flops
+    peak = chip.peak_for(dtype)
+    t_compute = flops / peak
     t_memory = bytes_accessed / chip.hbm_bandwidth
     t = max(t_compute, t_memory)
     return {
         "estimate": True,
         "chip": chip.name,
-        "peak_flops": chip.peak_flops,
+        "peak_flops": peak,
         "hbm_bandwidth": chip.hbm_bandwidth,
         "source": chip.source,
         "arithmetic_intensity": flops / bytes_accessed if bytes_accessed else None,
@@ -253,14 +409,56 @@ def roofline(flops: float, bytes_accessed: float, batch_per_device: int, chip: C
     }
 
 
-def compile_tpu(step: Callable, args: tuple[Any, ...]) -> tuple[Any, dict[str, float]]:
-    """``step.lower(*args).compile()`` with the lowering and compile times."""
+def compile_step(
+    step: Callable, args: tuple[Any, ...], target: Target
+) -> tuple[Any, Any, dict[str, float]]:
+    """``step.lower(*args).compile()`` for ``target``: the lowered and compiled stages and the
+    lowering and compile times. GPU compiles get :data:`GPU_COMPILER_OPTIONS` and bypass the
+    persistent compilation cache (a deviceless executable cannot be loaded back from it)."""
+    from jax._src import config as jax_config  # the cache switch as a context manager
+
+    gpu = target.platform == "cuda"
     t0 = time.perf_counter()
     lowered = step.lower(*args)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    with jax_config.enable_compilation_cache(not gpu and jax_config.enable_compilation_cache.value):
+        compiled = lowered.compile(GPU_COMPILER_OPTIONS if gpu else None)
     t2 = time.perf_counter()
-    return compiled, {"lower_seconds": t1 - t0, "compile_seconds": t2 - t1}
+    return lowered, compiled, {"lower_seconds": t1 - t0, "compile_seconds": t2 - t1}
+
+
+def compiled_figures_of(
+    target: Target, lowered: Any, compiled: Any, num_devices: int
+) -> dict[str, Any]:
+    """Per-device memory, FLOPs and bytes accessed of a compile for ``target``, with where
+    each figure comes from (see the module docstring for GPUs)."""
+    if target.platform == "tpu":
+        cost = compiled_figures.cost(compiled)
+        return {
+            "memory_bytes": compiled_figures.memory(compiled),
+            "flops": float(cost.get("flops", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "flops_source": "cost_analysis() of the compiled executable",
+        }
+    optimized = compiled_figures.optimized_cost(compiled)
+    return {
+        "memory_bytes": compiled_figures.memory(compiled),
+        "flops": compiled_figures.lowered_cost(lowered)["flops"] / num_devices,
+        "bytes_accessed": optimized["bytes accessed"],
+        "flops_source": (
+            "HLO cost analysis of the unoptimized global program / number of devices (the "
+            "optimized GPU module hides GEMMs and convolutions in cuBLAS/cuDNN custom calls)"
+        ),
+        "bytes_source": (
+            "HLO cost analysis of the optimized per-device GPU module plus the operands and "
+            "results of its cuBLAS/cuDNN custom calls (workspaces excluded)"
+        ),
+        "flops_optimized_module": optimized["flops"],
+        "custom_calls": int(optimized["custom calls"]),
+        "custom_call_bytes": optimized["custom call bytes"],
+        "compiler_options": dict(GPU_COMPILER_OPTIONS),
+        "autotuned": False,
+    }
 
 
 def export_cuda(step: Callable, args: tuple[Any, ...]) -> tuple[bytes, dict[str, float]]:
@@ -304,7 +502,8 @@ def measure(
     fsdp: bool,
     export_dir: str | None = None,
 ) -> dict[str, Any]:
-    """One JSON row: compile (TPU) or export (GPU) the ``which`` ∈ {train, eval} step."""
+    """One JSON row: compile the ``which`` ∈ {train, eval} step for ``target`` (deviceless),
+    or, for a GPU target with ``export_dir``, serialize it with :func:`export_cuda` there."""
     c = step_config(
         config, batch_per_device=batch_per_device, num_devices=mesh.size, dtype=dtype, fsdp=fsdp
     )
@@ -328,25 +527,30 @@ def measure(
         "jax": jax.__version__,
         "hbm_bytes": target.chip.hbm_bytes,
     }
-    if target.platform == "tpu":
-        compiled, times = compile_tpu(step, args)
-        memory = compiled_figures.memory(compiled)
-        cost = compiled_figures.cost(compiled)
-        flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-        hbm = compiled_figures.traffic(compiled)
+    if export_dir is None or target.platform == "tpu":
+        lowered, compiled, times = compile_step(step, args, target)
+        figures = compiled_figures_of(target, lowered, compiled, mesh.size)
+        total = figures["memory_bytes"]["total"]
+        flops, traffic = figures["flops"], figures["bytes_accessed"]
+        if target.platform == "tpu":  # the traffic model reads XLA:TPU's tiled layouts
+            hbm = compiled_figures.traffic(compiled)
+            row.update(
+                hbm_traffic=hbm.summary(),
+                roofline_hbm=roofline(flops, hbm.hbm_bytes, batch_per_device, target.chip, dtype),
+            )
         row.update(
             compiled=True,
-            memory_bytes=memory,
-            fits=memory["total"] <= target.chip.hbm_bytes,
-            flops=flops,
-            bytes_accessed=traffic,
-            roofline=roofline(flops, traffic, batch_per_device, target.chip),
-            hbm_traffic=hbm.summary(),
-            roofline_hbm=roofline(flops, hbm.hbm_bytes, batch_per_device, target.chip),
+            fits=total <= target.chip.hbm_bytes,
+            roofline=roofline(flops, traffic, batch_per_device, target.chip, dtype),
+            **figures,
             **times,
         )
     else:
         blob, times = export_cuda(step, args)
+        name = f"{which}_{c.preset}_{dtype}_{row['sharding']}_b{batch_per_device}.jax_export"
+        path = pathlib.Path(export_dir) / target.name.replace(":", "_") / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
         row.update(
             compiled=False,
             memory_bytes=None,
@@ -355,18 +559,8 @@ def measure(
             bytes_accessed=None,
             compile_seconds=None,
             exported_bytes=len(blob),
-            note=(
-                "jax.export lowering for cuda only (StableHLO, serialized); not compiled for "
-                "the GPU (no GPU / CUDA plugin here), so no memory or cost analysis"
-            ),
+            export_path=str(path),
+            note="jax.export artefact (serialized StableHLO) for a CUDA host, which compiles it",
             **times,
         )
-        if export_dir:
-            import pathlib
-
-            name = f"{which}_{c.preset}_{dtype}_{row['sharding']}_b{batch_per_device}.jax_export"
-            path = pathlib.Path(export_dir) / target.name.replace(":", "_") / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(blob)
-            row["export_path"] = str(path)
     return row

@@ -1,8 +1,10 @@
 """Ahead-of-time compilation (scripts/aot_compile.py) with the tiny preset.
 
 The TPU test compiles through libtpu's topology description (no TPU needed) and is skipped when
-libtpu is not installed (``pip install -e ".[tpu]"``). The cuda test only lowers and serializes
-with ``jax.export``, which needs neither a GPU nor a CUDA plugin.
+libtpu is not installed (``pip install -e ".[tpu]"``). The GPU compile tests use the CUDA
+plugin's topology description (no GPU needed) and are skipped without it
+(``pip install -e ".[gpu-aot]"``). The cuda export test only lowers and serializes with
+``jax.export``, which needs neither a GPU nor a CUDA plugin.
 """
 
 from __future__ import annotations
@@ -11,10 +13,21 @@ import importlib.util
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import pytest
 from helpers import ROOT, run_script
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from fgtbt_jax import compiled as compiled_figures
 from fgtbt_jax.train import aot
+
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    reason="the CUDA plugin is not installed (pip install -e '.[gpu-aot]'); deviceless GPU "
+    "compiles need it",
+)
 
 
 def _run(tmp_path: pathlib.Path, *args: str) -> list[dict]:
@@ -36,8 +49,13 @@ def test_parse_target():
     v4 = aot.parse_target("tpu:v4-32")  # 32 TensorCores = 16 megacore chips
     assert (v4.platform, v4.num_devices, v4.topology) == ("tpu", 16, "v4:2x2x4")
     assert aot.parse_target("tpu:v5e-8").num_devices == 8
-    assert aot.parse_target("gpu:h100-8").platform == "cuda"
-    for bad in ("tpu:v5e-3", "gpu:h100", "cpu:8"):
+    h100 = aot.parse_target("gpu:h100-8")
+    assert (h100.platform, h100.num_devices, h100.topology) == ("cuda", 8, "1x1x8")
+    two_hosts = aot.parse_target("gpu:h100-2x8")  # partitions x hosts x GPUs per host
+    assert (two_hosts.num_devices, two_hosts.topology) == (16, "1x2x8")
+    assert aot.parse_target("gpu:a100-8").chip.peak_for("float32") == 156e12  # TF32
+    assert aot.parse_target("gpu:h200-8").chip.hbm_bytes > 140e9
+    for bad in ("tpu:v5e-3", "gpu:h100", "cpu:8", "gpu:v100-8", "gpu:h100-0", "gpu:h100-2x"):
         with pytest.raises(ValueError, match="unknown target"):
             aot.parse_target(bad)
 
@@ -68,6 +86,58 @@ def test_tpu_compile_tiny(tmp_path):
     assert dp["memory_bytes"]["alias"] > 0
 
 
+@needs_cuda_plugin
+def test_gpu_target_configs_describe_the_cards():
+    """jaxlib parses every generated GpuTargetConfigProto; hosts and devices per host are those
+    of the target."""
+    for name in ("gpu:h100-2x4", "gpu:h200-8", "gpu:a100-8"):
+        target = aot.parse_target(name)
+        devices = aot.gpu_devices(target)
+        assert {d.device_kind for d in devices} == {target.gpu.name}
+        per_host = target.num_devices // int(target.topology.split("x")[1])
+        assert [d.process_index for d in devices] == [i // per_host for i in range(len(devices))]
+
+
+@needs_cuda_plugin
+def test_gpu_compile_figures_of_a_matmul():
+    """A deviceless XLA:GPU compile of x @ w over 8 H100s: per-device memory from the
+    executable, FLOPs counted on the unoptimized program (2·M·N·K), bytes on the optimized one."""
+    target = aot.parse_target("gpu:h100-8")
+    mesh = aot.mesh_of(aot.gpu_devices(target))
+    m, k, n = 1024, 512, 256
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+    w = jax.ShapeDtypeStruct((k, n), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    lowered, compiled, _ = aot.compile_step(jax.jit(lambda x, w: x @ w), (x, w), target)
+    assert compiled.cost_analysis() is None  # why compiled.py runs the HLO analysis itself
+    memory = compiled_figures.memory(compiled)
+    assert memory["argument"] == (m // 8 * k + k * n) * 2  # x split over 8 GPUs, w replicated
+    assert memory["output"] == m // 8 * n * 2
+    assert compiled_figures.lowered_cost(lowered)["flops"] == 2 * m * n * k
+    # The dot is one cuBLAS call: it reads x and w and writes the result (not its workspace).
+    cost = compiled_figures.optimized_cost(compiled)
+    assert cost["custom calls"] == 1
+    assert cost["bytes accessed"] == (m // 8 * k + k * n + m // 8 * n) * 2
+
+
+@pytest.mark.slow
+@needs_cuda_plugin
+def test_gpu_compile_tiny(tmp_path):
+    # One deviceless XLA:GPU compile of the tiny train step: minutes of CPU on a 2-core machine.
+    rows = _run(tmp_path, "--target", "gpu:h100-2", "--batch_per_device", "2", "--step", "train")
+    (row,) = rows
+    assert row["status"] == "compiled" and row["compiled"] is True, row
+    mem = row["memory_bytes"]
+    assert mem["argument"] > 0 and mem["temp"] > 0 and mem["alias"] > 0  # donated state
+    assert row["fits"] is True and row["hbm_bytes"] == aot.GPU_SPECS["h100"].device_memory_size
+    # GEMMs and convolutions are cuBLAS/cuDNN calls in the optimized module: its count misses
+    # them, the unoptimized program's does not.
+    assert row["flops"] > 2 * row["flops_optimized_module"] > 0
+    assert row["bytes_accessed"] > 0 and row["autotuned"] is False
+    roof = row["roofline"]
+    assert roof["peak_flops"] == 495e12  # float32 matmuls run as TF32 on H100
+    assert roof["step_seconds_lower_bound"] >= row["flops"] / roof["peak_flops"]
+
+
 def test_cuda_export_tiny(tmp_path):
     from jax import export
 
@@ -93,17 +163,20 @@ def test_cuda_export_tiny(tmp_path):
         assert [a.shape[0] for a in images] == [4]  # global batch 2 per device × 2 GPUs
 
 
-def test_planning_tables_are_those_of_the_recorded_json(tmp_path):
-    """docs/planning.md's tables are what scripts/aot_tables.py renders from
-    benchmarks/aot_tpu_release.json: rewriting a copy of the page changes nothing."""
-    page = tmp_path / "planning.md"
-    page.write_text((ROOT / "docs" / "planning.md").read_text())
+@pytest.mark.parametrize(
+    "page, rows, targets",
+    [
+        ("docs/planning.md", "benchmarks/aot_tpu_release.json", "tpu"),
+        ("docs/planning_gpu.md", "benchmarks/aot_gpu_release.json", "gpu"),
+    ],
+)
+def test_planning_tables_are_those_of_the_recorded_json(tmp_path, page, rows, targets):
+    """docs/planning.md's (TPU) and docs/planning_gpu.md's tables are what
+    scripts/aot_tables.py renders from the recorded JSON: rewriting a copy changes nothing."""
+    copy = tmp_path / pathlib.Path(page).name
+    copy.write_text((ROOT / page).read_text())
     proc = run_script(
-        "scripts/aot_tables.py",
-        "--json",
-        "benchmarks/aot_tpu_release.json",
-        "--markdown",
-        str(page),
+        "scripts/aot_tables.py", "--targets", targets, "--json", rows, "--markdown", str(copy)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert page.read_text() == (ROOT / "docs" / "planning.md").read_text()
+    assert copy.read_text() == (ROOT / page).read_text()
