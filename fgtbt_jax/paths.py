@@ -54,6 +54,13 @@ def _prefer_gcsfs() -> None:
     client the tests prove; docs/storage.md), unless ``EPATH_USE_TF`` says otherwise."""
     if importlib.util.find_spec("gcsfs") is not None:
         os.environ.setdefault("EPATH_USE_TF", "false")
+    # epath decides "TensorFlow or not" once per process and caches it (functools.cache): a
+    # gs:// path touched earlier (TFDS looks up gs://tfds-data) would pin TensorFlow's client.
+    from etils.epath import gpath
+
+    decided = getattr(gpath, "_is_tf_installed", None)
+    if hasattr(decided, "cache_clear"):
+        decided.cache_clear()
 
 
 def resolve(path: str | os.PathLike, flag: str, *, hub: bool = False) -> epath.Path:
