@@ -43,7 +43,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from fgtbt_jax import errors
+from fgtbt_jax import errors, paths
 from fgtbt_jax.train import aot
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -85,10 +85,7 @@ def _load(path: pathlib.Path | None) -> list[dict]:
 def _save(path: pathlib.Path | None, rows: list[dict]) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    tmp.replace(path)
+    paths.write_text(path, json.dumps(rows, indent=1) + "\n")  # whole or not at all
 
 
 def _upsert(rows: list[dict], row: dict) -> None:
