@@ -544,8 +544,9 @@ def make_eval_iterator(
     (B, C, 2) float32 original-image annotation in the unified slots of the run (0 elsewhere;
     C = 124 without schemes), 'mask' (B, C) bool, 'center' (B, 2) float32, 'scale' (B,)
     float32 — the crop scale, already × 1.25 (the value ``transforms.get_transform``
-    takes) —, 'box_size' (B,) float32 (AFLW's normaliser, else 0), 'image_id' (B,) str, 'valid' (B,) bool (False for padding), 'index'
-    (B,) int64, the record's position in the subset (-1 for padding).
+    takes) —, 'box_size' (B,) float32 (AFLW's normaliser, else 0), 'image_id' (B,) str,
+    'valid' (B,) bool (False for padding), 'index' (B,) int64, the record's position in the
+    subset (-1 for padding).
     Several processes: the single-process batches are dealt round-robin (process ``p`` gets
     batches ``p, p + P, …``, each with the same records as on one process), and every process
     gets the same number of batches (padding batches where the batches do not divide evenly).
