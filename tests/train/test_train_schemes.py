@@ -28,9 +28,7 @@ def _rows(workdir: pathlib.Path) -> list[dict]:
 
 def test_five_demo_datasets_train_together(tmp_path, capsys):
     pytest.importorskip("tensorflow_datasets")
-    config = toy_config(
-        **{"sharding.num_devices": 1, "total_steps": 2, "checkpoint_every": 100}
-    )
+    config = toy_config(**{"sharding.num_devices": 1, "total_steps": 2, "checkpoint_every": 100})
     config.data.source, config.data.data_dir = "demo", str(tmp_path / "tfds")
     config.data.demo_num_images, config.data.demo_image_size = 4, (96, 96)
     config.data.schemes, config.data.datasets = (DEMO,), FIVE
