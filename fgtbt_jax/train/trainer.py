@@ -239,6 +239,33 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> i
 # ------------------------------------------------------------------------------------------
 
 
+def _widened_checkpoint(config: ml_collections.ConfigDict) -> dict:
+    """``config.init_checkpoint`` for a head wider than 124 channels: a 124-channel checkpoint
+    (the released model) widened by :func:`fgtbt_jax.schemes.extend_head` (report logged), or
+    one that already has the config's channels (e.g. an earlier run's export)."""
+    from fgtbt_jax.porting import convert, pretrained
+
+    narrow = ml_collections.ConfigDict(config.to_dict())
+    narrow.model.num_landmarks = landmarks.NUM_UNIFIED
+    try:
+        _, variables = pretrained.load_pretrained(
+            config.init_checkpoint, narrow, "config.init_checkpoint"
+        )
+    except convert.CheckpointMismatchError:
+        _, variables = pretrained.load_pretrained(
+            config.init_checkpoint, config, "config.init_checkpoint"
+        )
+        logging.info("initialised from %s", config.init_checkpoint)
+        return variables
+    unified = schemes.unified_set_of(config.data)
+    variables, report = schemes.extend_head(variables, unified, seed=int(config.seed))
+    info(
+        f"head extended from {landmarks.NUM_UNIFIED} to {unified.num_channels} channels "
+        f"({config.init_checkpoint}):\n{report.table()}"
+    )
+    return variables
+
+
 def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | None:
     """Variables from ``config.init_checkpoint`` / ``config.init_backbone``, or None (random)."""
     from fgtbt_jax.porting import convert, pretrained, pth
@@ -248,22 +275,12 @@ def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | N
             "set at most one of config.init_checkpoint and config.init_backbone"
         )
     if config.init_checkpoint:
-        unified = schemes.unified_set_of(config.data)
-        wider = int(config.model.num_landmarks) > landmarks.NUM_UNIFIED
-        load_config = config
-        if wider:  # a 124-channel checkpoint, then its head widened to the run's channels
-            load_config = ml_collections.ConfigDict(config.to_dict())
-            load_config.model.num_landmarks = landmarks.NUM_UNIFIED
+        if int(config.model.num_landmarks) > landmarks.NUM_UNIFIED:
+            return _widened_checkpoint(config)
         _, variables = pretrained.load_pretrained(
-            config.init_checkpoint, load_config, "config.init_checkpoint"
+            config.init_checkpoint, config, "config.init_checkpoint"
         )
         logging.info("initialised from %s", config.init_checkpoint)
-        if wider:
-            variables, report = schemes.extend_head(variables, unified, seed=int(config.seed))
-            info(
-                f"head extended from {landmarks.NUM_UNIFIED} to {unified.num_channels} channels "
-                f"({config.init_checkpoint}):\n{report.table()}"
-            )
         return variables
     if config.init_backbone:
         init_key, _ = train_state.seed_keys(int(config.seed))

@@ -16,6 +16,7 @@ from toy_model import build_toy, toy_config
 from configs import fgtbt
 from fgtbt_jax import landmarks, load_pretrained, schemes
 from fgtbt_jax.models.fgtbt import build_model
+from fgtbt_jax.porting import pretrained
 from fgtbt_jax.train import trainer
 
 DEMO = str(resources.files("fgtbt_jax").joinpath("data/schemes/demo_my19.json"))
@@ -65,7 +66,7 @@ def test_my19_alone_trains_and_its_loss_falls(tmp_path):
     assert my19[-5:].mean() < 0.85 * my19[:5].mean(), my19
 
 
-def test_init_checkpoint_widens_the_124_channel_head(ref_dir, capsys):
+def test_init_checkpoint_widens_the_124_channel_head(ref_dir, tmp_path, capsys):
     config = fgtbt.get_config("tiny")
     config.data.schemes, config.data.datasets = (DEMO,), FIVE
     config.init_checkpoint = str(ref_dir / "tiny_checkpoint.pth")
@@ -87,6 +88,15 @@ def test_init_checkpoint_widens_the_124_channel_head(ref_dir, capsys):
     ]
     assert kernel.shape[-1] == 133
     np.testing.assert_array_equal(kernel[..., :124], np.asarray(released_kernel))
+
+    # A checkpoint that already has the 133 channels (an earlier run's export) loads as it is.
+    pretrained.export_pth(variables, tmp_path / "my19.pth", config)
+    config.init_checkpoint = str(tmp_path / "my19.pth")
+    again = trainer.initial_variables(config, build_model(config.model))
+    assert "head extended" not in capsys.readouterr().out
+    np.testing.assert_array_equal(
+        np.asarray(again["params"]["decode_head"]["conv2"]["kernel"]), kernel
+    )
 
 
 def test_num_landmarks_that_disagrees_names_the_flags():
