@@ -26,6 +26,7 @@ import os
 import pathlib
 import shutil
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
@@ -39,6 +40,9 @@ import tensorflow_datasets as tfds  # noqa: E402
 from etils import epath  # noqa: E402
 
 from input_pipeline import formats  # noqa: E402
+
+if TYPE_CHECKING:
+    from fgtbt_jax.schemes import Scheme
 
 _VERSION = tfds.core.Version("1.0.0")
 _CONFIGS = [
@@ -290,12 +294,12 @@ class Aflw(_FaceBuilder):
 
 
 class PtsFolder(_FaceBuilder):
-    """A folder of images with iBUG ``.pts`` files beside them (one split, ``data``; or the
-    splits ``train`` and ``test`` when ``manual_dir`` has those subfolders).
+    """A folder of images with iBUG ``.pts`` files beside them (one split, ``data``).
 
     Centre and scale come from the points' box (COFW rule). Any point count is accepted; with
     68 points the records can stand in for 300W. A scheme dataset (:func:`scheme_builder`) is
-    stored under the scheme's name as the builder config and needs the scheme's point count.
+    stored under the scheme's name as the builder config, needs the scheme's point count and
+    has the splits ``train`` and ``test`` when ``manual_dir`` has those subfolders.
     """
 
     name = "pts_folder"
@@ -315,7 +319,7 @@ class PtsFolder(_FaceBuilder):
     def _split_generators(self, dl_manager):
         d = self._manual(dl_manager)
         folders = {s: d / s for s in ("train", "test") if (d / s).is_dir()}
-        if "train" not in folders:
+        if self.num_points is None or "train" not in folders:
             folders = {"data": d}
         return {
             split: self._generate_examples(
@@ -365,7 +369,7 @@ def get_builder(
 
 
 def scheme_builder(
-    scheme, data_dir: os.PathLike | str, variant: str = "official", *, on_error: str = "raise"
+    scheme: Scheme, data_dir: os.PathLike | str, variant: str = "official", *, on_error: str = "raise"
 ) -> PtsFolder:
     """The :class:`PtsFolder` of a scheme dataset (a :class:`fgtbt_jax.schemes.Scheme`):
     stored as ``data_dir/pts_folder/<scheme name>`` (``<name>_demo`` for the ``demo`` variant,
@@ -392,7 +396,7 @@ def prepare(
     overwrite: bool = False,
     metadata: dict | None = None,
     quiet: bool = True,
-    scheme=None,
+    scheme: Scheme | None = None,
 ) -> _FaceBuilder:
     """Prepare one dataset from ``manual_dir`` (ArrayRecord). Returns the builder.
 
