@@ -369,7 +369,11 @@ def get_builder(
 
 
 def scheme_builder(
-    scheme: Scheme, data_dir: os.PathLike | str, variant: str = "official", *, on_error: str = "raise"
+    scheme: Scheme,
+    data_dir: os.PathLike | str,
+    variant: str = "official",
+    *,
+    on_error: str = "raise",
 ) -> PtsFolder:
     """The :class:`PtsFolder` of a scheme dataset (a :class:`fgtbt_jax.schemes.Scheme`):
     stored as ``data_dir/pts_folder/<scheme name>`` (``<name>_demo`` for the ``demo`` variant,
