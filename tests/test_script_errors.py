@@ -95,3 +95,17 @@ def test_bad_dataset_file_is_one_error_line(tmp_path):
         "--manual_dir", str(manual), "--data_dir", str(tmp_path / "tfds"),
     )  # fmt: skip
     assert_one_error_line(res, "face_landmarks_wflw_train.csv, row 1: header has 2 columns")
+
+
+def test_num_landmarks_disagreeing_with_the_schemes_is_one_error_line(tmp_path):
+    scheme = ROOT / "fgtbt_jax" / "data" / "schemes" / "demo_my19.json"
+    res = run_script(
+        "scripts/train.py", "--config", f"{ROOT / 'configs' / 'fgtbt.py'}:tiny",
+        "--config.data.source=synthetic", f"--config.data.schemes=('{scheme}',)",
+        "--config.data.datasets=('MY19',)", "--config.model.num_landmarks=130",
+        "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert_one_error_line(
+        res, "--config.model.num_landmarks=130 disagrees with the 133 channels",
+        "--config.data.schemes=",
+    )  # fmt: skip
