@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgtbt_jax import landmarks
+from fgtbt_jax import errors, landmarks
 
 NEW = "new"
 NORMALIZATIONS = ("inter_ocular", "inter_pupil", "box")
@@ -35,8 +35,9 @@ HEAD_LEAVES: tuple[tuple[str, ...], ...] = (
 )
 
 
-class SchemeError(ValueError):
-    """A scheme declaration or a run's dataset list is invalid (one-line message)."""
+class SchemeError(errors.Error, ValueError):
+    """A scheme declaration or a run's dataset list is invalid (one-line message; a script
+    reports it as ``error: …``)."""
 
 
 @dataclasses.dataclass(frozen=True)

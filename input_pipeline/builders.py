@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -38,6 +38,7 @@ except RuntimeError:  # already initialised
 import tensorflow_datasets as tfds  # noqa: E402
 from etils import epath  # noqa: E402
 
+from fgtbt_jax import schemes  # noqa: E402
 from input_pipeline import formats  # noqa: E402
 
 _VERSION = tfds.core.Version("1.0.0")
@@ -290,10 +291,15 @@ class Aflw(_FaceBuilder):
 
 
 class PtsFolder(_FaceBuilder):
-    """A folder of images with iBUG ``.pts`` files beside them (one split, ``data``).
+    """A folder of images with iBUG ``.pts`` files beside them.
 
-    Centre and scale come from the points' box (COFW rule). Any point count is accepted; with
-    68 points the records can stand in for 300W.
+    Centre and scale come from the points' box (COFW rule). Without a scheme any point count is
+    accepted (one split, ``data``; with 68 points the records can stand in for 300W). With a
+    scheme (:class:`fgtbt_jax.schemes.Scheme`) the dataset is stored under the scheme's name
+    (builder config ``<name>``), every ``.pts`` must have the scheme's point count (a bad file
+    is an :class:`~input_pipeline.formats.AnnotationError` naming it, or is skipped with
+    ``on_error="skip"``), and the subfolders ``train/`` and ``test/`` of ``manual_dir``, where
+    present, are the splits ``train`` and ``test`` (else the whole folder is ``data``).
     """
 
     name = "pts_folder"
@@ -303,13 +309,40 @@ class PtsFolder(_FaceBuilder):
         tfds.core.BuilderConfig(name="default", description="Images + .pts from manual_dir.")
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = _instructions(
-        "Put images and same-named .pts files (iBUG format) anywhere under manual_dir."
+        "Put images and same-named .pts files (iBUG format) anywhere under manual_dir. With "
+        "--scheme: every .pts has the scheme's points in its order; subfolders train/ and test/ "
+        "(if present) become the splits train and test."
     )
+
+    def __init__(self, *, scheme: schemes.Scheme | str | None = None, **kwargs):
+        """``scheme``: a :class:`~fgtbt_jax.schemes.Scheme` (to prepare: point count checked)
+        or a scheme dataset's name (to read a prepared one); None: the plain folder."""
+        self.scheme = scheme if isinstance(scheme, schemes.Scheme) else None
+        if scheme is not None:
+            name = scheme.name if self.scheme else scheme
+            kwargs["config"] = tfds.core.BuilderConfig(
+                name=name, description=f"Images + .pts in the {name} scheme from manual_dir."
+            )
+            if self.scheme:
+                self.NUM_POINTS = self.scheme.num_points
+        super().__init__(**kwargs)
 
     def _split_generators(self, dl_manager):
         d = self._manual(dl_manager)
+        if self.scheme is None:
+            return {
+                "data": self._generate_examples(lambda log: formats.read_pts_folder(d, log), "data")
+            }
+        k = self.scheme.num_points
+        self.info.metadata.update(
+            scheme=self.scheme.name, num_points=k, scheme_file=self.scheme.source
+        )
+        folders = {s: d / s for s in ("train", "test") if (d / s).is_dir()} or {"data": d}
         return {
-            "data": self._generate_examples(lambda log: formats.read_pts_folder(d, log), "data")
+            split: self._generate_examples(
+                lambda log, f=folder: formats.read_pts_folder(f, log, num_points=k), split
+            )
+            for split, folder in folders.items()
         }
 
 
@@ -329,11 +362,15 @@ _ALIASES = {
 }
 
 
-def canonical_name(dataset: str) -> str:
-    """'wflw' / 'WFLW' → 'WFLW'; 'pts_folder' stays."""
+def canonical_name(dataset: str, scheme_names: Sequence[str] = ()) -> str:
+    """'wflw' / 'WFLW' → 'WFLW'; 'pts_folder' and the names in ``scheme_names`` (the scheme
+    datasets of a run, e.g. 'MY19', exact spelling) stay."""
+    if dataset in scheme_names:
+        return dataset
     name = _ALIASES.get(dataset.lower())
     if name is None:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(_ALIASES)}")
+        known = sorted(_ALIASES) + sorted(scheme_names)
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {known}")
     return name
 
 
@@ -343,8 +380,19 @@ def get_builder(
     config: str | None = None,
     *,
     on_error: str = "raise",
+    scheme: schemes.Scheme | str | None = None,
 ) -> _FaceBuilder:
-    """The builder of ``dataset`` (e.g. 'WFLW') in ``data_dir``; ``config``: official | demo."""
+    """The builder of ``dataset`` (e.g. 'WFLW') in ``data_dir``; ``config``: official | demo.
+
+    ``scheme``: a scheme dataset (a :class:`~fgtbt_jax.schemes.Scheme` to prepare it, or its
+    name to read it); ``dataset`` is then ``pts_folder`` or the scheme's name, and the data
+    lives under ``pts_folder/<scheme name>`` in ``data_dir``.
+    """
+    if scheme is not None:
+        name = scheme.name if isinstance(scheme, schemes.Scheme) else scheme
+        if dataset not in ("pts_folder", name):
+            raise ValueError(f"a scheme dataset is pts_folder or {name!r}, got {dataset!r}")
+        return PtsFolder(data_dir=os.fspath(data_dir), scheme=scheme, on_error=on_error)
     cls = BUILDERS[canonical_name(dataset)]
     if cls is PtsFolder:
         config = "default"
@@ -361,18 +409,20 @@ def prepare(
     overwrite: bool = False,
     metadata: dict | None = None,
     quiet: bool = True,
+    scheme: schemes.Scheme | None = None,
 ) -> _FaceBuilder:
     """Prepare one dataset from ``manual_dir`` (ArrayRecord). Returns the builder.
 
     ``overwrite`` deletes a prepared copy first. ``builder.skip_log`` lists skipped records.
-    ``metadata`` is stored with the dataset (``builder.info.metadata``).
+    ``metadata`` is stored with the dataset (``builder.info.metadata``). ``scheme``: prepare a
+    ``pts_folder`` in that scheme (see :class:`PtsFolder`).
     """
-    builder = get_builder(dataset, data_dir, config, on_error=on_error)
+    builder = get_builder(dataset, data_dir, config, on_error=on_error, scheme=scheme)
     if builder.is_prepared():
         if not overwrite:
             return builder
         shutil.rmtree(builder.data_dir)
-        builder = get_builder(dataset, data_dir, config, on_error=on_error)
+        builder = get_builder(dataset, data_dir, config, on_error=on_error, scheme=scheme)
     manual = pathlib.Path(manual_dir)
     if not manual.is_dir():
         raise FileNotFoundError(
