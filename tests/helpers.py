@@ -221,3 +221,22 @@ def write_pts_faces(
         formats.write_pts(folder / f"face_{i:02d}.pts", pts)
         out[name] = pts
     return out
+
+
+def wide_tiny_checkpoint(ref_dir: pathlib.Path, out: pathlib.Path):
+    """The tiny reference checkpoint widened to the four datasets + the demo MY19 scheme
+    (133 channels, :func:`fgtbt_jax.schemes.extend_head`), written to ``out`` (.pth).
+    Returns ``(config, unified, variables)``; ``config`` lists MY19 and its scheme file."""
+    from configs import fgtbt
+    from fgtbt_jax import export_pth, load_pretrained, schemes
+
+    config = fgtbt.get_config("reference_tiny")
+    _, released = load_pretrained(ref_dir / "tiny_checkpoint.pth", config)
+    my19 = schemes.load_scheme(DEMO_SCHEME)
+    unified = schemes.derive((*landmarks.DATASETS, "MY19"), [my19])
+    variables, _ = schemes.extend_head(released, unified, seed=0)
+    config.model.num_landmarks = unified.num_channels
+    config.data.datasets = unified.datasets
+    config.data.schemes = (str(DEMO_SCHEME),)
+    export_pth(variables, out, config)
+    return config, unified, variables
