@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
@@ -38,8 +39,10 @@ except RuntimeError:  # already initialised
 import tensorflow_datasets as tfds  # noqa: E402
 from etils import epath  # noqa: E402
 
-from fgtbt_jax import schemes  # noqa: E402
 from input_pipeline import formats  # noqa: E402
+
+if TYPE_CHECKING:
+    from fgtbt_jax.schemes import Scheme
 
 _VERSION = tfds.core.Version("1.0.0")
 _CONFIGS = [
@@ -291,15 +294,12 @@ class Aflw(_FaceBuilder):
 
 
 class PtsFolder(_FaceBuilder):
-    """A folder of images with iBUG ``.pts`` files beside them.
+    """A folder of images with iBUG ``.pts`` files beside them (one split, ``data``).
 
-    Centre and scale come from the points' box (COFW rule). Without a scheme any point count is
-    accepted (one split, ``data``; with 68 points the records can stand in for 300W). With a
-    scheme (:class:`fgtbt_jax.schemes.Scheme`) the dataset is stored under the scheme's name
-    (builder config ``<name>``), every ``.pts`` must have the scheme's point count (a bad file
-    is an :class:`~input_pipeline.formats.AnnotationError` naming it, or is skipped with
-    ``on_error="skip"``), and the subfolders ``train/`` and ``test/`` of ``manual_dir``, where
-    present, are the splits ``train`` and ``test`` (else the whole folder is ``data``).
+    Centre and scale come from the points' box (COFW rule). Any point count is accepted; with
+    68 points the records can stand in for 300W. A scheme dataset (:func:`scheme_builder`) is
+    stored under the scheme's name as the builder config, needs the scheme's point count and
+    has the splits ``train`` and ``test`` when ``manual_dir`` has those subfolders.
     """
 
     name = "pts_folder"
@@ -309,38 +309,22 @@ class PtsFolder(_FaceBuilder):
         tfds.core.BuilderConfig(name="default", description="Images + .pts from manual_dir.")
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = _instructions(
-        "Put images and same-named .pts files (iBUG format) anywhere under manual_dir. With "
-        "--scheme: every .pts has the scheme's points in its order; subfolders train/ and test/ "
-        "(if present) become the splits train and test."
+        "Put images and same-named .pts files (iBUG format) anywhere under manual_dir."
     )
 
-    def __init__(self, *, scheme: schemes.Scheme | str | None = None, **kwargs):
-        """``scheme``: a :class:`~fgtbt_jax.schemes.Scheme` (to prepare: point count checked)
-        or a scheme dataset's name (to read a prepared one); None: the plain folder."""
-        self.scheme = scheme if isinstance(scheme, schemes.Scheme) else None
-        if scheme is not None:
-            name = scheme.name if self.scheme else scheme
-            kwargs["config"] = tfds.core.BuilderConfig(
-                name=name, description=f"Images + .pts in the {name} scheme from manual_dir."
-            )
-            if self.scheme:
-                self.NUM_POINTS = self.scheme.num_points
+    def __init__(self, *, num_points: int | None = None, **kwargs):
+        self.num_points = num_points
         super().__init__(**kwargs)
 
     def _split_generators(self, dl_manager):
         d = self._manual(dl_manager)
-        if self.scheme is None:
-            return {
-                "data": self._generate_examples(lambda log: formats.read_pts_folder(d, log), "data")
-            }
-        k = self.scheme.num_points
-        self.info.metadata.update(
-            scheme=self.scheme.name, num_points=k, scheme_file=self.scheme.source
-        )
-        folders = {s: d / s for s in ("train", "test") if (d / s).is_dir()} or {"data": d}
+        folders = {s: d / s for s in ("train", "test") if (d / s).is_dir()}
+        if self.num_points is None or "train" not in folders:
+            folders = {"data": d}
         return {
             split: self._generate_examples(
-                lambda log, f=folder: formats.read_pts_folder(f, log, num_points=k), split
+                lambda log, f=folder: formats.read_pts_folder(f, log, num_points=self.num_points),
+                split,
             )
             for split, folder in folders.items()
         }
@@ -362,15 +346,11 @@ _ALIASES = {
 }
 
 
-def canonical_name(dataset: str, scheme_names: Sequence[str] = ()) -> str:
-    """'wflw' / 'WFLW' → 'WFLW'; 'pts_folder' and the names in ``scheme_names`` (the scheme
-    datasets of a run, e.g. 'MY19', exact spelling) stay."""
-    if dataset in scheme_names:
-        return dataset
+def canonical_name(dataset: str) -> str:
+    """'wflw' / 'WFLW' → 'WFLW'; 'pts_folder' stays."""
     name = _ALIASES.get(dataset.lower())
     if name is None:
-        known = sorted(_ALIASES) + sorted(scheme_names)
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {known}")
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(_ALIASES)}")
     return name
 
 
@@ -380,23 +360,34 @@ def get_builder(
     config: str | None = None,
     *,
     on_error: str = "raise",
-    scheme: schemes.Scheme | str | None = None,
 ) -> _FaceBuilder:
-    """The builder of ``dataset`` (e.g. 'WFLW') in ``data_dir``; ``config``: official | demo.
-
-    ``scheme``: a scheme dataset (a :class:`~fgtbt_jax.schemes.Scheme` to prepare it, or its
-    name to read it); ``dataset`` is then ``pts_folder`` or the scheme's name, and the data
-    lives under ``pts_folder/<scheme name>`` in ``data_dir``.
-    """
-    if scheme is not None:
-        name = scheme.name if isinstance(scheme, schemes.Scheme) else scheme
-        if dataset not in ("pts_folder", name):
-            raise ValueError(f"a scheme dataset is pts_folder or {name!r}, got {dataset!r}")
-        return PtsFolder(data_dir=os.fspath(data_dir), scheme=scheme, on_error=on_error)
+    """The builder of ``dataset`` (e.g. 'WFLW') in ``data_dir``; ``config``: official | demo."""
     cls = BUILDERS[canonical_name(dataset)]
     if cls is PtsFolder:
         config = "default"
     return cls(data_dir=os.fspath(data_dir), config=config or "official", on_error=on_error)
+
+
+def scheme_builder(
+    scheme: Scheme,
+    data_dir: os.PathLike | str,
+    variant: str = "official",
+    *,
+    on_error: str = "raise",
+) -> PtsFolder:
+    """The :class:`PtsFolder` of a scheme dataset (a :class:`fgtbt_jax.schemes.Scheme`):
+    stored as ``data_dir/pts_folder/<scheme name>`` (``<name>_demo`` for the ``demo`` variant,
+    the demo faces re-annotated), every ``.pts`` with the scheme's points."""
+    name = scheme.name if variant != "demo" else f"{scheme.name}_demo"
+    config = tfds.core.BuilderConfig(
+        name=name, description=f"Images + .pts of scheme {scheme.source} ({variant})."
+    )
+    return PtsFolder(
+        data_dir=os.fspath(data_dir),
+        config=config,
+        on_error=on_error,
+        num_points=scheme.num_points,
+    )
 
 
 def prepare(
@@ -409,20 +400,27 @@ def prepare(
     overwrite: bool = False,
     metadata: dict | None = None,
     quiet: bool = True,
-    scheme: schemes.Scheme | None = None,
+    scheme: Scheme | None = None,
 ) -> _FaceBuilder:
     """Prepare one dataset from ``manual_dir`` (ArrayRecord). Returns the builder.
 
     ``overwrite`` deletes a prepared copy first. ``builder.skip_log`` lists skipped records.
-    ``metadata`` is stored with the dataset (``builder.info.metadata``). ``scheme``: prepare a
-    ``pts_folder`` in that scheme (see :class:`PtsFolder`).
+    ``metadata`` is stored with the dataset (``builder.info.metadata``). ``scheme``: a
+    :class:`fgtbt_jax.schemes.Scheme`; prepares the scheme dataset (:func:`scheme_builder`)
+    instead of ``dataset``.
     """
-    builder = get_builder(dataset, data_dir, config, on_error=on_error, scheme=scheme)
+
+    def make() -> _FaceBuilder:
+        if scheme is not None:
+            return scheme_builder(scheme, data_dir, config or "official", on_error=on_error)
+        return get_builder(dataset, data_dir, config, on_error=on_error)
+
+    builder = make()
     if builder.is_prepared():
         if not overwrite:
             return builder
         shutil.rmtree(builder.data_dir)
-        builder = get_builder(dataset, data_dir, config, on_error=on_error, scheme=scheme)
+        builder = make()
     manual = pathlib.Path(manual_dir)
     if not manual.is_dir():
         raise FileNotFoundError(
@@ -451,4 +449,5 @@ __all__ = [
     "canonical_name",
     "get_builder",
     "prepare",
+    "scheme_builder",
 ]

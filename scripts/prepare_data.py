@@ -13,9 +13,10 @@ are first written in the four official formats to ``--manual_dir`` (default
 expected file layout of each dataset is printed by ``--help_layout``.
 
 ``--scheme FILE`` (with ``pts_folder``): the ``.pts`` files are in that landmark scheme
-(docs/schemes.md); every file must have its point count, the dataset is stored under the
-scheme's name (``pts_folder/MY19``), and ``DIR/train`` and ``DIR/test``, where present, become
-the splits ``train`` and ``test`` (else the whole folder is the split ``data``).
+(docs/schemes.md); every file must have its point count, and the dataset is stored under the
+scheme's name (``pts_folder/MY19``, ``builders.scheme_builder``). With a ``DIR/train``
+subfolder, ``DIR/train`` and ``DIR/test`` are the splits ``train`` and ``test``; else the whole
+folder is the split ``data``.
 
 ``--on_error=skip`` skips bad records (missing/unreadable image, wrong column count,
 non-numeric or NaN values) and reports how many; the default stops at the first one with the

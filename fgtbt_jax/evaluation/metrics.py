@@ -137,6 +137,20 @@ def reference_targets(
     return back.astype(np.float32)
 
 
+def dataset_id_positions(unified: schemes.UnifiedSet) -> dict[int, int]:
+    """``dataset_id`` → position in ``unified.datasets``, by the input pipeline's ids: a
+    built-in dataset keeps ``landmarks.DATASET_ID`` (0..3) in any run, scheme datasets get 4,
+    5, … in run order."""
+    out, extra = {}, len(landmarks.DATASETS)
+    for pos, name in enumerate(unified.datasets):
+        if name in landmarks.DATASET_ID:
+            out[landmarks.DATASET_ID[name]] = pos
+        else:
+            out[extra] = pos
+            extra += 1
+    return out
+
+
 @functools.cache
 def _builtin_set() -> schemes.UnifiedSet:
     """The four built-in datasets (ids = ``landmarks.DATASET_ID``), 124 channels."""
@@ -218,9 +232,9 @@ class Accumulator:
 
     ``add`` takes decoded points (B, C, 2) in heatmap index space and the eval batch (see
     :func:`evaluate`); only the points of each image's own dataset are scored. ``unified``: the
-    channel layout and dataset ids (``batch['dataset_id']`` = position in
-    ``unified.datasets``); default the four built-in datasets and 124 channels (ids =
-    ``landmarks.DATASET_ID``). ``scheme_list``: the declarations of its scheme datasets (their NME
+    channel layout and the datasets (default: the four built-in ones, 124 channels);
+    ``batch['dataset_id']`` is the input pipeline's id (:func:`dataset_id_positions`).
+    ``scheme_list``: the declarations of its scheme datasets (their NME
     normalization). :meth:`for_data` builds both from ``config.data``. Each record
     keeps its place ``(stream, index)``: the stream (one per :meth:`start_stream`, i.e. per
     iterator given to :func:`accumulate`) and the batch's ``index`` of the row (its position in
@@ -246,6 +260,7 @@ class Accumulator:
         ]
         if missing:
             raise ValueError(f"no scheme declaration for dataset(s) {missing}")
+        self._position = dataset_id_positions(self.unified)
         self.records: list[dict[str, Any]] = []
         self._stream = 0
         self._rows = 0  # rows seen in this stream: the index of batches without 'index'
@@ -295,12 +310,17 @@ class Accumulator:
         n, c = ids.shape[0], self.unified.num_channels
         if points_hm.shape != (n, c, 2):
             raise ValueError(f"points must be ({n}, {c}, 2), got {points_hm.shape}")
+        valid = np.asarray(batch.get("valid", np.ones(n, bool)), bool).reshape(-1)
+        unknown = set(ids[valid].tolist()) - set(self._position)
+        if unknown:
+            known = {i: self.unified.datasets[p] for i, p in self._position.items()}
+            raise ValueError(f"dataset_id {sorted(unknown)} not in this evaluation's {known}")
+        pos = np.array([self._position.get(int(i), 0) for i in ids], np.int64)  # padding: 0
         gts = np.asarray(batch["points"], np.float32)
-        masks = np.asarray(batch.get("mask", self.unified.mask[ids]), bool)
+        masks = np.asarray(batch.get("mask", self.unified.mask[pos]), bool)
         centers = np.asarray(batch["center"], np.float32)
         scales = np.asarray(batch["scale"], np.float32).reshape(-1)
         boxes = np.asarray(batch.get("box_size", np.full(n, np.nan)), np.float32).reshape(-1)
-        valid = np.asarray(batch.get("valid", np.ones(n, bool)), bool).reshape(-1)
         image_ids = batch.get("image_id", [""] * n)
         index = np.asarray(batch.get("index", self._rows + np.arange(n)), np.int64).reshape(-1)
         self._rows += n
@@ -310,14 +330,14 @@ class Accumulator:
         for b in range(n):
             if not valid[b]:
                 continue
-            ds = self.unified.datasets[int(ids[b])]
-            if (masks[b] & ~self.unified.mask[int(ids[b])]).any():
+            ds = self.unified.datasets[pos[b]]
+            if (masks[b] & ~self.unified.mask[pos[b]]).any():
                 raise ValueError(
                     f"dataset_id {int(ids[b])} is {ds} here, but the batch annotates channels "
                     f"{ds} has not: the batches and the accumulator disagree on dataset ids"
                 )
             scheme = self.schemes.get(ds)
-            idx = self.unified.index_maps[int(ids[b])]
+            idx = self.unified.index_maps[pos[b]]
             mask = masks[b, idx]
             pred = transforms.inverse_transform_points(
                 points_hm[b, idx], centers[b], scales[b], heatmap_size, dtype=np.float32
@@ -431,8 +451,8 @@ def accumulate(
     """Runs ``eval_step`` over ``batches`` (one stream) and adds the errors to ``accumulator``.
 
     Batch contract (numpy/jnp): ``image`` (B, S, S, 3) float32 normalized NHWC, ``dataset_id``
-    (B,) int, the position in ``accumulator.unified.datasets`` (by default
-    ``landmarks.DATASETS`` order), ``points`` (B, C, 2) float32 annotations in original image
+    (B,) int (:func:`dataset_id_positions`: ``landmarks.DATASET_ID`` for the built-in datasets,
+    4, 5, … for scheme datasets), ``points`` (B, C, 2) float32 annotations in original image
     coordinates in unified slots (C = ``accumulator.unified.num_channels``, 124 by default),
     ``mask`` (B, C) bool, ``center`` (B, 2),
     ``scale`` (B,) (already ×1.25), ``box_size`` (B,) (AFLW's normalization), ``image_id``

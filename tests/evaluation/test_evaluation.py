@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fgtbt_jax import landmarks, transforms
+from fgtbt_jax import landmarks, schemes, transforms
 from fgtbt_jax.evaluation import decoding, metrics, reports
 
 DS = landmarks.DATASETS
@@ -274,8 +274,6 @@ def test_evaluate_and_write_report(tmp_path):
 def my19_run():
     from helpers import DEMO_SCHEME
 
-    from fgtbt_jax import schemes
-
     my19 = schemes.load_scheme(DEMO_SCHEME)
     return my19, schemes.derive((*DS, "MY19"), [my19])
 
@@ -323,11 +321,15 @@ def test_scheme_dataset_nme_uses_its_normalization(my19_run):
     # ids that disagree with the layout (a MY19 row labelled WFLW) are an error, not a score
     with pytest.raises(ValueError, match="disagree on dataset ids"):
         acc.add(decoded, {**batch, "dataset_id": np.full(b, 1)}, heatmap_size=hm)
+    with pytest.raises(ValueError, match=r"dataset_id \[5\] not in"):
+        acc.add(decoded, {**batch, "dataset_id": np.full(b, 5)}, heatmap_size=hm)
+    # MY19 alone: the pipeline's id is still 4 (built-ins keep 0..3), the same 133 channels
+    alone = metrics.Accumulator(("standard",), schemes.derive(("MY19",), [my19]), [my19])
+    alone.add(decoded, batch, heatmap_size=hm)
+    assert [r["standard"] for r in alone.records] == [r["standard"] for r in acc.records[:b]]
 
 
 def test_scheme_box_normalization():
-    from fgtbt_jax import schemes
-
     box = schemes.parse_scheme(
         {
             "name": "BOX3",
