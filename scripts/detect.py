@@ -136,10 +136,13 @@ def main(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     boxes = detector.load_boxes_json(_BOXES.value) if _BOXES.value else {}
     unified = None
-    if _SCHEME.value not in SCHEMES:  # a scheme dataset: the run's unified set (imports JAX)
-        from fgtbt_jax import schemes
+    scheme_run = any(d not in landmarks.DATASET_ID for d in config.data.datasets)
+    if _SCHEME.value not in SCHEMES or (scheme_run and _BACKEND.value == "jax"):
+        from fgtbt_jax import schemes  # imports JAX
 
-        unified = schemes.unified_set_of(config.data)
+        unified = schemes.unified_set_of(config.data)  # the model's channels
+        if config.model.num_landmarks == landmarks.NUM_UNIFIED:
+            config.model.num_landmarks = unified.num_channels
     index = images.scheme_index(_SCHEME.value, unified)  # an unknown name stops here
     if _BACKEND.value == "onnx":
         network, size = networks.onnx_network(

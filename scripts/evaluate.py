@@ -71,6 +71,8 @@ def main(argv: list[str]) -> None:
     protocols = metrics.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
     datasets = _DATASETS.value or list(config.data.datasets)
     acc = metrics.Accumulator.for_data(config.data, protocols)  # scheme datasets' layout
+    if acc.schemes and config.model.num_landmarks == landmarks.NUM_UNIFIED:
+        config.model.num_landmarks = acc.unified.num_channels  # the head follows the data
     known = (*landmarks.DATASETS, *acc.schemes)
     for ds in datasets:
         if ds not in known:

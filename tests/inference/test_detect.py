@@ -192,7 +192,6 @@ def test_detect_cli_with_boxes(tmp_path, real_faces_dir):
         *cmd[:2],
         "--checkpoint", str(tmp_path / "wide.pth"),
         *cmd[4:6],
-        f"--config.model.num_landmarks={unified.num_channels}",
         f'--config.data.schemes=("{DEMO_SCHEME}",)',
         f"--config.data.datasets=({datasets})",
         "--out", str(out / "wide"),
