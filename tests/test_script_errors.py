@@ -8,7 +8,7 @@ import pickle
 import zipfile
 
 import pytest
-from helpers import ROOT, run_script
+from helpers import ROOT, assert_one_error_line, run_script
 
 TINY = f"{ROOT / 'configs' / 'fgtbt.py'}:reference_tiny"
 
@@ -30,16 +30,6 @@ def evil(tmp_path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", pickle.dumps({"model": _Payload(marker)}, protocol=2))
     return path, marker
-
-
-def assert_one_error_line(res, *needles: str) -> str:
-    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), res.stderr[-3000:]
-    for needle in needles:
-        assert needle in res.stderr, res.stderr[-3000:]
-    return last
 
 
 @pytest.mark.parametrize(
