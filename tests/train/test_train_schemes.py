@@ -29,18 +29,35 @@ def _rows(workdir: pathlib.Path) -> list[dict]:
 
 def test_five_demo_datasets_train_together(tmp_path, capsys):
     pytest.importorskip("tensorflow_datasets")
-    config = toy_config(**{"sharding.num_devices": 1, "total_steps": 2, "checkpoint_every": 100})
+    config = toy_config(
+        **{
+            "sharding.num_devices": 1,
+            "total_steps": 30,
+            "checkpoint_every": 100,
+            "eval_every": 100,  # evaluations at step 0 and at the end
+            "optim.milestones": (100,),
+            "data.batch_per_dataset": 2,
+        }
+    )
     config.data.source, config.data.data_dir = "demo", str(tmp_path / "tfds")
     config.data.demo_num_images, config.data.demo_image_size = 4, (96, 96)
     config.data.schemes, config.data.datasets = (DEMO,), FIVE
     assert trainer.train_and_evaluate(config, tmp_path / "w", build=build_toy) == 0
     assert config.model.num_landmarks == 133  # followed the run's unified set
     out = capsys.readouterr().out
-    assert "batch 5 " in out and "MY19 " in out.split("step 2/2 loss")[1].split("]")[0]
-    for r in _rows(tmp_path / "w"):
+    assert "batch 10 " in out and "MY19 " in out.split("step 30/30 loss")[1].split("]")[0]
+    rows = _rows(tmp_path / "w")
+    for r in rows:
         per = [r[f"loss_{n}"] for n in FIVE]
         assert all(np.isfinite(per)) and min(per) > 0
         np.testing.assert_allclose(sum(per), r["loss"], rtol=1e-5)
+    my19 = np.array([r["loss_MY19"] for r in rows])
+    assert my19[-5:].mean() < 0.85 * my19[:5].mean(), my19
+    # Evaluation scores MY19 (its own normalization) beside the four built-in sets.
+    evals = [json.loads(x) for x in (tmp_path / "w" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 30]
+    for e in evals:
+        assert all(np.isfinite(e[f"nme_{n}"]) and e[f"nme_{n}"] > 0 for n in FIVE), e
     # The MY19 demo set: the demo faces as a .pts folder, its points 300W's where it maps them.
     raw = tmp_path / "tfds" / "demo_raw" / "MY19"
     assert len(list((raw / "train").glob("*.pts"))) == 4
