@@ -95,8 +95,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.data_dir = "data/tfds"  # TFDS data_dir (relative to the working directory)
     c.data.manual_dir = ""  # official files, for on-the-fly preparation
     c.data.datasets = ("COFW", "WFLW", "300W", "AFLW")
+    # Scheme files (docs/schemes.md) of the datasets of data.datasets that are not built-in;
+    # model.num_landmarks follows their unified set (fgtbt_jax.schemes.configure).
+    c.data.schemes = ()
     c.data.batch_per_dataset = 1  # every global batch holds this many samples of each dataset
-    c.data.sampling = "balanced"  # or "weighted" (then data.weights is used)
+    c.data.sampling = "balanced"  # or "weighted": data.weights, one entry per dataset
     c.data.weights = (0.25, 0.25, 0.25, 0.25)
     c.data.scale_range = (0.75, 1.25)
     c.data.rotation_deg = 30.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgtbt_jax import landmarks
+from fgtbt_jax import errors, landmarks
 
 NEW = "new"
 NORMALIZATIONS = ("inter_ocular", "inter_pupil", "box")
@@ -35,8 +36,9 @@ HEAD_LEAVES: tuple[tuple[str, ...], ...] = (
 )
 
 
-class SchemeError(ValueError):
-    """A scheme declaration or a run's dataset list is invalid (one-line message)."""
+class SchemeError(errors.Error, ValueError):
+    """A scheme declaration or a run's dataset list is invalid (one-line message; a script
+    reports it as ``error: …``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Point:
     index: int = -1
     name: str = ""
     init_from: tuple[str, int] | None = None
+    note: str = ""
 
     @property
     def is_new(self) -> bool:
@@ -139,7 +142,10 @@ def _parse_point(entry: Any, where: str) -> Point:
             )
         _builtin_unified(init_from[0], init_from[1], f"{where} init_from")
         init_from = (init_from[0], init_from[1])
-    return Point(NEW, name=name, init_from=init_from)
+    note = opts.get("note", "")
+    if not isinstance(note, str):
+        raise SchemeError(f"{where}: note must be a string, got {json.dumps(note)}")
+    return Point(NEW, name=name, init_from=init_from, note=note)
 
 
 def _index_list(side: Any, k: int, where: str) -> tuple[int, ...]:
@@ -297,7 +303,7 @@ class UnifiedSet:
     ``index_maps[d]``: (K_d,) int32 unified channel of each of dataset d's points;
     ``mask``: (D, C) bool; ``flip``: (C,) int32 channel permutation; ``counts``: (C,) int32
     number of the run's datasets annotating each channel; ``init_from``: new channel ->
-    built-in channel it is initialized from.
+    built-in channel it is initialized from; ``schemes``: the run's scheme datasets by name.
     """
 
     datasets: tuple[str, ...]
@@ -307,11 +313,44 @@ class UnifiedSet:
     flip: np.ndarray
     counts: np.ndarray
     init_from: Mapping[int, int]
+    schemes: Mapping[str, Scheme] = dataclasses.field(default_factory=dict)
 
     @property
     def num_channels(self) -> int:
         """The heatmap head size (``model.num_landmarks``)."""
         return len(self.channels)
+
+    @property
+    def dataset_ids(self) -> np.ndarray:
+        """(D,) int32: each dataset's ``dataset_id`` in batches and its RNG stream id. A
+        built-in dataset keeps ``landmarks.DATASET_ID`` (0..3) whatever the run, so its
+        samples and ids are today's; scheme datasets get 4, 5, … in run order."""
+        ids, extra = [], len(landmarks.DATASETS)
+        for name in self.datasets:
+            if name in landmarks.DATASET_ID:
+                ids.append(landmarks.DATASET_ID[name])
+            else:
+                ids.append(extra)
+                extra += 1
+        return np.asarray(ids, np.int32)
+
+    @property
+    def num_ids(self) -> int:
+        """Number of dataset ids (the FMB loss's ``num_datasets``): 4 + the scheme datasets."""
+        return len(landmarks.DATASETS) + len(self.schemes)
+
+    def id_names(self) -> tuple[str, ...]:
+        """The dataset name of each id ``0..num_ids-1`` (``""`` for ids not in the run)."""
+        names = [""] * self.num_ids
+        for name, i in zip(self.datasets, self.dataset_ids, strict=True):
+            names[i] = name
+        return tuple(names)
+
+    def position(self, name: str) -> int:
+        """Index of dataset ``name`` in :attr:`datasets` (rows of :attr:`mask`)."""
+        if name not in self.datasets:
+            raise SchemeError(f"dataset {name!r} is not in this run ({', '.join(self.datasets)})")
+        return self.datasets.index(name)
 
     def fmb_weights(self, beta: float | None = None, dtype: Any = np.float32) -> np.ndarray:
         """(C,) w_j = (1 - β) / (1 - β^n_j) over the run's datasets (SPEC §3), in float64 then
@@ -338,7 +377,7 @@ def derive(datasets: Sequence[str], schemes: Sequence[Scheme] = ()) -> UnifiedSe
         raise SchemeError(f"dataset listed twice in {list(datasets)}")
     channels = [f"unified:{j}" for j in range(landmarks.NUM_UNIFIED)]
     flip = list(landmarks.unified_flip_permutation())
-    index_maps, init_from = [], {}
+    index_maps, init_from, used = [], {}, {}
     for name in datasets:
         if name in landmarks.DATASET_ID:
             index_maps.append(landmarks.unified_index(name))
@@ -349,6 +388,7 @@ def derive(datasets: Sequence[str], schemes: Sequence[Scheme] = ()) -> UnifiedSe
                 f"({', '.join(landmarks.DATASETS)}) and no scheme declares it"
             )
         scheme = by_name[name]
+        used[name] = scheme
         idx = []
         for p in scheme.points:
             if p.is_new:
@@ -375,6 +415,7 @@ def derive(datasets: Sequence[str], schemes: Sequence[Scheme] = ()) -> UnifiedSe
         flip=np.asarray(flip, np.int32),
         counts=mask.sum(axis=0).astype(np.int32),
         init_from=init_from,
+        schemes=used,
     )
 
 
@@ -389,7 +430,61 @@ def unified_set_of(data_config: Mapping[str, Any]) -> UnifiedSet:
     """The :class:`UnifiedSet` of ``config.data``: ``datasets`` and the scheme files of
     ``schemes`` (absent = none), datasets ordered by :func:`run_datasets`."""
     paths = tuple(data_config.get("schemes", ()))
-    return derive(run_datasets(tuple(data_config["datasets"])), [load_scheme(p) for p in paths])
+    builtin = {name.lower(): name for name in landmarks.DATASETS}
+    names = tuple(builtin.get(str(d).lower(), str(d)) for d in data_config["datasets"])
+    return derive(run_datasets(names), [load_scheme(p) for p in paths])
+
+
+_MIDPOINT = re.compile(r"midpoint of (\S+) (\d+) and (\d+)")
+
+
+def place_new_points(points: np.ndarray, unified: UnifiedSet) -> np.ndarray:
+    """(..., C, 2) positions of every channel of ``unified`` from (..., 124, 2) positions of
+    the built-in channels, for data whose truth is known by construction (synthetic and demo
+    faces). A new point whose note reads ``midpoint of 300W a and b`` is that midpoint; else
+    it sits on its ``init_from`` point; else it cannot be placed (:class:`SchemeError`).
+    """
+    points = np.asarray(points)
+    out = [points]
+    for scheme in unified.schemes.values():
+        for p in scheme.points:
+            if not p.is_new:
+                continue
+            m = _MIDPOINT.search(p.note)
+            if m:
+                a = _builtin_unified(m[1], int(m[2]), f"{scheme.source}: {p.describe()} note")
+                b = _builtin_unified(m[1], int(m[3]), f"{scheme.source}: {p.describe()} note")
+                out.append(((points[..., a, :] + points[..., b, :]) / 2)[..., None, :])
+            elif p.init_from is not None:
+                c = _builtin_unified(*p.init_from, scheme.source)
+                out.append(points[..., c : c + 1, :])
+            else:
+                raise SchemeError(
+                    f"{scheme.source}: cannot place {p.describe()} on a synthetic face: give it "
+                    'a note "midpoint of 300W a and b" or an init_from point'
+                )
+    return np.concatenate(out, axis=-2)
+
+
+def configure(config: Any) -> UnifiedSet:
+    """The run's :class:`UnifiedSet`; sets ``config.model.num_landmarks`` from it.
+
+    The one place where the head size follows the data: ``model.num_landmarks`` left at 124
+    (the default) becomes ``unified.num_channels``; any other value must equal it, else a
+    :class:`SchemeError` names both flags. Idempotent.
+    """
+    unified = unified_set_of(config.data)
+    k = int(config.model.num_landmarks)
+    if k not in (landmarks.NUM_UNIFIED, unified.num_channels):
+        raise SchemeError(
+            f"--config.model.num_landmarks={k} disagrees with the {unified.num_channels} "
+            f"channels of --config.data.datasets={list(config.data.datasets)} and "
+            f"--config.data.schemes={list(config.data.get('schemes', ()))} "
+            f"(124 built-in + new points); leave num_landmarks at 124 or set it to "
+            f"{unified.num_channels}"
+        )
+    config.model.num_landmarks = unified.num_channels
+    return unified
 
 
 @dataclasses.dataclass

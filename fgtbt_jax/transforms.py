@@ -32,11 +32,14 @@ Conventions (all arrays are ``(..., 2)`` ``(x, y)``; float64 internally):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fgtbt_jax import landmarks
+
+if TYPE_CHECKING:
+    from fgtbt_jax.schemes import Scheme
 
 # The network's input normalization (RGB in [0, 1]), as the reference's torchvision transform.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -158,8 +161,11 @@ def heatmap_target_points(
     return np.trunc(q).astype(np.int32)
 
 
-def uses_integer_transform(dataset: str) -> bool:
-    """Whether ``dataset`` truncates ``T·p`` before adding 1 (all but WFLW)."""
+def uses_integer_transform(dataset: str | Scheme) -> bool:
+    """Whether ``dataset`` truncates ``T·p`` before adding 1 (all but WFLW; a scheme dataset
+    (:class:`fgtbt_jax.schemes.Scheme`) does, as 300W, COFW and AFLW)."""
+    if not isinstance(dataset, str):
+        return True
     if dataset not in landmarks.DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {landmarks.DATASETS}")
     return dataset != "WFLW"
@@ -182,19 +188,24 @@ def inverse_transform_points(
     return _apply(t_inv, _points(points_xy) - 1.0)
 
 
-def fliplr_points(points_xy: _ArrayLike, width: float, dataset: str) -> np.ndarray:
+def fliplr_points(points_xy: _ArrayLike, width: float, dataset: str | Scheme) -> np.ndarray:
     """Training-time horizontal flip: ``x → width − x``, then swap ``dataset``'s symmetric pairs.
 
+    ``dataset``: a built-in name or a :class:`fgtbt_jax.schemes.Scheme` (its ``flip_pairs``).
     ``points_xy``: (K, 2) in the dataset's own point order; returns a new (K, 2) float64 array.
     The image itself is mirrored with ``image[:, ::-1]`` and the crop centre x with
     ``width − cx``.
     """
     p = _points(points_xy).copy()
-    k = landmarks.num_landmarks(dataset)
+    if isinstance(dataset, str):
+        name, perm = dataset, landmarks.flip_permutation(dataset)
+    else:
+        name, perm = dataset.name, dataset.flip_permutation()
+    k = len(perm)
     if p.shape != (k, 2):
-        raise ValueError(f"{dataset} has {k} points: expected shape ({k}, 2), got {p.shape}")
+        raise ValueError(f"{name} has {k} points: expected shape ({k}, 2), got {p.shape}")
     p[:, 0] = float(width) - p[:, 0]
-    return p[landmarks.flip_permutation(dataset)]
+    return p[perm]
 
 
 def crop_affine(

@@ -26,6 +26,7 @@ import os
 import pathlib
 import shutil
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
@@ -39,6 +40,9 @@ import tensorflow_datasets as tfds  # noqa: E402
 from etils import epath  # noqa: E402
 
 from input_pipeline import formats  # noqa: E402
+
+if TYPE_CHECKING:
+    from fgtbt_jax.schemes import Scheme
 
 _VERSION = tfds.core.Version("1.0.0")
 _CONFIGS = [
@@ -293,7 +297,9 @@ class PtsFolder(_FaceBuilder):
     """A folder of images with iBUG ``.pts`` files beside them (one split, ``data``).
 
     Centre and scale come from the points' box (COFW rule). Any point count is accepted; with
-    68 points the records can stand in for 300W.
+    68 points the records can stand in for 300W. A scheme dataset (:func:`scheme_builder`) is
+    stored under the scheme's name as the builder config, needs the scheme's point count and
+    has the splits ``train`` and ``test`` when ``manual_dir`` has those subfolders.
     """
 
     name = "pts_folder"
@@ -306,10 +312,21 @@ class PtsFolder(_FaceBuilder):
         "Put images and same-named .pts files (iBUG format) anywhere under manual_dir."
     )
 
+    def __init__(self, *, num_points: int | None = None, **kwargs):
+        self.num_points = num_points
+        super().__init__(**kwargs)
+
     def _split_generators(self, dl_manager):
         d = self._manual(dl_manager)
+        folders = {s: d / s for s in ("train", "test") if (d / s).is_dir()}
+        if self.num_points is None or "train" not in folders:
+            folders = {"data": d}
         return {
-            "data": self._generate_examples(lambda log: formats.read_pts_folder(d, log), "data")
+            split: self._generate_examples(
+                lambda log, f=folder: formats.read_pts_folder(f, log, num_points=self.num_points),
+                split,
+            )
+            for split, folder in folders.items()
         }
 
 
@@ -351,6 +368,28 @@ def get_builder(
     return cls(data_dir=os.fspath(data_dir), config=config or "official", on_error=on_error)
 
 
+def scheme_builder(
+    scheme: Scheme,
+    data_dir: os.PathLike | str,
+    variant: str = "official",
+    *,
+    on_error: str = "raise",
+) -> PtsFolder:
+    """The :class:`PtsFolder` of a scheme dataset (a :class:`fgtbt_jax.schemes.Scheme`):
+    stored as ``data_dir/pts_folder/<scheme name>`` (``<name>_demo`` for the ``demo`` variant,
+    the demo faces re-annotated), every ``.pts`` with the scheme's points."""
+    name = scheme.name if variant != "demo" else f"{scheme.name}_demo"
+    config = tfds.core.BuilderConfig(
+        name=name, description=f"Images + .pts of scheme {scheme.source} ({variant})."
+    )
+    return PtsFolder(
+        data_dir=os.fspath(data_dir),
+        config=config,
+        on_error=on_error,
+        num_points=scheme.num_points,
+    )
+
+
 def prepare(
     dataset: str,
     *,
@@ -361,18 +400,27 @@ def prepare(
     overwrite: bool = False,
     metadata: dict | None = None,
     quiet: bool = True,
+    scheme: Scheme | None = None,
 ) -> _FaceBuilder:
     """Prepare one dataset from ``manual_dir`` (ArrayRecord). Returns the builder.
 
     ``overwrite`` deletes a prepared copy first. ``builder.skip_log`` lists skipped records.
-    ``metadata`` is stored with the dataset (``builder.info.metadata``).
+    ``metadata`` is stored with the dataset (``builder.info.metadata``). ``scheme``: a
+    :class:`fgtbt_jax.schemes.Scheme`; prepares the scheme dataset (:func:`scheme_builder`)
+    instead of ``dataset``.
     """
-    builder = get_builder(dataset, data_dir, config, on_error=on_error)
+
+    def make() -> _FaceBuilder:
+        if scheme is not None:
+            return scheme_builder(scheme, data_dir, config or "official", on_error=on_error)
+        return get_builder(dataset, data_dir, config, on_error=on_error)
+
+    builder = make()
     if builder.is_prepared():
         if not overwrite:
             return builder
         shutil.rmtree(builder.data_dir)
-        builder = get_builder(dataset, data_dir, config, on_error=on_error)
+        builder = make()
     manual = pathlib.Path(manual_dir)
     if not manual.is_dir():
         raise FileNotFoundError(
@@ -401,4 +449,5 @@ __all__ = [
     "canonical_name",
     "get_builder",
     "prepare",
+    "scheme_builder",
 ]

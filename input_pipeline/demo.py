@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fgtbt_jax import landmarks
+from fgtbt_jax import landmarks, schemes
 from input_pipeline import formats
 from input_pipeline.demo_faces import Face, render_face
 
@@ -245,3 +245,38 @@ def write_all(
         )
         for ds in landmarks.DATASETS
     }
+
+
+# Render streams of scheme datasets (after the built-in ones' 10 × dataset id).
+_SCHEME_TAG = 10 * len(landmarks.DATASETS)
+
+
+def write_scheme(
+    out_dir: os.PathLike | str,
+    scheme: schemes.Scheme,
+    num_train: int,
+    num_test: int | None = None,
+    *,
+    seed: int = 0,
+    image_size: tuple[int, int] | None = None,
+) -> DemoSet:
+    """The demo faces re-annotated in ``scheme`` as a ``.pts`` folder (``train/``, ``test/``).
+
+    A point mapped to a built-in point is that point of the face; a new point is placed by
+    :func:`fgtbt_jax.schemes.place_new_points` (the midpoint its note names), so its true
+    position is known by construction. PNG pictures, ``.pts`` in the scheme's point order (the
+    coordinates as the other demo sets store them). Deterministic in (seed, scheme, image_size).
+    """
+    num_test = max(6, num_train // 4) if num_test is None else num_test
+    root = pathlib.Path(out_dir)
+    unified = schemes.derive((scheme.name,), [scheme])
+    job = _Job(int(seed), _SCHEME_TAG, num_train, num_test, image_size)
+    out = DemoSet(root=root, dataset=scheme.name)
+    for split, n, t in (("train", num_train, 0), ("test", num_test, 1)):
+        faces = job.faces(t, n, occluder_prob=0.2)
+        out.splits[split] = faces
+        for i, face in enumerate(faces):
+            pts = schemes.place_new_points(face.points, unified)[unified.index_maps[0]]
+            _write_image(root / split / f"{split}_{i:05d}.png", face.image, ".png")
+            formats.write_pts(root / split / f"{split}_{i:05d}.pts", pts)
+    return out

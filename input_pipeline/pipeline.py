@@ -1,7 +1,8 @@
 """tf.data training and evaluation pipelines over the prepared TFDS datasets (SPEC §4).
 
 Training (:func:`make_train_iterator`): every global batch holds ``batch_per_dataset`` samples
-of each dataset in the order COFW, WFLW, 300W, AFLW (``landmarks.DATASETS``). Each dataset is an
+of each dataset in the run's order (:func:`fgtbt_jax.schemes.run_datasets`: COFW, WFLW, 300W,
+AFLW, then the scheme datasets of ``config.data.schemes``). Each dataset is an
 independent, endless stream: its k-th sample is record ``perm(seed, dataset, epoch)[k mod N]``
 of an epoch-wise random permutation, augmented with a generator seeded by (seed, dataset, k).
 The whole stream is therefore a pure function of (seed, step) — no iterator state:
@@ -17,8 +18,10 @@ probability ``flip_prob`` (image mirrored, points ``x → W − x`` with the dat
 centre mirrored), one bilinear affine crop to ``img_size`` (``fgtbt_jax.transforms.crop_image``),
 ImageNet normalisation; landmarks to integer heatmap coordinates at ``heatmap_size`` with the
 reference convention (``transforms.heatmap_target_points``: WFLW float then truncation, the
-others ``trunc(T·p) + 1``), scattered into the 124 unified slots. TensorFlow never sees an
-accelerator.
+others ``trunc(T·p) + 1``), scattered into the C unified slots of the run's
+:class:`fgtbt_jax.schemes.UnifiedSet` (124 without schemes). ``dataset_id`` and the RNG streams
+of a built-in dataset are ``landmarks.DATASET_ID`` (0..3) whatever the run; scheme datasets get
+4, 5, … (``UnifiedSet.dataset_ids``). TensorFlow never sees an accelerator.
 
 ``config.data.sampling = "weighted"`` instead draws each of the global batch's slots from the
 datasets with probabilities ``config.data.weights`` (records uniformly with replacement); a
@@ -28,6 +31,8 @@ process's share is sorted by dataset id.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -45,7 +50,7 @@ except RuntimeError:  # already initialised by someone else; nothing to hide any
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from fgtbt_jax import errors, landmarks, transforms  # noqa: E402
+from fgtbt_jax import errors, landmarks, schemes, transforms  # noqa: E402
 from input_pipeline import builders, demo, formats  # noqa: E402
 
 MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
@@ -75,7 +80,10 @@ EVAL_SUBSETS: dict[str, dict[str, tuple[tuple[str, ...], str | None]]] = {
 
 
 def list_eval_subsets(dataset: str) -> tuple[str, ...]:
-    """Evaluation subsets of ``dataset`` (plus ``"train"``, always accepted)."""
+    """Evaluation subsets of ``dataset`` (plus ``"train"``, always accepted); a scheme
+    dataset has ``full`` only."""
+    if dataset.lower() not in {d.lower() for d in EVAL_SUBSETS}:
+        return ("full",)
     return tuple(EVAL_SUBSETS[builders.canonical_name(dataset)])
 
 
@@ -93,8 +101,18 @@ def normalize(image_u8: np.ndarray) -> np.ndarray:
 # Data access
 
 
+def _scheme_of(dataset: str, config) -> schemes.Scheme | None:
+    """The scheme of ``config.data.schemes`` named ``dataset``, None for other names."""
+    if dataset.lower() in {d.lower() for d in (*landmarks.DATASETS, "pts_folder")}:
+        return None
+    return schemes.unified_set_of(config.data).schemes.get(dataset)
+
+
 def _get_builder(dataset: str, config, variant: str):
-    """The TFDS builder of ``dataset`` (``pts_folder`` has no variants)."""
+    """The TFDS builder of ``dataset`` (``pts_folder`` and scheme datasets have no variants)."""
+    scheme = _scheme_of(dataset, config)
+    if scheme is not None:
+        return builders.scheme_builder(scheme, config.data.data_dir, variant)
     name = builders.canonical_name(dataset)
     if name == "pts_folder":
         return builders.get_builder(name, config.data.data_dir)
@@ -105,12 +123,15 @@ def _load_builder(dataset: str, config, variant: str):
     """The prepared TFDS builder of ``dataset`` (``variant``: demo | official)."""
     b = _get_builder(dataset, config, variant)
     if not b.is_prepared():
-        name, data_dir = builders.canonical_name(dataset), config.data.data_dir
-        how = (
-            "scripts/prepare_data.py --dataset demo"
-            if b.builder_config.name == "demo"
-            else f"scripts/prepare_data.py --dataset {name.lower()} --manual_dir DIR"
-        )
+        scheme, data_dir = _scheme_of(dataset, config), config.data.data_dir
+        name = dataset if scheme else builders.canonical_name(dataset)
+        if scheme is not None and variant != "demo":
+            how = f"scripts/prepare_data.py --dataset pts_folder --scheme {scheme.source} "
+            how += "--manual_dir DIR"
+        elif variant == "demo" or b.builder_config.name == "demo":
+            how = "scripts/prepare_data.py --dataset demo"
+        else:
+            how = f"scripts/prepare_data.py --dataset {name.lower()} --manual_dir DIR"
         raise FileNotFoundError(
             f"{name} ({b.builder_config.name}) is not prepared in {data_dir!r}. Run {how} "
             f"--data_dir {data_dir} (or read the data through input_pipeline.sources.create, "
@@ -125,10 +146,17 @@ def prepare_from_manual_dir(config, dataset: str, variant: str) -> None:
     manual = config.data.manual_dir
     if not manual or _get_builder(dataset, config, variant).is_prepared():
         return
-    name = builders.canonical_name(dataset)
+    scheme = _scheme_of(dataset, config)
+    if scheme is not None and variant == "demo":
+        return  # the demo faces (ensure_demo_data)
+    name = dataset if scheme else builders.canonical_name(dataset)
     sub = pathlib.Path(manual) / name
     builders.prepare(
-        name, data_dir=config.data.data_dir, manual_dir=sub if sub.is_dir() else manual
+        name,
+        data_dir=config.data.data_dir,
+        manual_dir=sub if sub.is_dir() else manual,
+        config=variant if scheme else None,
+        scheme=scheme,
     )
 
 
@@ -188,12 +216,47 @@ def augment_params(rng: np.random.Generator, config) -> tuple[float, float, bool
     return float(scale_mult), float(rot), flip
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the samples of one dataset of a run fill the unified slots.
+
+    ``index_map`` (K,) int32 unified channel of each point; ``mask`` (C,) bool; ``dataset_id``
+    the batches' id (also the RNG stream); ``flip`` what ``transforms.fliplr_points`` takes
+    (a built-in name or the :class:`fgtbt_jax.schemes.Scheme`).
+    """
+
+    name: str
+    dataset_id: int
+    index_map: np.ndarray
+    mask: np.ndarray
+    flip: str | schemes.Scheme
+
+
+def run_layouts(unified: schemes.UnifiedSet) -> dict[str, Layout]:
+    """The :class:`Layout` of every dataset of ``unified``, in run order."""
+    return {
+        name: Layout(
+            name,
+            int(unified.dataset_ids[d]),
+            unified.index_maps[d],
+            unified.mask[d],
+            unified.schemes.get(name, name),
+        )
+        for d, name in enumerate(unified.datasets)
+    }
+
+
+@functools.cache
+def _builtin_layouts() -> dict[str, Layout]:
+    return run_layouts(schemes.derive(landmarks.DATASETS))
+
+
 def train_example(
     image: np.ndarray,
     points: np.ndarray,
     center: np.ndarray,
     scale: float,
-    dataset: str,
+    dataset: str | Layout,
     *,
     scale_mult: float,
     rot_deg: float,
@@ -204,9 +267,11 @@ def train_example(
     """One augmented training sample (numpy; the geometry of the tf.data pipeline).
 
     image: (H, W, 3) uint8 RGB; points (K, 2) in the file's coordinates; ``scale`` as in the
-    file (× 1.25 here). Returns 'image' (S, S, 3) float32 normalised, 'coords' (124, 2) int32
-    heatmap targets (0 in unannotated slots), 'mask' (124,) bool, 'dataset_id' int32.
+    file (× 1.25 here); ``dataset``: a built-in name or a :class:`Layout` of the run. Returns
+    'image' (S, S, 3) float32 normalised, 'coords' (C, 2) int32 heatmap targets (0 in
+    unannotated slots), 'mask' (C,) bool, 'dataset_id' int32 (C = 124 for a built-in name).
     """
+    layout = _builtin_layouts()[dataset] if isinstance(dataset, str) else dataset
     points = np.asarray(points, np.float64)
     center = np.array(center, np.float64)
     s = float(scale) * 1.25 * scale_mult
@@ -215,7 +280,7 @@ def train_example(
 
         width = image.shape[1]
         image = cv2.flip(image, 1)
-        points = transforms.fliplr_points(points, width, dataset)
+        points = transforms.fliplr_points(points, width, layout.flip)
         center[0] = width - center[0]
     crop = transforms.crop_image(image, center, s, img_size, rot_deg)
     q = transforms.heatmap_target_points(
@@ -224,15 +289,15 @@ def train_example(
         s,
         heatmap_size,
         rot_deg,
-        integer=transforms.uses_integer_transform(dataset),
+        integer=transforms.uses_integer_transform(layout.flip),
     )
-    coords = np.zeros((landmarks.NUM_UNIFIED, 2), np.int32)
-    coords[landmarks.unified_index(dataset)] = q
+    coords = np.zeros((len(layout.mask), 2), np.int32)
+    coords[layout.index_map] = q
     return {
         "image": normalize(crop),
         "coords": coords,
-        "mask": landmarks.annotation_mask()[landmarks.DATASET_ID[dataset]].copy(),
-        "dataset_id": np.int32(landmarks.DATASET_ID[dataset]),
+        "mask": layout.mask.copy(),
+        "dataset_id": np.int32(layout.dataset_id),
     }
 
 
@@ -240,23 +305,38 @@ def train_example(
 # Training stream
 
 
-def _ordered_datasets(config) -> list[str]:
-    names = [builders.canonical_name(d) for d in config.data.datasets]
-    for n in names:
-        if n not in landmarks.DATASETS:
-            raise errors.ConfigError(
-                f"training datasets must be among {landmarks.DATASETS}, got {n!r}"
-            )
-    if len(set(names)) != len(names):
-        raise errors.ConfigError(f"duplicate datasets in config.data.datasets: {names}")
-    return sorted(names, key=landmarks.DATASET_ID.__getitem__)
+def data_weights(config, datasets: Sequence[str]) -> np.ndarray:
+    """``config.data.weights`` as one normalised weight per dataset of ``datasets`` (run order).
+
+    Runs of built-in datasets only read four weights as those of COFW, WFLW, 300W, AFLW, or one
+    per dataset in ``landmarks.DATASETS`` order (today's rule); runs with scheme datasets need
+    one weight per dataset of ``config.data.datasets``, in its order.
+    """
+    w = np.asarray(config.data.weights, np.float64)
+    builtin = {n.lower(): n for n in landmarks.DATASETS}
+    given = [builtin.get(str(d).lower(), str(d)) for d in config.data.datasets]
+    if set(datasets) <= set(landmarks.DATASETS):
+        if len(w) == len(landmarks.DATASETS) and len(datasets) < len(w):
+            w = w[[landmarks.DATASET_ID[d] for d in datasets]]
+    elif len(w) == len(given):
+        by_name = dict(zip(given, w, strict=True))
+        w = np.array([by_name[d] for d in datasets])
+    if len(w) != len(datasets):
+        raise errors.ConfigError(
+            f"config.data.weights {tuple(config.data.weights)} must have one entry per dataset "
+            f"of config.data.datasets {tuple(given)}"
+        )
+    if np.any(w < 0) or w.sum() <= 0:
+        raise errors.ConfigError(f"config.data.weights {config.data.weights} do not fit datasets")
+    return w / w.sum()
 
 
 class _TrainPlan:
     """Maps the per-process element counter to (dataset, record, augmentation seed)."""
 
     def __init__(self, config, sizes, seed, process_index, process_count):
-        self.datasets = _ordered_datasets(config)
+        self.layouts = run_layouts(schemes.unified_set_of(config.data))
+        self.datasets = list(self.layouts)
         self.sizes = sizes
         self.seed = int(seed)
         self.p, self.np_ = int(process_index), int(process_count)
@@ -277,14 +357,7 @@ class _TrainPlan:
                 raise errors.ConfigError(
                     f"global batch {total} not divisible by {self.np_} processes"
                 )
-            w = np.asarray(config.data.weights, np.float64)
-            if len(w) == len(landmarks.DATASETS) and len(self.datasets) < len(w):
-                w = w[[landmarks.DATASET_ID[d] for d in self.datasets]]
-            if len(w) != len(self.datasets) or np.any(w < 0) or w.sum() <= 0:
-                raise errors.ConfigError(
-                    f"config.data.weights {config.data.weights} do not fit datasets"
-                )
-            self.weights = w / w.sum()
+            self.weights = data_weights(config, self.datasets)
             self.global_b = total
             self.local_b = total // self.np_
             self.slots = [None] * self.local_b
@@ -301,7 +374,7 @@ class _TrainPlan:
         with self._lock:
             perm = self._perms.get(key)
             if perm is None:
-                rng = np.random.default_rng([self.seed, 1, landmarks.DATASET_ID[d], epoch])
+                rng = np.random.default_rng([self.seed, 1, self.layouts[d].dataset_id, epoch])
                 perm = rng.permutation(self.sizes[d])
                 self._perms[key] = perm
                 while len(self._perms) > 16:
@@ -325,7 +398,7 @@ class _TrainPlan:
             d = self.datasets[int(draw[g])]
             k = step * self.global_b + g
             record = int(np.random.default_rng([self.seed, 4, k]).integers(self.sizes[d]))
-        rng = np.random.default_rng([self.seed, 2, landmarks.DATASET_ID[d], k])
+        rng = np.random.default_rng([self.seed, 2, self.layouts[d].dataset_id, k])
         return d, record, rng
 
 
@@ -341,16 +414,22 @@ def make_train_iterator(
     """Endless iterator of this process's training batches (numpy).
 
     Yields 'image' (B, S, S, 3) float32 ImageNet-normalised NHWC (S = config.img_size),
-    'coords' (B, 124, 2) int32 heatmap targets at config.heatmap_size (0 where unannotated),
-    'mask' (B, 124) bool, 'dataset_id' (B,) int32; B = this process's share of the global
-    batch. The batch at step t depends only on (seed, t): start at ``start_step`` to resume.
-    ``variant``: the prepared TFDS builder config to read (demo | official).
+    'coords' (B, C, 2) int32 heatmap targets at config.heatmap_size (0 where unannotated),
+    'mask' (B, C) bool, 'dataset_id' (B,) int32; B = this process's share of the global
+    batch, C = the channels of the run's unified set (124 without schemes). The batch at step
+    t depends only on (seed, t): start at ``start_step`` to resume. ``variant``: the prepared
+    TFDS builder config to read (demo | official; scheme datasets have one).
     """
-    plan_datasets = _ordered_datasets(config)
-    sources = {d: _Source(_load_builder(d, config, variant), ["train"]) for d in plan_datasets}
+    unified = schemes.unified_set_of(config.data)
+    sources = {}
+    for d in unified.datasets:
+        builder = _load_builder(d, config, variant)
+        split = "train" if "train" in builder.info.splits or d not in unified.schemes else "data"
+        sources[d] = _Source(builder, [split])
     plan = _TrainPlan(
         config, {d: len(s) for d, s in sources.items()}, seed, process_index, process_count
     )
+    channels = unified.num_channels
     img_size, hm_size = int(config.img_size), int(config.heatmap_size)
     _cv2_threads(config)
 
@@ -363,7 +442,7 @@ def make_train_iterator(
             ex["landmarks"],
             ex["center"],
             ex["scale"],
-            d,
+            plan.layouts[d],
             scale_mult=scale_mult,
             rot_deg=rot,
             flip=flip,
@@ -377,8 +456,8 @@ def make_train_iterator(
             load, [i], [tf.float32, tf.int32, tf.bool, tf.int32], stateful=False
         )
         image.set_shape((img_size, img_size, 3))
-        coords.set_shape((landmarks.NUM_UNIFIED, 2))
-        mask.set_shape((landmarks.NUM_UNIFIED,))
+        coords.set_shape((channels, 2))
+        mask.set_shape((channels,))
         ds_id.set_shape(())
         return {"image": image, "coords": coords, "mask": mask, "dataset_id": ds_id}
 
@@ -416,11 +495,25 @@ def _options(config) -> tf.data.Options:
 # Evaluation stream
 
 
+def _scheme_subsets(builder) -> dict[str, tuple[tuple[str, ...], str | None]]:
+    """A scheme dataset's subsets: its ``test`` split if it has one, else all its records."""
+    return {"full": (("test",) if "test" in builder.info.splits else ("data",), None)}
+
+
+def _eval_layout(config, dataset: str) -> Layout:
+    """The :class:`Layout` of ``dataset`` in the run of ``config`` (with it added if absent)."""
+    unified = schemes.unified_set_of(config.data)
+    if dataset not in unified.datasets:
+        data = {"datasets": (*unified.datasets, dataset), "schemes": config.data.get("schemes", ())}
+        unified = schemes.unified_set_of(data)
+    return run_layouts(unified)[dataset]
+
+
 def _eval_indices(builder, dataset, subset) -> tuple[_Source, np.ndarray]:
     if subset == "train":
-        splits, attr = ("train",), None
+        splits, attr = ("train",) if "train" in builder.info.splits else ("data",), None
     else:
-        table = EVAL_SUBSETS[dataset]
+        table = EVAL_SUBSETS.get(dataset) or _scheme_subsets(builder)
         if subset not in table:
             raise errors.ConfigError(
                 f"{dataset} has no eval subset {subset!r}; choose from {list(table)}"
@@ -448,29 +541,29 @@ def make_eval_iterator(
     """Batches of a test subset without augmentation (file order), padded to full batches.
 
     Yields 'image' (B, S, S, 3) float32 normalised, 'dataset_id' (B,) int32, 'points'
-    (B, 124, 2) float32 original-image annotation in the unified slots (0 elsewhere), 'mask'
-    (B, 124) bool, 'center' (B, 2) float32, 'scale' (B,) float32 — the crop scale, already ×
-    1.25 (the value ``transforms.get_transform`` takes) —, 'box_size' (B,) float32 (AFLW's
-    normaliser, else 0), 'image_id' (B,) str, 'valid' (B,) bool (False for padding), 'index'
-    (B,) int64, the record's position in the subset (-1 for padding).
+    (B, C, 2) float32 original-image annotation in the unified slots of the run (0 elsewhere;
+    C = 124 without schemes), 'mask' (B, C) bool, 'center' (B, 2) float32, 'scale' (B,)
+    float32 — the crop scale, already × 1.25 (the value ``transforms.get_transform``
+    takes) —, 'box_size' (B,) float32 (AFLW's normaliser, else 0), 'image_id' (B,) str,
+    'valid' (B,) bool (False for padding), 'index' (B,) int64, the record's position in the
+    subset (-1 for padding).
     Several processes: the single-process batches are dealt round-robin (process ``p`` gets
     batches ``p, p + P, …``, each with the same records as on one process), and every process
     gets the same number of batches (padding batches where the batches do not divide evenly).
-    ``dataset``: COFW | WFLW | 300W | AFLW (| pts_folder, read as 300W when it has 68 points).
+    ``dataset``: COFW | WFLW | 300W | AFLW | a scheme dataset of ``config.data.schemes`` (its
+    ``test`` split, else all its records) (| pts_folder, read as 300W when it has 68 points).
     ``subset``: see :func:`list_eval_subsets`, or "train". ``variant``: demo | official.
     """
-    name = builders.canonical_name(dataset)
+    name = dataset if _scheme_of(dataset, config) else builders.canonical_name(dataset)
     builder = _load_builder(name, config, variant)
     src, idx = _eval_indices(builder, name, subset)
-    layout = name
     if name == "pts_folder":
         k = len(src[0]["landmarks"]) if len(src) else 0
         if k != 68:
             raise ValueError(f"pts_folder records have {k} points; only 68 (300W) is supported")
-        layout = "300W"
-    ds_id = landmarks.DATASET_ID[layout]
-    uidx = landmarks.unified_index(layout)
-    mask = landmarks.annotation_mask()[ds_id]
+    layout = _eval_layout(config, "300W" if name == "pts_folder" else name)
+    ds_id, uidx, mask = layout.dataset_id, layout.index_map, layout.mask
+    channels = len(mask)
     img_size = int(config.img_size)
     bs = int(batch_size)
     _cv2_threads(config)
@@ -490,7 +583,7 @@ def make_eval_iterator(
         if i < 0:
             return (
                 np.zeros((img_size, img_size, 3), np.float32),
-                np.zeros((landmarks.NUM_UNIFIED, 2), np.float32),
+                np.zeros((channels, 2), np.float32),
                 np.zeros(2, np.float32),
                 np.float32(1.0),
                 np.float32(0.0),
@@ -500,7 +593,7 @@ def make_eval_iterator(
         ex = src[i]
         scale = float(ex["scale"]) * 1.25
         crop = transforms.crop_image(_decode(ex), ex["center"], scale, img_size, 0.0)
-        pts = np.zeros((landmarks.NUM_UNIFIED, 2), np.float32)
+        pts = np.zeros((channels, 2), np.float32)
         pts[uidx] = ex["landmarks"]
         return (
             normalize(crop),
@@ -521,7 +614,7 @@ def make_eval_iterator(
         )
         image, pts, center, scale, box, image_id, valid = out
         image.set_shape((img_size, img_size, 3))
-        pts.set_shape((landmarks.NUM_UNIFIED, 2))
+        pts.set_shape((channels, 2))
         center.set_shape((2,))
         for t in (scale, box, image_id, valid):
             t.set_shape(())
@@ -546,7 +639,7 @@ def make_eval_iterator(
             b["index"] = positions[k * bs : (k + 1) * bs]
             b["image_id"] = np.array([s.decode("utf-8") for s in b["image_id"]], dtype=object)
             b["dataset_id"] = np.full(n, ds_id, np.int32)
-            b["mask"] = np.broadcast_to(mask, (n, landmarks.NUM_UNIFIED)).copy()
+            b["mask"] = np.broadcast_to(mask, (n, channels)).copy()
             b["mask"][~b["valid"]] = False
             yield b
 
@@ -555,7 +648,7 @@ def make_eval_iterator(
 
 def eval_size(config, dataset: str, subset: str = "full", *, variant: str) -> int:
     """Number of records (without padding) in an evaluation subset."""
-    name = builders.canonical_name(dataset)
+    name = dataset if _scheme_of(dataset, config) else builders.canonical_name(dataset)
     return len(_eval_indices(_load_builder(name, config, variant), name, subset)[1])
 
 
@@ -571,13 +664,15 @@ def prepare_demo(
     image_size: Sequence[int] | None = None,
     seed: int = 0,
     datasets: Sequence[str] = landmarks.DATASETS,
+    scheme_datasets: Sequence[schemes.Scheme] = (),
 ) -> dict[str, pathlib.Path]:
     """Generate the synthetic faces in the official formats and prepare the ``demo`` datasets.
 
     ``num_images`` training faces per dataset (test sets: max(6, num_images // 4); 300W also
     a harder ``challenging`` half-size set). Raw files go to ``raw_dir/<DATASET>`` (default
     ``<data_dir>/demo_raw``). Datasets already prepared with the same settings are kept, others
-    regenerated. Returns the raw folders.
+    regenerated. ``scheme_datasets``: also the demo faces re-annotated in these schemes
+    (:func:`input_pipeline.demo.write_scheme`, a ``.pts`` folder). Returns the raw folders.
     """
     data_dir = pathlib.Path(data_dir)
     raw_root = pathlib.Path(raw_dir) if raw_dir is not None else data_dir / "demo_raw"
@@ -585,25 +680,35 @@ def prepare_demo(
     sig = {"demo_version": _DEMO_VERSION, "num_images": int(num_images), "image_size": size,
            "seed": int(seed)}  # fmt: skip
     out = {}
-    for ds in datasets:
-        raw = raw_root / ds
-        out[ds] = raw
-        b = builders.get_builder(ds, data_dir, "demo")
-        if b.is_prepared() and dict(b.info.metadata).get("demo") == sig:
+    image_size = None if size is None else tuple(size)
+    for ds in (*datasets, *scheme_datasets):
+        scheme = None if isinstance(ds, str) else ds
+        name = ds if scheme is None else scheme.name
+        raw = raw_root / name
+        out[name] = raw
+        if scheme is None:
+            b = builders.get_builder(ds, data_dir, "demo")
+        else:
+            b = builders.scheme_builder(scheme, data_dir, "demo")
+        # a scheme's points are part of its demo data
+        want = sig if scheme is None else {**sig, "points": [p.describe() for p in scheme.points]}
+        if b.is_prepared() and dict(b.info.metadata).get("demo") == want:
             continue
         if b.is_prepared():
             shutil.rmtree(b.data_dir)
         if raw.exists():
             shutil.rmtree(raw)
-        demo.write_official(
-            raw,
-            ds,
-            int(num_images),
-            seed=int(seed),
-            image_size=None if size is None else tuple(size),
-        )
+        if scheme is None:
+            demo.write_official(raw, ds, int(num_images), seed=int(seed), image_size=image_size)
+        else:
+            demo.write_scheme(raw, scheme, int(num_images), seed=int(seed), image_size=image_size)
         builders.prepare(
-            ds, data_dir=data_dir, manual_dir=raw, config="demo", metadata={"demo": sig}
+            name,
+            data_dir=data_dir,
+            manual_dir=raw,
+            config="demo",
+            metadata={"demo": want},
+            scheme=scheme,
         )
     return out
 
@@ -613,7 +718,8 @@ def ensure_demo_data(config, *, datasets: Sequence[str] = landmarks.DATASETS) ->
 
     Settings: ``config.data.demo_num_images`` (training faces per dataset) and, read with
     defaults, ``demo_image_size`` (() = random 160–256 px) and ``demo_seed``. Prepared
-    datasets with other settings are regenerated. See :func:`prepare_demo`.
+    datasets with other settings are regenerated. The scheme datasets of the run get the demo
+    faces re-annotated in their schemes. See :func:`prepare_demo`.
     """
     prepare_demo(
         config.data.data_dir,
@@ -621,4 +727,5 @@ def ensure_demo_data(config, *, datasets: Sequence[str] = landmarks.DATASETS) ->
         image_size=tuple(config.data.demo_image_size) or None,
         seed=int(config.data.demo_seed),
         datasets=datasets,
+        scheme_datasets=tuple(schemes.unified_set_of(config.data).schemes.values()),
     )

@@ -16,14 +16,16 @@ would corrupt it) — and returns a :class:`Source` bound to this process's shar
 
 * :meth:`Source.train_iterator` — this process's rows of the global batches from a step on,
   seeded by ``config.seed`` (``image`` (B, S, S, 3) float32 NHWC normalised, ``coords``
-  (B, 124, 2) int32, ``mask`` (B, 124) bool, ``dataset_id`` (B,) int32);
+  (B, C, 2) int32, ``mask`` (B, C) bool, ``dataset_id`` (B,) int32; C = the channels of the
+  run's unified set, :func:`fgtbt_jax.schemes.unified_set_of`, 124 without schemes);
 * :meth:`Source.eval_streams` — the trainer's evaluation sets (``metrics.accumulate``'s
   contract), one lazy stream per test set;
 * :meth:`Source.eval_subsets` / :meth:`Source.eval_iterator` — every subset of a test set, for
   ``scripts/evaluate.py``.
 
 The global batch size, :attr:`Source.global_batch`, comes from the config:
-``config.data.batch_per_dataset`` rows of each dataset of ``config.data.datasets``.
+``config.data.batch_per_dataset`` rows of each dataset of ``config.data.datasets`` (built-in
+ones and the scheme datasets of ``config.data.schemes``).
 TensorFlow is imported only by the ``demo`` / ``official`` sources, when they are used.
 """
 

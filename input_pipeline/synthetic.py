@@ -8,13 +8,15 @@ find them, so the loss and NME fall with training, and nothing needs TensorFlow 
 Batches follow the input pipeline's contract (``input_pipeline.pipeline.make_train_iterator``):
 
 * ``image``      (B, S, S, 3) float32, NHWC, ImageNet-normalized
-* ``coords``     (B, 124, 2) int32 ``(x, y)`` heatmap-space targets in unified slots (zeros where
-  the sample's dataset does not annotate the landmark)
-* ``mask``       (B, 124) bool annotation mask
-* ``dataset_id`` (B,) int32 (``landmarks.DATASETS`` order)
+* ``coords``     (B, C, 2) int32 ``(x, y)`` heatmap-space targets in unified slots (zeros where
+  the sample's dataset does not annotate the landmark; C = 124 without schemes)
+* ``mask``       (B, C) bool annotation mask
+* ``dataset_id`` (B,) int32 (``UnifiedSet.dataset_ids``: built-ins 0..3, scheme datasets 4+)
 
 The global batch holds ``config.data.batch_per_dataset`` rows of each dataset of
-``config.data.datasets``, in ``landmarks.DATASETS`` order. Row ``r`` of step ``t`` depends only on
+``config.data.datasets``, in the run's order (:func:`fgtbt_jax.schemes.run_datasets`); the
+scheme datasets of ``config.data.schemes`` see the same faces with their new points placed as
+:func:`fgtbt_jax.schemes.place_new_points` says. Row ``r`` of step ``t`` depends only on
 ``(seed, t, r)``, so a process's slice and a resumed run (``start_step``) see exactly the rows an
 uninterrupted single-process run sees.
 """
@@ -28,7 +30,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from fgtbt_jax import landmarks, transforms
+from fgtbt_jax import landmarks, schemes, transforms
 from fgtbt_jax.transforms import imagenet_normalize
 
 _TEMPLATE_SEED = 20_240_601
@@ -46,14 +48,31 @@ def _template() -> tuple[np.ndarray, np.ndarray]:
     return points, colours
 
 
+@functools.cache
+def _builtin() -> schemes.UnifiedSet:
+    return schemes.derive(landmarks.DATASETS)
+
+
+def _unified(config: ml_collections.ConfigDict) -> schemes.UnifiedSet:
+    return schemes.unified_set_of(config.data)
+
+
+def _layout(unified: schemes.UnifiedSet) -> tuple[np.ndarray, np.ndarray]:
+    """(C, 2) template points and (C, 3) colours of every channel of ``unified``."""
+    points, colours = _template()
+    if unified.num_channels == landmarks.NUM_UNIFIED:
+        return points, colours
+    extra = [
+        np.random.default_rng((_TEMPLATE_SEED, c)).uniform(0.2, 1.0, 3)
+        for c in range(landmarks.NUM_UNIFIED, unified.num_channels)
+    ]
+    return schemes.place_new_points(points, unified), np.concatenate([colours, extra])
+
+
 def dataset_ids(config: ml_collections.ConfigDict) -> np.ndarray:
-    """(B,) int32 dataset id of every row of a global batch (DATASETS order, blocks of bpd)."""
-    names = set(config.data.datasets)
-    unknown = names - set(landmarks.DATASETS)
-    if unknown:
-        raise ValueError(f"config.data.datasets has unknown names {sorted(unknown)}")
-    ids = [i for i, name in enumerate(landmarks.DATASETS) if name in names]
-    return np.repeat(np.asarray(ids, np.int32), int(config.data.batch_per_dataset))
+    """(B,) int32 dataset id of every row of a global batch (run order, blocks of bpd)."""
+    ids = _unified(config).dataset_ids
+    return np.repeat(ids, int(config.data.batch_per_dataset))
 
 
 def _upsample_bilinear(grid: np.ndarray, size: int) -> np.ndarray:
@@ -77,22 +96,28 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def render_sample(
-    rng: np.random.Generator, dataset_id: int, img_size: int, heatmap_size: int
+    rng: np.random.Generator,
+    dataset_id: int,
+    img_size: int,
+    heatmap_size: int,
+    unified: schemes.UnifiedSet | None = None,
 ) -> dict[str, Any]:
     """One synthetic face: image (S, S, 3) float32 normalized, points and heatmap targets.
 
-    Returns ``image``, ``points`` (124, 2) float64 image coordinates of every unified landmark,
-    ``coords`` (124, 2) int32 heatmap targets (SPEC §4 convention of the dataset; zeros where
-    the dataset does not annotate), ``mask`` (124,) bool, ``center`` (2,), ``scale`` (crop of
+    Returns ``image``, ``points`` (C, 2) float64 image coordinates of every unified landmark,
+    ``coords`` (C, 2) int32 heatmap targets (SPEC §4 convention of the dataset; zeros where
+    the dataset does not annotate), ``mask`` (C,) bool, ``center`` (2,), ``scale`` (crop of
     side 200·scale = S around the centre, so the crop is the whole image) and ``box_size``.
+    ``unified``: the run's unified set (default the four built-in datasets, C = 124).
     """
     s = img_size
-    template, colours = _template()
+    unified = _builtin() if unified is None else unified
+    template, colours = _layout(unified)
     size = rng.uniform(0.28, 0.38) * s
     theta = np.deg2rad(rng.uniform(-25.0, 25.0))
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     centre = s / 2 + rng.uniform(-0.08, 0.08, 2) * s
-    points = centre + size * template @ rot.T  # (124, 2) (x, y)
+    points = centre + size * template @ rot.T  # (C, 2) (x, y)
 
     # Smooth background: a bilinear blend of four random corner colours plus noise.
     corners = rng.uniform(0.0, 1.0, (2, 2, 3)).astype(np.float32)
@@ -106,16 +131,17 @@ def render_sample(
     image += rng.normal(0.0, 0.03, image.shape).astype(np.float32)
     image = imagenet_normalize(np.clip(image, 0.0, 1.0), scale=1.0)  # x / 1.0 is exact
 
-    name = landmarks.DATASETS[dataset_id]
+    d = int(np.flatnonzero(unified.dataset_ids == dataset_id)[0])
+    name = unified.datasets[d]
     center, scale = np.array([s / 2, s / 2]), s / 200.0
-    mask = landmarks.annotation_mask()[dataset_id]
-    coords = np.zeros((landmarks.NUM_UNIFIED, 2), np.int32)
+    mask = unified.mask[d]
+    coords = np.zeros((unified.num_channels, 2), np.int32)
     coords[mask] = transforms.heatmap_target_points(
         points[mask],
         center,
         scale,
         heatmap_size,
-        integer=transforms.uses_integer_transform(name),
+        integer=transforms.uses_integer_transform(unified.schemes.get(name, name)),
     )
     box = points[mask].max(axis=0) - points[mask].min(axis=0)
     return {
@@ -138,16 +164,25 @@ def _rows(
     config: ml_collections.ConfigDict, seed: int, step: int, rows: np.ndarray
 ) -> dict[str, np.ndarray]:
     ids = dataset_ids(config)
-    return _train_rows(ids[rows], rows, int(config.img_size), int(config.heatmap_size), seed, step)
+    return _train_rows(
+        ids[rows], rows, int(config.img_size), int(config.heatmap_size), seed, step,
+        _unified(config),
+    )  # fmt: skip
 
 
 def _train_rows(
-    ids: np.ndarray, rows: np.ndarray, img_size: int, heatmap_size: int, seed: int, step: int
+    ids: np.ndarray,
+    rows: np.ndarray,
+    img_size: int,
+    heatmap_size: int,
+    seed: int,
+    step: int,
+    unified: schemes.UnifiedSet | None = None,
 ) -> dict[str, np.ndarray]:
     """Rows ``rows`` (dataset ids ``ids``) of step ``step``'s batch, stacked."""
     samples = [
         render_sample(np.random.default_rng((int(seed), int(step), int(r))), int(d), img_size,
-                      heatmap_size)
+                      heatmap_size, unified)
         for d, r in zip(ids, rows, strict=True)
     ]  # fmt: skip
     return {
@@ -220,17 +255,17 @@ def eval_batches(
     """Held-out synthetic evaluation batches in :func:`fgtbt_jax.evaluation.metrics.evaluate`'s
     contract.
 
-    ``image`` (B, S, S, 3), ``dataset_id``, ``points`` (B, 124, 2) image coordinates, ``mask``,
+    ``image`` (B, S, S, 3), ``dataset_id``, ``points`` (B, C, 2) image coordinates, ``mask``,
     ``center`` (B, 2), ``scale`` (B,), ``box_size`` (B,), ``image_id`` (B,) str.
     """
-    ids = [i for i, name in enumerate(landmarks.DATASETS) if name in set(config.data.datasets)]
+    unified = _unified(config)
     samples = []
-    for d in ids:
+    for d, name in zip(unified.dataset_ids, unified.datasets, strict=True):
         for k in range(num_per_dataset):
-            rng = np.random.default_rng((int(seed), _EVAL_STREAM, d, k))
-            x = render_sample(rng, d, int(config.img_size), int(config.heatmap_size))
-            x["dataset_id"] = d
-            x["image_id"] = f"synthetic_{landmarks.DATASETS[d]}_{k}"
+            rng = np.random.default_rng((int(seed), _EVAL_STREAM, int(d), k))
+            x = render_sample(rng, int(d), int(config.img_size), int(config.heatmap_size), unified)
+            x["dataset_id"] = int(d)
+            x["image_id"] = f"synthetic_{name}_{k}"
             samples.append(x)
     batches = []
     for start in range(0, len(samples), batch_size):

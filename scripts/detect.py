@@ -3,6 +3,9 @@ r"""Facial landmarks for images: face boxes → crop → FGTBT heatmaps → land
   python scripts/detect.py --checkpoint fgtbt_b4.pth --out /tmp/lm photo.jpg folder/
   python scripts/detect.py --checkpoint tests/fixtures/reference/tiny_checkpoint.pth \
       --config configs/fgtbt.py:reference_tiny --scheme 300W --out /tmp/lm img.png
+  python scripts/detect.py --checkpoint my19_run/ --config configs/fgtbt.py:release \
+      --config.data.schemes='("my19.json",)' \
+      --config.data.datasets='("COFW","WFLW","300W","AFLW","MY19")' --scheme MY19 ...
 
 For every image ``OUT/<stem>.json``::
 
@@ -11,14 +14,18 @@ For every image ``OUT/<stem>.json``::
               "landmarks_124": [[x, y] × 124], "landmarks": [[x, y] × K], "scheme": name}]}
 
 (pixels of the original image, ``x`` to the right, ``y`` down; ``landmarks`` are the
-``--scheme`` dataset's points in its own order, or the 124 unified points for ``unified``) and
+``--scheme`` dataset's points in its own order, or the 124 unified points for ``unified``;
+``landmarks_124`` the 124 built-in channels) and
 ``OUT/<stem>.png`` with boxes and landmarks drawn. Faces come from ``--boxes`` (JSON
 ``{"name.jpg": [[x0, y0, x1, y1], ...]}``, keys by file name or stem; ``[]`` = no face) or, for
 images not listed there, from the Haar-cascade detector (``fgtbt_jax.inference.detector``).
 Images without a face get a JSON with ``"faces": []`` and a note; unreadable images are
 reported and skipped.
 Each face runs as its own batch of one (the network's CSAM statistics span the batch), with the
-test-time flip unless ``--noflip``. ``--backend onnx --checkpoint model.onnx`` runs a model from
+test-time flip unless ``--noflip``. ``--scheme`` is a built-in dataset, ``unified``, or a
+scheme dataset of the config (``--config.data.schemes`` files, the name in
+``--config.data.datasets``): its points are read from the model's wider heatmaps
+(docs/schemes.md). ``--backend onnx --checkpoint model.onnx`` runs a model from
 ``scripts/export.py --format onnx --decode`` with onnxruntime, without importing JAX (its crop
 size, flip and refinement are the export's; ``--config`` is not used).
 
@@ -60,7 +67,11 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Release-layout .pth, state dict or orbax directory.", required=True
 )
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-_SCHEME = flags.DEFINE_enum("scheme", "unified", SCHEMES, "Landmark scheme of 'landmarks'.")
+_SCHEME = flags.DEFINE_string(
+    "scheme",
+    "unified",
+    f"Landmark scheme of 'landmarks': {', '.join(SCHEMES)} or a scheme dataset of the config.",
+)
 _BOXES = flags.DEFINE_string("boxes", None, "JSON file with face boxes per image.")
 _REFINE = flags.DEFINE_enum(
     # decoding.REFINEMENTS, spelled out: importing decoding imports JAX (--backend onnx must not).
@@ -124,13 +135,26 @@ def main(argv: list[str]) -> int:
     out_dir = pathlib.Path(_OUT.value)
     out_dir.mkdir(parents=True, exist_ok=True)
     boxes = detector.load_boxes_json(_BOXES.value) if _BOXES.value else {}
+    unified = None
+    scheme_run = any(d not in landmarks.DATASET_ID for d in config.data.datasets)
+    if _SCHEME.value not in SCHEMES or (scheme_run and _BACKEND.value == "jax"):
+        from fgtbt_jax import schemes  # imports JAX
+
+        unified = schemes.unified_set_of(config.data)  # the model's channels
+        if config.model.num_landmarks == landmarks.NUM_UNIFIED:
+            config.model.num_landmarks = unified.num_channels
+    index = images.scheme_index(_SCHEME.value, unified)  # an unknown name stops here
     if _BACKEND.value == "onnx":
         network, size = networks.onnx_network(
             _CHECKPOINT.value, flip=_FLIP.value, refine=_REFINE.value
         )
     else:
         network, size = networks.jax_network(
-            config, _CHECKPOINT.value, flip=_FLIP.value, refine=_REFINE.value
+            config,
+            _CHECKPOINT.value,
+            flip=_FLIP.value,
+            refine=_REFINE.value,
+            channel_flip=None if unified is None else unified.flip,
         )
     face_detector, detector_error = None, ""
     if sources or any(detector.boxes_for(boxes, p) is None for p in stills):
@@ -162,7 +186,7 @@ def main(argv: list[str]) -> int:
         }
         failures += video.track_sources(
             sources, make_tracker, out_dir, scheme=_SCHEME.value,
-            scheme_index=images.scheme_index(_SCHEME.value), extra=extra,
+            scheme_index=index, extra=extra,
             max_frames=_MAX_FRAMES.value,
         )  # fmt: skip
     failures += images.detect_images(
@@ -174,6 +198,7 @@ def main(argv: list[str]) -> int:
         detector_error=detector_error,
         max_faces=_MAX_FACES.value,
         scheme=_SCHEME.value,
+        unified=unified,
     )
     total = len(stills) + len(sources)
     print(f"done: {total - failures}/{total} inputs written to {out_dir}")

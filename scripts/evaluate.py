@@ -70,16 +70,24 @@ def main(argv: list[str]) -> None:
     enable_x64_if_requested(config.model)
     protocols = metrics.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
     datasets = _DATASETS.value or list(config.data.datasets)
+    acc = metrics.Accumulator.for_data(config.data, protocols)  # scheme datasets' layout
+    if acc.schemes and config.model.num_landmarks == landmarks.NUM_UNIFIED:
+        config.model.num_landmarks = acc.unified.num_channels  # the head follows the data
+    known = (*landmarks.DATASETS, *acc.schemes)
     for ds in datasets:
-        if ds not in landmarks.DATASETS:
-            raise app.UsageError(f"unknown dataset {ds!r}; choose from {landmarks.DATASETS}")
+        if ds not in known:
+            raise app.UsageError(
+                f"unknown dataset {ds!r}; choose from {known} (a scheme dataset needs its "
+                "file in --config.data.schemes and its name in --config.data.datasets)"
+            )
     process, processes = jax.process_index(), jax.process_count()
     lead = process == 0
     data = sources.create(config, datasets=datasets)
     model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config, "--checkpoint")
     variables = evaluator.host_local(variables)
-    predict = decoding.make_predict_fn(model, flip_test=_FLIP.value, refine=_REFINE.value)
-    acc = metrics.Accumulator(protocols)
+    predict = decoding.make_predict_fn(
+        model, flip_test=_FLIP.value, refine=_REFINE.value, flip=acc.flip
+    )
     cache: dict = {}
     t0 = time.time()
     for ds in datasets:

@@ -4,11 +4,19 @@ r"""Prepare one TFDS dataset from its official files (or the bundled synthetic s
   python scripts/prepare_data.py --dataset pts_folder --manual_dir tests/fixtures/real_faces \
       --data_dir data/tfds
   python scripts/prepare_data.py --dataset demo --num_images 64 --data_dir data/tfds
+  python scripts/prepare_data.py --dataset pts_folder --scheme my19.json --manual_dir DIR \
+      --data_dir data/tfds
 
 ``--dataset``: wflw | 300w | cofw | aflw | pts_folder | demo. For ``demo`` the synthetic faces
 are first written in the four official formats to ``--manual_dir`` (default
 ``<data_dir>/demo_raw``), then the four builders read them (builder config ``demo``). The
 expected file layout of each dataset is printed by ``--help_layout``.
+
+``--scheme FILE`` (with ``pts_folder``): the ``.pts`` files are in that landmark scheme
+(docs/schemes.md); every file must have its point count, and the dataset is stored under the
+scheme's name (``pts_folder/MY19``, ``builders.scheme_builder``). With a ``DIR/train``
+subfolder, ``DIR/train`` and ``DIR/test`` are the splits ``train`` and ``test``; else the whole
+folder is the split ``data``.
 
 ``--on_error=skip`` skips bad records (missing/unreadable image, wrong column count,
 non-numeric or NaN values) and reports how many; the default stops at the first one with the
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from fgtbt_jax import errors, paths
+from fgtbt_jax import errors, paths, schemes
 
 _DATASET = flags.DEFINE_enum(
     "dataset", None, ["wflw", "300w", "cofw", "aflw", "pts_folder", "demo"], "Dataset to prepare."
@@ -28,6 +36,9 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with the official 
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "TFDS data_dir to write to.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "demo: training faces per dataset.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "demo: fixed square picture size (0=random).")
+_SCHEME = flags.DEFINE_string(
+    "scheme", None, "pts_folder: the landmark scheme (JSON declaration) of the .pts files."
+)
 _ON_ERROR = flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "Bad-record policy.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete an already prepared copy first.")
 _HELP_LAYOUT = flags.DEFINE_bool("help_layout", False, "Print the expected file layouts.")
@@ -43,6 +54,8 @@ def main(argv):
         return 0
     if _DATASET.value is None:
         raise app.UsageError("--dataset is required")
+    if _SCHEME.value and _DATASET.value != "pts_folder":
+        raise app.UsageError("--scheme goes with --dataset pts_folder")
     if _MANUAL_DIR.value:
         paths.local(_MANUAL_DIR.value, "--manual_dir", "the official files are read locally")
     paths.check(_DATA_DIR.value, "--data_dir")
@@ -58,12 +71,14 @@ def main(argv):
         return 0
     if not _MANUAL_DIR.value:
         raise app.UsageError("--manual_dir is required")
+    scheme = schemes.load_scheme(_SCHEME.value) if _SCHEME.value else None
     b = builders.prepare(  # a bad file raises before anything is written
         _DATASET.value,
         data_dir=_DATA_DIR.value,
         manual_dir=_MANUAL_DIR.value,
         on_error=_ON_ERROR.value,
         overwrite=_OVERWRITE.value,
+        scheme=scheme,
     )
     splits = {k: v.num_examples for k, v in b.info.splits.items()}
     print(f"{b.name}/{b.builder_config.name} -> {b.data_dir} {splits}")

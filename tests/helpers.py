@@ -27,6 +27,10 @@ TINY_TORCH = dict(
 # Every (model.kernels, model.decoder_form) pair: both decoder forms on both op paths. The first
 # of each op path is what decoder_form="auto" picks with it.
 OP_PATHS_AND_FORMS = (("cpu", "fused"), ("cpu", "paper"), ("xla", "paper"), ("xla", "fused"))
+# Both op paths and both decoder forms once each, in the pairings "auto" does not pick: the
+# float64 train step (a minute of compile per pair) runs these, the float32 one the "auto" pairs,
+# so every pair's gradients are held to the reference somewhere.
+CROSSED_OP_PATHS_AND_FORMS = (("cpu", "paper"), ("xla", "fused"))
 
 
 def op_path_id(pair: tuple[str, str]) -> str:
@@ -129,6 +133,16 @@ def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+def assert_one_error_line(res, *needles: str) -> str:
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), res.stderr[-3000:]
+    for needle in needles:
+        assert needle in res.stderr, res.stderr[-3000:]
+    return last
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for a ``jax.distributed`` coordinator)."""
     with socket.socket() as s:
@@ -186,3 +200,47 @@ def distance_to_exact(
             got = np.asarray(grads[name], np.float64)
             out[name] = float(np.abs(got - exact).max() / np.abs(exact).max())
     return out
+
+
+DEMO_SCHEME = ROOT / "fgtbt_jax" / "data" / "schemes" / "demo_my19.json"
+
+
+def write_pts_faces(
+    folder: os.PathLike, num_faces: int, num_points: int, *, seed: int = 0, size: int = 64
+) -> dict[str, np.ndarray]:
+    """``num_faces`` small PNG pictures with a same-named ``.pts`` of ``num_points`` random
+    points each in ``folder``; returns ``{image name: (num_points, 2) points}``."""
+    import cv2
+
+    from input_pipeline import formats
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(num_faces):
+        name = f"face_{i:02d}.png"
+        pts = np.round(rng.uniform(0.2 * size, 0.8 * size, (num_points, 2)), 2)
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, (size, size, 3), np.uint8))
+        formats.write_pts(folder / f"face_{i:02d}.pts", pts)
+        out[name] = pts
+    return out
+
+
+def wide_tiny_checkpoint(ref_dir: pathlib.Path, out: pathlib.Path):
+    """The tiny reference checkpoint widened to the four datasets + the demo MY19 scheme
+    (133 channels, :func:`fgtbt_jax.schemes.extend_head`), written to ``out`` (.pth).
+    Returns ``(config, unified, variables)``; ``config`` lists MY19 and its scheme file."""
+    from configs import fgtbt
+    from fgtbt_jax import export_pth, load_pretrained, schemes
+
+    config = fgtbt.get_config("reference_tiny")
+    _, released = load_pretrained(ref_dir / "tiny_checkpoint.pth", config)
+    my19 = schemes.load_scheme(DEMO_SCHEME)
+    unified = schemes.derive((*landmarks.DATASETS, "MY19"), [my19])
+    variables, _ = schemes.extend_head(released, unified, seed=0)
+    config.model.num_landmarks = unified.num_channels
+    config.data.datasets = unified.datasets
+    config.data.schemes = (str(DEMO_SCHEME),)
+    export_pth(variables, out, config)
+    return config, unified, variables

@@ -8,7 +8,7 @@ import pickle
 import zipfile
 
 import pytest
-from helpers import ROOT, run_script
+from helpers import ROOT, assert_one_error_line, run_script
 
 TINY = f"{ROOT / 'configs' / 'fgtbt.py'}:reference_tiny"
 
@@ -30,16 +30,6 @@ def evil(tmp_path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", pickle.dumps({"model": _Payload(marker)}, protocol=2))
     return path, marker
-
-
-def assert_one_error_line(res, *needles: str) -> str:
-    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), res.stderr[-3000:]
-    for needle in needles:
-        assert needle in res.stderr, res.stderr[-3000:]
-    return last
 
 
 @pytest.mark.parametrize(
@@ -95,3 +85,17 @@ def test_bad_dataset_file_is_one_error_line(tmp_path):
         "--manual_dir", str(manual), "--data_dir", str(tmp_path / "tfds"),
     )  # fmt: skip
     assert_one_error_line(res, "face_landmarks_wflw_train.csv, row 1: header has 2 columns")
+
+
+def test_num_landmarks_disagreeing_with_the_schemes_is_one_error_line(tmp_path):
+    scheme = ROOT / "fgtbt_jax" / "data" / "schemes" / "demo_my19.json"
+    res = run_script(
+        "scripts/train.py", "--config", f"{ROOT / 'configs' / 'fgtbt.py'}:tiny",
+        "--config.data.source=synthetic", f"--config.data.schemes=('{scheme}',)",
+        "--config.data.datasets=('MY19',)", "--config.model.num_landmarks=130",
+        "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert_one_error_line(
+        res, "--config.model.num_landmarks=130 disagrees with the 133 channels",
+        "--config.data.schemes=",
+    )  # fmt: skip

@@ -48,6 +48,25 @@ def test_fliplr_exact(eval_ref, ds):
     np.testing.assert_array_equal(out, eval_ref[f"fliplr_{ds}_output_xy"])
 
 
+def test_fliplr_scheme_is_the_mirrored_face_reannotated():
+    from importlib import resources
+
+    from fgtbt_jax import schemes
+
+    scheme = schemes.load_scheme(
+        str(resources.files("fgtbt_jax").joinpath("data/schemes/demo_my19.json"))
+    )
+    u = schemes.derive((scheme.name,), [scheme])
+    face = np.random.default_rng(0).uniform(0, 100, (124, 2))  # the 124 unified points
+    mirrored = face.copy()
+    mirrored[:, 0] = 100 - mirrored[:, 0]
+    mirrored = mirrored[landmarks.unified_flip_permutation()]  # built-in pairs only
+    want = schemes.place_new_points(mirrored, u)[u.index_maps[0]]
+    got = transforms.fliplr_points(schemes.place_new_points(face, u)[u.index_maps[0]], 100, scheme)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert transforms.uses_integer_transform(scheme)
+
+
 def test_fliplr_bad_shape():
     with pytest.raises(ValueError, match="300W has 68 points"):
         transforms.fliplr_points(np.zeros((29, 2)), 100, "300W")

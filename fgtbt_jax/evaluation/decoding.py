@@ -8,7 +8,7 @@ to the image with :func:`fgtbt_jax.transforms.inverse_transform_points` (``T⁻�
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,37 +20,46 @@ from fgtbt_jax import landmarks
 REFINEMENTS: tuple[str, ...] = ("none", "quarter", "dark")
 
 
-def _channel_flip_permutation(dataset: str | None, channels: int) -> np.ndarray:
-    if dataset in (None, "unified"):
-        perm = landmarks.unified_flip_permutation()
+FlipLayout = str | Sequence[int] | np.ndarray | None
+
+
+def _channel_flip_permutation(layout: FlipLayout, channels: int) -> np.ndarray:
+    if layout is None or isinstance(layout, str):
+        dataset = layout or "unified"
+        if dataset == "unified":
+            perm = landmarks.unified_flip_permutation()
+        else:
+            perm = landmarks.flip_permutation(dataset)
     else:
-        perm = landmarks.flip_permutation(dataset)
+        dataset = "given"
+        perm = np.asarray(layout, np.int32)
     if perm.shape[0] != channels:
         raise ValueError(
-            f"heatmaps have {channels} channels but the {dataset or 'unified'} scheme has "
+            f"heatmaps have {channels} channels but the {dataset} flip permutation has "
             f"{perm.shape[0]}"
         )
     return perm
 
 
-def flip_back(heatmaps: jax.Array, dataset: str | None = "unified") -> jax.Array:
+def flip_back(heatmaps: jax.Array, layout: FlipLayout = "unified") -> jax.Array:
     """Heatmaps of a mirrored input (B, H, W, C) → maps in the frame of the original image.
 
-    Mirrors the W axis and swaps the symmetric channels of ``dataset`` (``"unified"``/None: the
-    124 unified channels; otherwise C is that dataset's own point count, in its order).
+    Mirrors the W axis and swaps the symmetric channels of ``layout``: ``"unified"``/None: the
+    124 unified channels; a dataset name: C is that dataset's own point count, in its order; a
+    (C,) channel permutation (e.g. ``UnifiedSet.flip`` of a run with scheme datasets).
     """
     heatmaps = jnp.asarray(heatmaps)
     if heatmaps.ndim != 4:
         raise ValueError(f"expected NHWC heatmaps (B, H, W, C), got shape {heatmaps.shape}")
-    perm = _channel_flip_permutation(dataset, heatmaps.shape[-1])
+    perm = _channel_flip_permutation(layout, heatmaps.shape[-1])
     return heatmaps[:, :, ::-1, :][..., perm]
 
 
 def flip_average(
-    heatmaps: jax.Array, heatmaps_of_flipped_input: jax.Array, dataset: str | None = "unified"
+    heatmaps: jax.Array, heatmaps_of_flipped_input: jax.Array, layout: FlipLayout = "unified"
 ) -> jax.Array:
-    """``(h + flip_back(h_flip)) / 2`` — the test-time flip of SPEC §5 (NHWC)."""
-    return (jnp.asarray(heatmaps) + flip_back(heatmaps_of_flipped_input, dataset)) / 2
+    """``(h + flip_back(h_flip, layout)) / 2`` — the test-time flip of SPEC §5 (NHWC)."""
+    return (jnp.asarray(heatmaps) + flip_back(heatmaps_of_flipped_input, layout)) / 2
 
 
 def _gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
@@ -140,13 +149,16 @@ def make_eval_step(
     flip_test: bool = True,
     refine: str = "none",
     dark_sigma: float | None = None,
+    flip: FlipLayout = "unified",
 ) -> Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, jax.Array]]:
-    """A pure ``(variables, batch) → {'heatmaps', 'points'}`` for the 124 unified channels.
+    """A pure ``(variables, batch) → {'heatmaps', 'points'}`` for the C unified channels.
 
     ``batch['image']``: (B, S, S, 3) float32 normalized NHWC. Returns ``heatmaps`` (B, S/2, S/2,
-    124) (flip-averaged when ``flip_test``) and ``points`` (B, 124, 2) float32 in heatmap index
-    space (:func:`decode_argmax`). The mirrored images run as a separate forward pass (the
-    network's CSAM statistics span the batch, so a joint batch would change the outputs).
+    C) (flip-averaged when ``flip_test``, channels swapped by ``flip``: the 124 built-in
+    channels by default, else a run's ``UnifiedSet.flip``) and ``points`` (B, C, 2) float32 in
+    heatmap index space (:func:`decode_argmax`). The mirrored images run as a separate forward
+    pass (the network's CSAM statistics span the batch, so a joint batch would change the
+    outputs).
     Wrap in ``jax.jit`` yourself (or use as is inside a jitted function).
     """
     if refine not in REFINEMENTS:
@@ -157,7 +169,7 @@ def make_eval_step(
         heatmaps = model.apply(variables, images, train=False)
         if flip_test:
             mirrored = model.apply(variables, images[:, :, ::-1, :], train=False)
-            heatmaps = flip_average(heatmaps, mirrored, "unified")
+            heatmaps = flip_average(heatmaps, mirrored, flip)
         points = decode_argmax(heatmaps, refine, dark_sigma=dark_sigma)
         return {"heatmaps": heatmaps, "points": points}
 
@@ -170,6 +182,7 @@ def make_predict_fn(
     flip_test: bool = True,
     refine: str = "none",
     dark_sigma: float | None = None,
+    flip: FlipLayout = "unified",
 ) -> Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, jax.Array]]:
     """Same contract and results as ``jax.jit(make_eval_step(...))``, but the network is
     compiled once and called twice (image, mirror) instead of being compiled twice inside one
@@ -178,7 +191,7 @@ def make_predict_fn(
         raise ValueError(f"refine must be one of {REFINEMENTS}, got {refine!r}")
     forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
     mirror = jax.jit(lambda images: images[:, :, ::-1, :])
-    average = jax.jit(lambda h, hf: flip_average(h, hf, "unified"))
+    average = jax.jit(lambda h, hf: flip_average(h, hf, flip))
     decode = jax.jit(lambda h: decode_argmax(h, refine, dark_sigma=dark_sigma))
 
     def predict(variables: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, jax.Array]:

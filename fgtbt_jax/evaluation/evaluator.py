@@ -56,13 +56,15 @@ class Evaluator:
         """``data``: the evaluation data (default: ``sources.create(config)``, prepared)."""
         self.config = config
         self.data = data if data is not None else sources.create(config)
+        self.accumulator = metrics.Accumulator.for_data(config.data)  # scheme datasets' layout
         # stat_groups=1: the eval batch is one CSAM group, as in the reference's evaluation.
-        self.step = jax.jit(decoding.make_eval_step(build(config.model)))
+        model = build(config.model)
+        self.step = jax.jit(decoding.make_eval_step(model, flip=self.accumulator.flip))
 
     def __call__(self, variables: Any, datasets: tuple[str, ...]) -> dict[str, float] | None:
         streams = self.data.eval_streams(datasets, int(self.config.eval_batch_size))
         variables = host_local(variables)
-        acc = metrics.Accumulator()
+        acc = self.accumulator.fresh()
         for stream in streams:
             metrics.accumulate(self.step, variables, stream, acc)
         report = acc.gathered().report()

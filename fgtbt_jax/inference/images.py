@@ -19,11 +19,15 @@ import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fgtbt_jax import landmarks
+from fgtbt_jax import errors, landmarks
 from fgtbt_jax.inference import detector, tracking, video
+
+if TYPE_CHECKING:  # fgtbt_jax.schemes imports JAX; --backend onnx runs without it
+    from fgtbt_jax import schemes
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -31,11 +35,20 @@ IMAGE_SUFFIXES = frozenset(
 FaceDetector = Callable[[np.ndarray], Sequence[detector.Face]]
 
 
-def scheme_index(scheme: str) -> np.ndarray:
-    """Unified indices of ``scheme``'s points (a dataset name, or ``"unified"``: all 124)."""
+def scheme_index(scheme: str, unified: schemes.UnifiedSet | None = None) -> np.ndarray:
+    """Unified channels of ``scheme``'s points: a built-in dataset's name, ``"unified"`` (the
+    124 built-in channels), or a scheme dataset of ``unified`` (the run's set, wider heatmaps).
+    """
     if scheme == "unified":
         return np.arange(landmarks.NUM_UNIFIED)
-    return landmarks.unified_index(scheme)
+    if scheme in landmarks.DATASET_ID:
+        return landmarks.unified_index(scheme)
+    if unified is None or scheme not in unified.datasets:
+        raise errors.ConfigError(
+            f"--scheme {scheme}: not a built-in dataset and not a scheme dataset of the config "
+            "(its file in --config.data.schemes, its name in --config.data.datasets)"
+        )
+    return unified.index_maps[unified.datasets.index(scheme)]
 
 
 def list_inputs(args: Sequence[str]) -> list[pathlib.Path]:
@@ -67,6 +80,7 @@ def face_records(
     *,
     tight_boxes: bool,
     scheme: str,
+    unified: schemes.UnifiedSet | None = None,
 ) -> list[dict]:
     """The JSON records of ``faces`` in ``rgb`` (see the module docstring). ``tight_boxes``:
     the boxes are landmark boxes (given), else detector boxes (calibrated to the crop)."""
@@ -77,14 +91,14 @@ def face_records(
         ]
     else:
         crops = [detector.box_to_center_scale(f.box) for f in faces]
-    index = scheme_index(scheme)
+    index = scheme_index(scheme, unified)
     return [
         {
             "box": [float(v) for v in face.box],
             "score": float(face.score),
             "center": [float(v) for v in center],
             "scale": float(scale),
-            "landmarks_124": pred.points.round(3).tolist(),
+            "landmarks_124": pred.points[: landmarks.NUM_UNIFIED].round(3).tolist(),
             "landmarks": pred.points[index].round(3).tolist(),
             "scheme": scheme,
         }
@@ -102,6 +116,7 @@ def detect_images(
     detector_error: str = "",
     max_faces: int = 10,
     scheme: str = "unified",
+    unified: schemes.UnifiedSet | None = None,
 ) -> int:
     """Writes ``<stem>.json`` / ``<stem>.png`` per image into ``out_dir``; returns the number
     of images that failed (unreadable, or no boxes given and ``face_detector`` is None, whose
@@ -121,7 +136,9 @@ def detect_images(
             failures += 1
             continue
         found = list(given if given is not None else face_detector(rgb))[:max_faces]
-        faces = face_records(rgb, found, landmarker, tight_boxes=given is not None, scheme=scheme)
+        faces = face_records(
+            rgb, found, landmarker, tight_boxes=given is not None, scheme=scheme, unified=unified
+        )
         stem = path.stem if path.stem not in used_stems else f"{path.stem}_{path.suffix[1:]}"
         used_stems.add(stem)
         record = {"image": str(path), "width": rgb.shape[1], "height": rgb.shape[0]}

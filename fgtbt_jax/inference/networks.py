@@ -1,7 +1,8 @@
 """The landmark networks behind :class:`~fgtbt_jax.inference.tracking.CropLandmarker`: a JAX
 checkpoint or an ONNX export, each as a :data:`~fgtbt_jax.inference.tracking.Network`
-(float32 (B, S, S, 3) ImageNet-normalized NHWC crops → points (B, 124, 2) in heatmap index
-space, heatmap peaks (B, 124), heatmap size) with its crop size ``S``.
+(float32 (B, S, S, 3) ImageNet-normalized NHWC crops → points (B, C, 2) in heatmap index
+space, heatmap peaks (B, C), heatmap size; C = 124, or a run's wider unified set) with its
+crop size ``S``.
 
 :func:`onnx_network` imports no JAX (onnxruntime only).
 """
@@ -18,18 +19,25 @@ from fgtbt_jax.inference.tracking import Network
 
 
 def jax_network(
-    config: ml_collections.ConfigDict, checkpoint: str | os.PathLike, *, flip: bool, refine: str
+    config: ml_collections.ConfigDict,
+    checkpoint: str | os.PathLike,
+    *,
+    flip: bool,
+    refine: str,
+    channel_flip: np.ndarray | None = None,
 ) -> tuple[Network, int]:
     """``(network, img_size)`` of the model of ``config`` with the weights of ``checkpoint``
     (``.pth``, orbax directory or training workdir), decoded with ``refine``, averaged with
-    the mirrored input's heatmaps when ``flip``."""
+    the mirrored input's heatmaps when ``flip``. ``channel_flip``: the (C,) channel permutation
+    of a model wider than the 124 built-in channels (``UnifiedSet.flip``)."""
     import fgtbt_jax
     from fgtbt_jax.evaluation import decoding
     from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 
     enable_x64_if_requested(config.model)
     model, variables = fgtbt_jax.load_pretrained(checkpoint, config, "--checkpoint")
-    step = decoding.make_predict_fn(model, flip_test=flip, refine=refine)
+    channels = "unified" if channel_flip is None else channel_flip
+    step = decoding.make_predict_fn(model, flip_test=flip, refine=refine, flip=channels)
 
     def network(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         out = step(variables, {"image": images})

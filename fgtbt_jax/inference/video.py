@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from fgtbt_jax import landmarks
 from fgtbt_jax.inference import tracking
 
 VIDEO_SUFFIXES = frozenset(
@@ -178,7 +179,7 @@ def face_record(face: tracking.TrackedFace, scheme_index: np.ndarray, scheme: st
         "detected": face.detection is not None,
         "center": [round(float(v), 3) for v in face.crop[0]],
         "scale": round(float(face.crop[1]), 5),
-        "landmarks_124": face.points.round(3).tolist(),
+        "landmarks_124": face.points[: landmarks.NUM_UNIFIED].round(3).tolist(),
         "landmarks": face.points[scheme_index].round(3).tolist(),
         "scheme": scheme,
     }

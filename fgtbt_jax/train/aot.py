@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fgtbt_jax import compiled as compiled_figures
-from fgtbt_jax import errors, landmarks
+from fgtbt_jax import errors, schemes
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.train import sharding
@@ -308,11 +308,11 @@ def step_config(
     """A copy of ``config`` for one compile: dtype, sharding and the global batch.
 
     The global batch is ``batch_per_device · num_devices`` and holds
-    ``data.batch_per_dataset`` images of each of the four datasets, so it must be a multiple
-    of four.
+    ``data.batch_per_dataset`` images of each dataset of the run (four without schemes), so it
+    must be a multiple of their number.
     """
     global_batch = batch_per_device * num_devices
-    num_datasets = len(landmarks.DATASETS)
+    num_datasets = len(schemes.unified_set_of(config.data).datasets)
     if global_batch % num_datasets:
         raise ValueError(
             f"batch_per_device={batch_per_device} on {num_devices} devices gives a global batch "
@@ -327,9 +327,9 @@ def step_config(
 
 def train_batch_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
     """Abstract global training batch (the :mod:`fgtbt_jax.train.step` contract), split over
-    ``data``: ``image`` (B, S, S, 3) float32 NHWC, ``coords`` (B, 124, 2) int32, ``mask``
-    (B, 124) bool, ``dataset_id`` (B,) int32."""
-    b = int(config.data.batch_per_dataset) * len(landmarks.DATASETS)
+    ``data``: ``image`` (B, S, S, 3) float32 NHWC, ``coords`` (B, C, 2) int32, ``mask``
+    (B, C) bool, ``dataset_id`` (B,) int32 (C = ``model.num_landmarks``)."""
+    b = int(config.data.batch_per_dataset) * len(schemes.unified_set_of(config.data).datasets)
     s = int(config.img_size)
     k = int(config.model.num_landmarks)
     split = sharding.data_sharding(mesh)

@@ -139,13 +139,14 @@ def fmb_loss(
     """Fine-grained multi-task balancing loss over a batch mixing datasets (SPEC §3).
 
     Args:
-      pred: (B, H, W, 124) predicted heatmaps, NHWC (float32 or bfloat16: the loss is computed
-        in float32; float64: in float64).
-      coords: (B, 124, 2) int32 ``(x, y)`` heatmap-space targets in unified slots (values of
+      pred: (B, H, W, C) predicted heatmaps, NHWC (float32 or bfloat16: the loss is computed
+        in float32; float64: in float64); C = 124 channels, or the run's unified set's.
+      coords: (B, C, 2) int32 ``(x, y)`` heatmap-space targets in unified slots (values of
         unannotated slots are ignored).
-      mask: (B, 124) bool, True where the sample's dataset annotates the unified landmark.
-      dataset_id: (B,) int32 in ``0..num_datasets-1`` (``landmarks.DATASETS`` order).
-      weights: (124,) per-landmark weights w_j (``landmarks.fmb_weights()``; pass float64
+      mask: (B, C) bool, True where the sample's dataset annotates the unified landmark.
+      dataset_id: (B,) int32 in ``0..num_datasets-1`` (``landmarks.DATASETS`` order, then
+        scheme datasets: ``UnifiedSet.dataset_ids``).
+      weights: (C,) per-landmark weights w_j (``UnifiedSet.fmb_weights()``; pass float64
         ones for a float64 loss).
       num_datasets: number of dataset ids (static).
       loss_cfg: ``config.loss`` (or any mapping) with omega, theta, epsilon, alpha, sigma,

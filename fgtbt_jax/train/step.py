@@ -5,8 +5,9 @@
 devices, state replicated or FSDP-split, the input state donated).
 
 Batch (global arrays, leading dimension split over ``data``):
-  ``image`` (B, S, S, 3) float32 NHWC normalized, ``coords`` (B, 124, 2) int32 heatmap-space
-  ``(x, y)`` targets, ``mask`` (B, 124) bool, ``dataset_id`` (B,) int32.
+  ``image`` (B, S, S, 3) float32 NHWC normalized, ``coords`` (B, C, 2) int32 heatmap-space
+  ``(x, y)`` targets, ``mask`` (B, C) bool, ``dataset_id`` (B,) int32; C = the channels of the
+  run's unified set (:func:`fgtbt_jax.schemes.unified_set_of`; 124 without schemes).
 Target heatmaps are drawn on the device from ``coords`` inside
 :func:`fgtbt_jax.train.loss.fmb_loss`.
 
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fgtbt_jax import landmarks
+from fgtbt_jax import schemes
 from fgtbt_jax.models.fgtbt import FGTBT
 from fgtbt_jax.train import loss, optim, sharding
 from fgtbt_jax.train.state import TrainState, ema_decay, grad_accum_steps
@@ -47,13 +48,16 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
 def make_loss_fn(
     model: FGTBT, config: ml_collections.ConfigDict
 ) -> Callable[..., tuple[jax.Array, tuple[jax.Array, PyTree]]]:
-    """``loss_fn(params, batch_stats, batch, rngs) -> (total, (per_dataset (4,), new_stats))``.
+    """``loss_fn(params, batch_stats, batch, rngs) -> (total, (per_dataset (D,), new_stats))``.
 
     Train-mode forward (batch statistics, dropout / drop-path from ``rngs``) and FMB loss with
-    the class-balanced weights of ``config.loss.beta``.
+    the class-balanced weights of ``config.loss.beta`` over the run's datasets; D =
+    ``UnifiedSet.num_ids`` (4 + the scheme datasets).
     """
+    unified = schemes.unified_set_of(config.data)
     # float64 on the host; the loss rounds them to its own dtype (that of the heatmaps).
-    weights = landmarks.fmb_weights(float(config.loss.beta), np.float64)
+    weights = unified.fmb_weights(float(config.loss.beta), np.float64)
+    num_datasets = unified.num_ids
 
     def loss_fn(
         params: PyTree, batch_stats: PyTree, batch: Mapping[str, jax.Array], rngs: PyTree
@@ -71,7 +75,7 @@ def make_loss_fn(
             batch["mask"],
             batch["dataset_id"],
             weights,
-            num_datasets=len(landmarks.DATASETS),
+            num_datasets=num_datasets,
             loss_cfg=config.loss,
         )
         return total, (per_dataset, mutated["batch_stats"])
@@ -89,13 +93,15 @@ def make_train_step(
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, Metrics]]:
     """A pure ``train_step(state, batch) -> (new_state, metrics)`` (not jitted).
 
-    Metrics (scalars unless noted): ``loss`` (total FMB loss), ``loss_per_dataset`` (4,),
-    ``dataset_present`` (4,) bool, ``lr`` (learning rate of this step's update), ``grad_norm``;
+    Metrics (scalars unless noted): ``loss`` (total FMB loss), ``loss_per_dataset`` (D,),
+    ``dataset_present`` (D,) bool (D = ``UnifiedSet.num_ids``, indexed by ``dataset_id``),
+    ``lr`` (learning rate of this step's update), ``grad_norm``;
     with ``return_grads`` also ``grads`` (the gradient pytree, for inspection and tests).
     With ``optim.grad_accum_steps`` = k > 1, ``tx`` (``optax.MultiSteps``) applies the mean
     gradient every k-th step; the EMA moves only on those steps.
     """
     loss_fn = make_loss_fn(model, config)
+    num_datasets = schemes.unified_set_of(config.data).num_ids
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = grad_accum_steps(config)
     decay = ema_decay(config)
@@ -122,7 +128,7 @@ def make_train_step(
         metrics = {
             "loss": total,
             "loss_per_dataset": per_dataset,
-            "dataset_present": loss.dataset_presence(batch["dataset_id"]),
+            "dataset_present": loss.dataset_presence(batch["dataset_id"], num_datasets),
             "lr": jnp.asarray(schedule(state.step // accum), float),  # float64 with x64
             "grad_norm": optax.global_norm(grads),
         }

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fgtbt_jax import checkpointing, errors, landmarks, paths
+from fgtbt_jax import checkpointing, errors, landmarks, paths, schemes
 from fgtbt_jax import compiled as compiled_figures
 from fgtbt_jax.evaluation.evaluator import Evaluator
 from fgtbt_jax.models.fgtbt import build_model, init_variables
@@ -71,10 +71,19 @@ class Progress:
 
     ``flush`` fetches pending metrics, fails on a non-finite loss and returns the window's
     averages (per-dataset losses over the steps where the dataset was in the batch).
+    ``names``: the dataset name of each id (``UnifiedSet.id_names()``; default the four
+    built-in datasets).
     """
 
-    def __init__(self, total_steps: int, global_batch: int, start_step: int) -> None:
+    def __init__(
+        self,
+        total_steps: int,
+        global_batch: int,
+        start_step: int,
+        names: tuple[str, ...] = landmarks.DATASETS,
+    ) -> None:
         self.total, self.global_batch = total_steps, global_batch
+        self.names = names
         self.pending: list[tuple[int, dict]] = []
         self.t_last, self.step_last = None, start_step
 
@@ -98,8 +107,8 @@ class Progress:
         per = np.stack([v["loss_per_dataset"] for v in values])
         present = np.stack([v["dataset_present"] for v in values])
         out = {"loss": float(loss.mean())}
-        for d, name in enumerate(landmarks.DATASETS):
-            if present[:, d].any():
+        for d, name in enumerate(self.names):
+            if name and present[:, d].any():
                 out[f"loss_{name}"] = float(per[present[:, d], d].mean())
         out["lr"] = float(values[-1]["lr"])
         out["grad_norm"] = float(np.mean([v["grad_norm"] for v in values]))
@@ -112,7 +121,7 @@ class Progress:
         return out
 
     def line(self, step: int, m: dict[str, float]) -> str:
-        per = " ".join(f"{n} {m['loss_' + n]:.4f}" for n in landmarks.DATASETS if "loss_" + n in m)
+        per = " ".join(f"{n} {m['loss_' + n]:.4f}" for n in self.names if n and "loss_" + n in m)
         speed = (
             f"{m['images_per_sec']:.1f} img/s ETA {_eta(m['eta_sec'])}"
             if "images_per_sec" in m
@@ -230,6 +239,33 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> i
 # ------------------------------------------------------------------------------------------
 
 
+def _widened_checkpoint(config: ml_collections.ConfigDict) -> dict:
+    """``config.init_checkpoint`` for a head wider than 124 channels: a 124-channel checkpoint
+    (the released model) widened by :func:`fgtbt_jax.schemes.extend_head` (report logged), or
+    one that already has the config's channels (e.g. an earlier run's export)."""
+    from fgtbt_jax.porting import convert, pretrained
+
+    narrow = ml_collections.ConfigDict(config.to_dict())
+    narrow.model.num_landmarks = landmarks.NUM_UNIFIED
+    try:
+        _, variables = pretrained.load_pretrained(
+            config.init_checkpoint, narrow, "config.init_checkpoint"
+        )
+    except convert.CheckpointMismatchError:
+        _, variables = pretrained.load_pretrained(
+            config.init_checkpoint, config, "config.init_checkpoint"
+        )
+        logging.info("initialised from %s", config.init_checkpoint)
+        return variables
+    unified = schemes.unified_set_of(config.data)
+    variables, report = schemes.extend_head(variables, unified, seed=int(config.seed))
+    info(
+        f"head extended from {landmarks.NUM_UNIFIED} to {unified.num_channels} channels "
+        f"({config.init_checkpoint}):\n{report.table()}"
+    )
+    return variables
+
+
 def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | None:
     """Variables from ``config.init_checkpoint`` / ``config.init_backbone``, or None (random)."""
     from fgtbt_jax.porting import convert, pretrained, pth
@@ -239,6 +275,8 @@ def initial_variables(config: ml_collections.ConfigDict, model: Any) -> dict | N
             "set at most one of config.init_checkpoint and config.init_backbone"
         )
     if config.init_checkpoint:
+        if int(config.model.num_landmarks) > landmarks.NUM_UNIFIED:
+            return _widened_checkpoint(config)
         _, variables = pretrained.load_pretrained(
             config.init_checkpoint, config, "config.init_checkpoint"
         )
@@ -285,6 +323,7 @@ def train_and_evaluate(
     """
     clock = goodput.Clock()
     workdir = check_paths(config, workdir)
+    unified = schemes.configure(config)  # model.num_landmarks follows the run's datasets
     if config.get("compilation_cache_dir"):
         info(f"compilation cache: {compile_cache.enable(config.compilation_cache_dir)}")
     total = int(config.total_steps)
@@ -306,7 +345,7 @@ def train_and_evaluate(
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
 
     # State: the latest checkpoint, else a jitted sharded init (shapes from jax.eval_shape).
-    datasets = tuple(n for n in landmarks.DATASETS if n in set(config.data.datasets))
+    datasets = unified.datasets
     ckpt = checkpointing.Checkpointer(
         workdir, keep=int(config.keep_checkpoints), best_metrics=[f"nme_{n}" for n in datasets]
     )
@@ -366,7 +405,7 @@ def train_and_evaluate(
             local = train_step.interleave_datasets(local)
         return sharding.shard_batch({k: local[k] for k in train_step.BATCH_KEYS}, mesh)
 
-    progress = Progress(total, global_batch, start)
+    progress = Progress(total, global_batch, start, unified.id_names())
     batches = data.train_iterator(start) if start < total else iter(())
     compiled = cost = None
     window_steps, rate_logged = 0, False

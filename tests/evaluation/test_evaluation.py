@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fgtbt_jax import landmarks
+from fgtbt_jax import landmarks, schemes, transforms
 from fgtbt_jax.evaluation import decoding, metrics, reports
 
 DS = landmarks.DATASETS
@@ -265,3 +265,101 @@ def test_evaluate_and_write_report(tmp_path):
     assert "| reference | COFW | full | 2 |" in paths["md"].read_text()
     assert os.path.getsize(paths["png"]) > 10_000
     assert len(paths["csv"].read_text().splitlines()) == 1 + 6
+
+
+# --- a scheme dataset (the demo MY19 scheme) beside the four built-in ones --------------------
+
+
+@pytest.fixture(scope="module")
+def my19_run():
+    from helpers import DEMO_SCHEME
+
+    my19 = schemes.load_scheme(DEMO_SCHEME)
+    return my19, schemes.derive((*DS, "MY19"), [my19])
+
+
+def test_scheme_dataset_nme_uses_its_normalization(my19_run):
+    """MY19's NME: inter-ocular = |p0 − p3|, inter-pupil = |p4 − p5| (its declaration); the
+    image's error is measured on its own 19 points read from their unified channels."""
+    my19, unified = my19_run
+    rng = np.random.default_rng(4)
+    b, hm, c = 3, 32, unified.num_channels
+    gt = rng.uniform(20, 100, (b, 19, 2)).astype(np.float32)
+    center, scale = np.full((b, 2), 60, np.float32), np.full(b, 1.2, np.float32)
+    idx = unified.index_maps[4]
+    decoded = np.zeros((b, c, 2), np.float32)
+    decoded[:, idx] = rng.uniform(8, 24, (b, 19, 2))
+    points = np.zeros((b, c, 2), np.float32)
+    points[:, idx] = gt
+    batch = {
+        "dataset_id": np.full(b, 4),
+        "points": points,
+        "mask": unified.mask[[4] * b],
+        "center": center,
+        "scale": scale,
+        "image_id": np.array([b"x", b"y", b"z"]),
+    }
+    acc = metrics.Accumulator(("standard",), unified, [my19])
+    acc.add(decoded, batch, heatmap_size=hm)
+    for i, rec in enumerate(acc.records):
+        assert rec["dataset"] == "MY19"
+        pred = transforms.inverse_transform_points(decoded[i, idx], center[i], 1.2, hm)
+        err = np.linalg.norm(pred - gt[i], axis=1).mean()
+        io = np.linalg.norm(gt[i, 0] - gt[i, 3])
+        ip = np.linalg.norm(gt[i, 4] - gt[i, 5])
+        np.testing.assert_allclose(rec["standard"]["nme_inter_ocular"], err / io, rtol=1e-5)
+        np.testing.assert_allclose(rec["standard"]["nme_inter_pupil"], err / ip, rtol=1e-5)
+    # a built-in dataset in the same accumulator keeps its own rule and order in the report
+    w = landmarks.unified_index("WFLW")
+    batch_w = {**batch, "dataset_id": np.full(b, 1), "mask": unified.mask[[1] * b]}
+    pts_w = np.zeros((b, c, 2), np.float32)
+    pts_w[:, w] = rng.uniform(20, 100, (b, 98, 2))
+    acc.add(np.zeros((b, c, 2), np.float32), {**batch_w, "points": pts_w}, heatmap_size=hm)
+    report = acc.report()["metrics"]["standard"]
+    assert list(report) == ["WFLW", "MY19"]
+    assert report["MY19"]["full"]["count"] == b
+    # ids that disagree with the layout (a MY19 row labelled WFLW) are an error, not a score
+    with pytest.raises(ValueError, match="disagree on dataset ids"):
+        acc.add(decoded, {**batch, "dataset_id": np.full(b, 1)}, heatmap_size=hm)
+    with pytest.raises(ValueError, match=r"dataset_id \[5\] not in"):
+        acc.add(decoded, {**batch, "dataset_id": np.full(b, 5)}, heatmap_size=hm)
+    # MY19 alone: the pipeline's id is still 4 (built-ins keep 0..3), the same 133 channels
+    alone = metrics.Accumulator(("standard",), schemes.derive(("MY19",), [my19]), [my19])
+    alone.add(decoded, batch, heatmap_size=hm)
+    assert [r["standard"] for r in alone.records] == [r["standard"] for r in acc.records[:b]]
+
+
+def test_scheme_box_normalization():
+    box = schemes.parse_scheme(
+        {
+            "name": "BOX3",
+            "points": [["300W", 30], ["300W", 8], ["new", "chin_tip"]],
+            "flip_pairs": [],
+            "normalization": {"box": True},
+        }
+    )
+    gt = np.array([[10, 10], [30, 50], [20, 30]], np.float32)
+    io, ip = metrics.normalization_distances(gt, "BOX3", scheme=box)
+    np.testing.assert_allclose([io, ip], [np.sqrt(20 * 40)] * 2, rtol=1e-6)
+
+
+def test_flip_with_a_run_permutation(my19_run):
+    """The wider heatmaps swap MY19's new pairs too; the 124 built-in channels as before."""
+    _, unified = my19_run
+    rng = np.random.default_rng(2)
+    c = unified.num_channels
+    h = rng.normal(size=(2, 4, 6, c)).astype(np.float32)
+    back = np.asarray(decoding.flip_back(h, unified.flip))
+    np.testing.assert_array_equal(decoding.flip_back(back, unified.flip), h)
+    np.testing.assert_array_equal(back[..., :124], np.asarray(decoding.flip_back(h[..., :124])))
+    right, left = unified.index_maps[4][10], unified.index_maps[4][11]  # right/left cheek
+    np.testing.assert_array_equal(back[..., right], h[:, :, ::-1, left])
+    with pytest.raises(ValueError, match="133 channels but the unified flip permutation has 124"):
+        decoding.flip_back(h)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
+    images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+    out = decoding.make_predict_fn(_FakeModel(), flip=unified.flip)({"w": w}, {"image": images})
+    base = images[..., 0].reshape(2, 8, 2, 8, 2).mean((2, 4))
+    expect = base[..., None] * (np.asarray(w) + np.asarray(w)[unified.flip]) / 2
+    np.testing.assert_allclose(np.asarray(out["heatmaps"]), expect, rtol=1e-5, atol=1e-6)
+    assert out["points"].shape == (2, c, 2)

@@ -179,3 +179,47 @@ def test_detect_cli_with_boxes(tmp_path, real_faces_dir):
     blank_rec = json.loads((out / "blank.json").read_text())
     assert blank_rec["faces"] == [] and "no face" in blank_rec.get("note", "")
     assert "broken.jpg" in res.stdout + res.stderr  # reported, the batch went on
+    # A model widened to a scheme dataset (the demo MY19, 133 channels): --scheme MY19 gives
+    # its 19 points; those it shares with the built-in datasets are read from the same channels
+    # as the 124-channel model's (equal outputs at step 0), the 9 new ones from the new channels.
+    from helpers import DEMO_SCHEME, wide_tiny_checkpoint
+
+    _, unified, _ = wide_tiny_checkpoint(
+        ROOT / "tests" / "fixtures" / "reference", tmp_path / "wide.pth"
+    )
+    datasets = ",".join(f'"{d}"' for d in unified.datasets)
+    wide = [
+        *cmd[:2],
+        "--checkpoint", str(tmp_path / "wide.pth"),
+        *cmd[4:6],
+        f'--config.data.schemes=("{DEMO_SCHEME}",)',
+        f"--config.data.datasets=({datasets})",
+        "--out", str(out / "wide"),
+        *cmd[8:10],
+        "--scheme", "MY19",
+        str(real_faces_dir / "takeo.ppm"),
+    ]  # fmt: skip
+    res = subprocess.run(
+        wide, capture_output=True, text=True, cwd=ROOT, timeout=300, env=subprocess_env()
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    (my19,) = json.loads((out / "wide" / "takeo.json").read_text())["faces"]
+    assert my19["scheme"] == "MY19"
+    got = np.asarray(my19["landmarks"])
+    assert got.shape == (19, 2)
+    idx = unified.index_maps[unified.datasets.index("MY19")]
+    shared = idx < 124
+    assert shared.sum() == 10
+    np.testing.assert_allclose(
+        got[shared], np.asarray(face["landmarks_124"])[idx[shared]], atol=0.05
+    )
+    np.testing.assert_allclose(my19["landmarks_124"], face["landmarks_124"], atol=0.05)
+    # an unknown scheme name is one error line
+    bad = wide[:]
+    bad[bad.index("--scheme") + 1] = "MY20"
+    res = subprocess.run(
+        bad, capture_output=True, text=True, cwd=ROOT, timeout=300, env=subprocess_env()
+    )
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
+        "error: --scheme MY20"
+    )

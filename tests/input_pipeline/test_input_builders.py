@@ -149,3 +149,34 @@ def test_skip_policy_counts_and_reports(tmp_path, demo_sets):
     b = builders.get_builder("wflw", tmp_path / "tfds", "demo")  # reload from disk
     assert b.info.splits["train"].num_examples == 4
     assert b.info.metadata["skipped_train"] == 1 and b.info.metadata["skipped_test"] == 0
+
+
+def test_pts_folder_in_a_scheme(tmp_path):
+    from helpers import DEMO_SCHEME, assert_one_error_line, run_script, write_pts_faces
+
+    from fgtbt_jax import schemes
+
+    my19 = schemes.load_scheme(DEMO_SCHEME)
+    manual, out = tmp_path / "my19", tmp_path / "tfds"
+    truth = {s: write_pts_faces(manual / s, n, 19, seed=n) for s, n in (("train", 3), ("test", 2))}
+    args = ["--dataset", "pts_folder", "--scheme", str(DEMO_SCHEME), "--manual_dir", str(manual)]
+    res = run_script("scripts/prepare_data.py", *args, "--data_dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    b = builders.scheme_builder(my19, out)  # what a run that lists MY19 reads
+    assert b.is_prepared() and b.data_dir.endswith("pts_folder/MY19/1.0.0")
+    for split, faces in truth.items():
+        src = b.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+        recs = {src[i]["image_id"].decode(): src[i] for i in range(len(src))}
+        assert sorted(recs) == sorted(faces)
+        for name, pts in faces.items():
+            np.testing.assert_array_equal(recs[name]["landmarks"], pts)
+    # a .pts with the wrong point count: named on one error line; skipped with --on_error=skip
+    write_pts_faces(manual / "test" / "bad", 1, 18, seed=9)
+    bad = manual / "test" / "bad" / "face_00.pts"
+    res = run_script("scripts/prepare_data.py", *args, "--data_dir", str(tmp_path / "tfds2"))
+    assert_one_error_line(res, f"{bad}: 18 points, expected 19")
+    assert not builders.scheme_builder(my19, tmp_path / "tfds2").is_prepared()
+    b = builders.prepare(
+        "pts_folder", data_dir=tmp_path / "tfds3", manual_dir=manual, scheme=my19, on_error="skip"
+    )
+    assert b.skip_log.count == 1 and b.info.splits["test"].num_examples == 2

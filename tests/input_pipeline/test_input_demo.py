@@ -78,3 +78,27 @@ def test_forced_wflw_attributes():
     for attr in ("largepose", "expression", "illumination", "occlusion", "blur", "makeup"):
         face = demo_faces.render_face(np.random.default_rng([9, len(attr)]), force=attr)
         assert face.attributes[attr], attr
+
+
+def test_scheme_demo_set_reannotates_the_faces(tmp_path):
+    from importlib import resources
+
+    from fgtbt_jax import schemes
+    from input_pipeline import demo, formats
+
+    scheme = schemes.load_scheme(
+        str(resources.files("fgtbt_jax").joinpath("data/schemes/demo_my19.json"))
+    )
+    out = demo.write_scheme(tmp_path, scheme, 2, 1, image_size=(64, 64))
+    u300, uw = landmarks.unified_index("300W"), landmarks.unified_index("WFLW")
+    for split, n in (("train", 2), ("test", 1)):
+        files = sorted((tmp_path / split).glob("*.pts"))
+        assert len(files) == n and all(f.with_suffix(".png").exists() for f in files)
+        for face, f in zip(out.splits[split], files, strict=True):
+            pts, u = formats.read_pts(f), face.points
+            assert pts.shape == (19, 2)
+            np.testing.assert_allclose(pts[0], u[u300[36]], atol=1e-3)
+            np.testing.assert_allclose(pts[5], u[uw[97]], atol=1e-3)
+            # new points: the midpoints their notes name (right_cheek: 300W 3 and 31)
+            np.testing.assert_allclose(pts[10], (u[u300[3]] + u[u300[31]]) / 2, atol=1e-3)
+            np.testing.assert_allclose(pts[18], (u[u300[21]] + u[u300[22]]) / 2, atol=1e-3)

@@ -233,6 +233,32 @@ def test_weighted_sampling(config):
     )
 
 
+def test_a_scheme_dataset_keeps_the_built_in_streams_and_weights(config):
+    from importlib import resources
+
+    c = config.copy_and_resolve_references()
+    c.data.schemes = (str(resources.files("fgtbt_jax").joinpath("data/schemes/demo_my19.json")),)
+    c.data.datasets = ("MY19", *landmarks.DATASETS)
+    sizes = {d: 6 for d in (*landmarks.DATASETS, "MY19")}
+    four = pipeline._TrainPlan(config, sizes, 0, 0, 1)
+    five = pipeline._TrainPlan(c, sizes, 0, 0, 1)
+    assert five.datasets == [*landmarks.DATASETS, "MY19"] and five.batch == 10
+    for step in range(4):
+        for j in range(8):  # the built-in slots: same records and augmentation streams
+            d, rec, rng = four.element(8 * step + j)
+            d5, rec5, rng5 = five.element(10 * step + j)
+            assert (d, rec, rng.random()) == (d5, rec5, rng5.random())
+        assert five.element(10 * step + 8)[0] == "MY19"
+    c.data.sampling = "weighted"
+    c.data.weights = (2.0, 1.0, 1.0, 0.0, 0.0)  # config.data.datasets order: MY19 first
+    np.testing.assert_allclose(
+        pipeline._TrainPlan(c, sizes, 0, 0, 1).weights, [0.25, 0.25, 0, 0, 0.5]
+    )
+    c.data.weights = (0.25, 0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="one entry per dataset of config.data.datasets"):
+        pipeline._TrainPlan(c, sizes, 0, 0, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 

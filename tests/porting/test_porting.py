@@ -227,3 +227,34 @@ def test_param_count_script_matches_manifest(ref_dir):
     assert r.returncode == 0, r.stderr
     assert f"state-dict floating values: {want:,}" in r.stdout
     assert "model.kernels: xla (config: xla)" in r.stdout
+
+
+def test_widened_checkpoint_round_trips_through_pth(ref_dir, tmp_path, tiny_sd):
+    """A 133-channel model (four datasets + MY19) exports in the release key layout with the
+    larger head and loads back bit for bit; a 124-channel config refuses it."""
+    from helpers import wide_tiny_checkpoint
+
+    path = tmp_path / "wide.pth"
+    config, unified, variables = wide_tiny_checkpoint(ref_dir, path)
+    back = pth.load_pth(path)
+    assert back["model"]["args"]["num_points"] == unified.num_channels == 133
+    sd = back["model"]["sd"]
+    assert list(sd) == list(tiny_sd)  # the release's keys, in its order
+    widened = {k for k in sd if sd[k].shape != tiny_sd[k].shape}
+    assert widened == {
+        "encoder.decode_head.conv2.weight",
+        "encoder.decode_head.conv_seg.weight",
+        "encoder.decode_head.conv_seg.bias",
+    }
+    for k in widened:  # channels first in torch: the 124 released ones, then MY19's 9
+        assert sd[k].shape[0] == 133 and sd[k].shape[1:] == tiny_sd[k].shape[1:], k
+        np.testing.assert_array_equal(sd[k][:124], tiny_sd[k])
+    _, loaded = load_pretrained(path, config)
+    for (kp, a), (_, b) in zip(
+        jax.tree_util.tree_leaves_with_path(loaded),
+        jax.tree_util.tree_leaves_with_path(variables),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(kp))
+    with pytest.raises(convert.CheckpointMismatchError, match="conv2"):
+        load_pretrained(path, fgtbt.get_config("reference_tiny"))
