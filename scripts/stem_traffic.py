@@ -26,6 +26,7 @@ _BATCH = flags.DEFINE_integer("batch", 4, "Images.")
 _SIZE = flags.DEFINE_integer("size", 480, "Input height and width.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 _JSON = flags.DEFINE_string("json", None, "Write the rows here.")
+_TOP = flags.DEFINE_integer("top", 0, "Also print each stem's top instructions by HBM bytes.")
 
 STEMS = {"patch_embed1": 64, "handcrafted_generator1": 16}  # release widths: E₁, E₁/4
 
@@ -85,6 +86,8 @@ def main(argv: list[str]) -> None:
             f"{row['on_chip_bytes'] / 1e9:.3f} GB, matmul {row['matmul_flops'] / 1e9:.2f} "
             f"GFLOP, XLA bytes accessed {row['xla_bytes_accessed'] / 1e9:.2f} GB"
         )
+        for r in sorted(model.rows, key=lambda r: -r.hbm_bytes)[: _TOP.value]:
+            print(f"  {r.hbm_bytes / 1e9:7.3f} GB  {r.opcode:12s} {r.name:24s} {r.op_name[-90:]}")
     if _JSON.value:
         pathlib.Path(_JSON.value).write_text(json.dumps(rows, indent=1) + "\n")
 
