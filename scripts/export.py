@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import fgtbt_jax
-from fgtbt_jax import errors, paths
+from fgtbt_jax import errors, paths, schemes
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.export import function, stablehlo, verify
 
@@ -69,6 +69,7 @@ def main(argv: list[str]) -> None:
     size = int(config.img_size)
     if _RANDOM_INIT.value == bool(_CHECKPOINT.value):
         raise app.UsageError("give exactly one of --checkpoint and --random_init")
+    unified = schemes.configure(config)  # the head follows --config.data.schemes
     if _RANDOM_INIT.value:
         import jax
 
@@ -79,7 +80,12 @@ def main(argv: list[str]) -> None:
     else:
         model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config, "--checkpoint")
     fn = function.inference_fn(
-        model, variables, with_flip=_WITH_FLIP.value, decode=_DECODE.value, refine=_REFINE.value
+        model,
+        variables,
+        with_flip=_WITH_FLIP.value,
+        decode=_DECODE.value,
+        refine=_REFINE.value,
+        channel_flip=unified.flip,
     )
     names = function.output_names(_DECODE.value)
     meta = function.metadata(
