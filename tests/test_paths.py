@@ -143,3 +143,56 @@ def test_hub_checkpoint_through_gcs_to_evaluation(gcs_server, gcs_bucket, tmp_pa
     assert np.isfinite(report["metrics"]["reference"]["300W"]["full"]["nme_inter_ocular"])
     assert gcs_server.read(f"{gcs_bucket}/eval/ced.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "gs:").exists() and not (tmp_path / "hf:").exists()
+
+
+def test_export_and_aot_artifacts_to_gcs(gcs_server, gcs_bucket, tmp_path):
+    """export.py's artifact and rows, aot_compile.py's --json and --export_dir, all on gs://."""
+    from jax import export
+
+    out = f"{gcs_bucket}/export"
+    tiny = f"--config={ROOT}/configs/fgtbt.py:tiny"
+    r = _script(
+        "export.py",
+        tiny,
+        "--random_init",
+        "--format=stablehlo",
+        "--batch=1",
+        f"--out={out}/tiny.shlo",
+        "--verify",  # deserializes the artifact read back from the bucket
+        f"--verify_json={out}/verify.json",
+        cwd=tmp_path,
+        **gcs_server.env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert gcs_server.objects(out) == [
+        "export/tiny.shlo",
+        "export/tiny.shlo.json",
+        "export/verify.json",
+    ]
+    exported = export.deserialize(bytearray(gcs_server.read(f"{out}/tiny.shlo")))
+    assert exported.in_avals[0].shape == (1, 96, 96, 3)
+    assert json.loads(gcs_server.read(f"{out}/tiny.shlo.json"))["fgtbt.batch"] == "1"
+    rows = json.loads(gcs_server.read(f"{out}/verify.json"))["rows"]
+    assert rows and all(row["relative"] < 1e-5 for row in rows), rows
+
+    # aot_compile.py keeps the rows of an earlier run found in --json (read from the bucket).
+    earlier = {"target": "tpu:v5e-8", "step": "train", "status": "compiled"}
+    paths.write_text(f"{out}/aot.json", json.dumps([earlier]))
+    r = _script(
+        "aot_compile.py",
+        tiny,
+        "--target=gpu:h100-1",
+        "--step=eval",
+        "--batch_per_device=4",  # a multiple of the 4 datasets on one GPU
+        f"--export_dir={out}/aot",
+        f"--json={out}/aot.json",
+        cwd=tmp_path,
+        **gcs_server.env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(gcs_server.read(f"{out}/aot.json"))
+    assert rows[0] == earlier and rows[1]["status"] == "exported (not compiled)", rows
+    assert rows[1]["export_path"].startswith(f"{out}/aot/gpu_h100-1/eval_"), rows[1]
+    exported = export.deserialize(bytearray(gcs_server.read(rows[1]["export_path"])))
+    assert exported.platforms == ("cuda",)
+    assert not (tmp_path / "gs:").exists()
