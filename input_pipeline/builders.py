@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -371,7 +370,7 @@ def prepare(
     if builder.is_prepared():
         if not overwrite:
             return builder
-        shutil.rmtree(builder.data_dir)
+        epath.Path(builder.data_dir).rmtree()  # local or gs://
         builder = get_builder(dataset, data_dir, config, on_error=on_error)
     manual = pathlib.Path(manual_dir)
     if not manual.is_dir():
