@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -370,7 +371,7 @@ def prepare(
     if builder.is_prepared():
         if not overwrite:
             return builder
-        epath.Path(builder.data_dir).rmtree()  # local or gs://
+        shutil.rmtree(builder.data_dir)
         builder = get_builder(dataset, data_dir, config, on_error=on_error)
     manual = pathlib.Path(manual_dir)
     if not manual.is_dir():

@@ -32,7 +32,6 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -45,7 +44,6 @@ except RuntimeError:  # already initialised by someone else; nothing to hide any
     pass
 
 import tensorflow_datasets as tfds  # noqa: E402
-from etils import epath  # noqa: E402
 
 from fgtbt_jax import errors, landmarks, paths, transforms  # noqa: E402
 from input_pipeline import builders, demo, formats  # noqa: E402
@@ -578,13 +576,10 @@ def prepare_demo(
 
     ``num_images`` training faces per dataset (test sets: max(6, num_images // 4); 300W also
     a harder ``challenging`` half-size set). Raw files go to ``raw_dir/<DATASET>`` (default
-    ``<data_dir>/demo_raw``; a new local temporary folder for a gs:// ``data_dir``: TFDS reads
-    them locally). Datasets already prepared with the same settings are kept, others
+    ``<data_dir>/demo_raw``). Datasets already prepared with the same settings are kept, others
     regenerated. Returns the raw folders.
     """
-    data_dir = paths.resolve(data_dir, "data_dir")  # local or gs://, never a local "gs:" folder
-    if raw_dir is None and paths.is_remote(data_dir):
-        raw_dir = tempfile.mkdtemp(prefix="fgtbt_demo_raw_")
+    data_dir = paths.data_dir(data_dir, "data_dir")  # never a local "gs:" folder
     raw_root = pathlib.Path(raw_dir) if raw_dir is not None else data_dir / "demo_raw"
     size = None if image_size is None else [int(v) for v in np.broadcast_to(image_size, 2)]
     sig = {"demo_version": _DEMO_VERSION, "num_images": int(num_images), "image_size": size,
@@ -597,7 +592,7 @@ def prepare_demo(
         if b.is_prepared() and dict(b.info.metadata).get("demo") == sig:
             continue
         if b.is_prepared():
-            epath.Path(b.data_dir).rmtree()
+            shutil.rmtree(b.data_dir)
         if raw.exists():
             shutil.rmtree(raw)
         demo.write_official(

@@ -45,7 +45,7 @@ def main(argv):
         raise app.UsageError("--dataset is required")
     if _MANUAL_DIR.value:
         paths.local(_MANUAL_DIR.value, "--manual_dir", "the official files are read locally")
-    paths.check(_DATA_DIR.value, "--data_dir")
+    paths.data_dir(_DATA_DIR.value, "--data_dir")
     if _DATASET.value == "demo":
         size = _IMAGE_SIZE.value or None
         raw = pipeline.prepare_demo(
