@@ -11,11 +11,14 @@ TF's client has a hard-coded endpoint (``https://www.googleapis.com``, reads fro
 * fake-gcs-server (tests/gcs_server.py) with a bucket, behind :class:`Proxy` on 127.0.0.1:443
   with a self-signed certificate for those names (trusted through ``CURL_CA_BUNDLE``).
 
-The proxy normalizes what fake-gcs-server cannot take from TF's libcurl: request bodies sent
-with ``Transfer-Encoding: chunked`` (fake-gcs-server answers 501 "Unsupported transfer
-encoding", e.g. to TF's resumable-upload initiation) are decoded and forwarded with a
-``Content-Length``; the server's own URL in a ``Location`` header (the resumable-upload session)
-is rewritten to the Google endpoint. COMMAND runs with ``{bucket}`` in its arguments replaced
+The proxy normalizes what fake-gcs-server (Go's net/http) does not take from TF's libcurl:
+the resumable-upload initiation (an empty POST) carries ``Transfer-Encoding: identity``, which
+Go answers with 501 "Unsupported transfer encoding", and the upload itself (PUT) a chunked body
+with a ``Content-Length`` beside it; every body is forwarded decoded, with its real
+``Content-Length`` and no ``Transfer-Encoding``. The ``Host`` header is kept (fake-gcs-server
+serves ``storage.googleapis.com/BUCKET/OBJECT`` reads by host), and the server's own URL in a
+``Location`` header (the upload session) is rewritten to the Google endpoint, so the upload
+comes back through the proxy. COMMAND runs with ``{bucket}`` in its arguments replaced
 by the bucket's ``gs://name`` (also in ``BUCKET``), TF's test token, and gcsfs and tensorstore
 pointed at fake-gcs-server directly (``gcs_server.FakeGcs.env``). Afterwards every object of
 the bucket is copied into the local folder DUMP (by object name), and this process exits with
@@ -127,10 +130,6 @@ def _certificate(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     return cert, key
 
 
-def _serve(server: Proxy) -> None:
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
-
 def main(dump: pathlib.Path, cmd: list[str]) -> int:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,9 +144,7 @@ def main(dump: pathlib.Path, cmd: list[str]) -> int:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(cert, key)
             tls.socket = context.wrap_socket(tls.socket, server_side=True)
-            plain = Proxy(("127.0.0.1", 80), upstream, server.url)
-            for s in (tls, plain):
-                _serve(s)
+            threading.Thread(target=tls.serve_forever, daemon=True).start()
             bucket = server.new_bucket()
             # gcsfs and tensorstore reach the emulator directly, TensorFlow through the proxy.
             env = {**os.environ, **server.env}
@@ -168,9 +165,8 @@ def main(dump: pathlib.Path, cmd: list[str]) -> int:
                 target = dump / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(server.read(f"{bucket}/{name}"))
-            for s in (tls, plain):
-                s.shutdown()
-                s.server_close()
+            tls.shutdown()
+            tls.server_close()
     return code
 
 
