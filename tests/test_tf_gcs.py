@@ -3,7 +3,8 @@ read back through tf.data.
 
 Each test runs its processes in a network and mount namespace of their own (tests/tf_gcs.py:
 the Google endpoints mapped to a local TLS proxy in front of fake-gcs-server); it is skipped
-only where ``unshare -n -m`` is not permitted (it needs root).
+only where no namespace can be made (``unshare -n -m`` needs root, ``unshare -r -n -m``
+unprivileged user namespaces).
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from helpers import subprocess_env
 from toy_model import toy_command
 
 pytest.importorskip("tensorflow")
-_WHY = tf_gcs.unshare_available()
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"{_WHY} (needs root)")
+UNSHARE = tf_gcs.unshare_prefix()
+pytestmark = pytest.mark.skipif(
+    UNSHARE is None,
+    reason="neither `unshare -n -m` (root) nor `unshare -r -n -m` (user namespaces) works here",
+)
 
 
 def _run(dump: pathlib.Path, cmd: list[str], cwd: pathlib.Path) -> str:
     proc = subprocess.run(
-        tf_gcs.command(dump, cmd),
+        tf_gcs.command(UNSHARE, dump, cmd),
         cwd=cwd,
         env=subprocess_env(),
         capture_output=True,

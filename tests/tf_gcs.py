@@ -3,7 +3,8 @@ backend) against fake-gcs-server, in a network and mount namespace of its own.
 
 TF's client has a hard-coded endpoint (``https://www.googleapis.com``, reads from
 ``https://storage.googleapis.com``) and no emulator setting, so this module, run as
-``unshare -n -m python tests/tf_gcs.py DUMP -- COMMAND...`` (root), builds the world it expects:
+``unshare -n -m python tests/tf_gcs.py DUMP -- COMMAND...`` (root; ``unshare -r -n -m`` in a
+user namespace otherwise), builds the world it expects:
 
 * an empty network namespace with only the loopback up (nothing leaves the machine);
 * a hosts file mapping the Google names to 127.0.0.1, bind-mounted over ``/etc/hosts`` (the
@@ -16,9 +17,9 @@ the resumable-upload initiation (an empty POST) carries ``Transfer-Encoding: ide
 Go answers with 501 "Unsupported transfer encoding", and the upload itself (PUT) a chunked body
 with a ``Content-Length`` beside it; every body is forwarded decoded, with its real
 ``Content-Length`` and no ``Transfer-Encoding``. The ``Host`` header is kept (fake-gcs-server
-serves ``storage.googleapis.com/BUCKET/OBJECT`` reads by host), and the server's own URL in a
-``Location`` header (the upload session) is rewritten to the Google endpoint, so the upload
-comes back through the proxy. COMMAND runs with ``{bucket}`` in its arguments replaced
+serves ``storage.googleapis.com/BUCKET/OBJECT`` reads by host), and the upload session's
+``Location`` (``http://`` and that host) is rewritten to ``https://``, so the upload comes back
+through the proxy. COMMAND runs with ``{bucket}`` in its arguments replaced
 by the bucket's ``gs://name`` (also in ``BUCKET``), TF's test token, and gcsfs and tensorstore
 pointed at fake-gcs-server directly (``gcs_server.FakeGcs.env``). Afterwards every object of
 the bucket is copied into the local folder DUMP (by object name), and this process exits with
@@ -37,24 +38,27 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 
 import gcs_server
 
 HOSTS = ("www.googleapis.com", "storage.googleapis.com", "oauth2.googleapis.com")
-ENDPOINT = "https://www.googleapis.com"
 
 
-def unshare_available() -> str | None:
-    """None where ``unshare -n -m`` works here, else why not (for a skip reason)."""
+def unshare_prefix() -> list[str] | None:
+    """The ``unshare`` command line that works here: ``-n -m`` (root), else ``-r -n -m`` (in a
+    user namespace, where unprivileged ones are allowed); None when neither does."""
     if shutil.which("unshare") is None:
-        return "no unshare command"
-    r = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True, text=True, check=False)
-    return None if r.returncode == 0 else f"unshare -n -m not permitted: {r.stderr.strip()}"
+        return None
+    for prefix in (["unshare", "-n", "-m"], ["unshare", "-r", "-n", "-m"]):
+        if subprocess.run([*prefix, "true"], capture_output=True, check=False).returncode == 0:
+            return prefix
+    return None
 
 
-def command(dump: pathlib.Path, cmd: list[str]) -> list[str]:
+def command(prefix: list[str], dump: pathlib.Path, cmd: list[str]) -> list[str]:
     """``cmd`` run in its own namespaces against a fresh bucket (see the module docstring)."""
-    return ["unshare", "-n", "-m", sys.executable, __file__, str(dump), "--", *cmd]
+    return [*prefix, sys.executable, __file__, str(dump), "--", *cmd]
 
 
 def _read_body(handler: http.server.BaseHTTPRequestHandler) -> bytes:
@@ -77,9 +81,16 @@ class Proxy(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], upstream: str, upstream_url: str) -> None:
-        self.upstream, self.upstream_url = upstream, upstream_url
+    def __init__(self, address: tuple[str, int], upstream: str) -> None:
+        self.upstream = upstream
         super().__init__(address, _Handler)
+
+    def location(self, url: str) -> str:
+        """An upload-session URL from fake-gcs-server (``http://`` + the request's host, or its
+        own address) as the TLS endpoint, so that the upload comes back through here."""
+        parts = urllib.parse.urlsplit(url)
+        host = HOSTS[0] if parts.netloc == self.upstream else parts.netloc
+        return parts._replace(scheme="https", netloc=host).geturl() if host in HOSTS else url
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -103,7 +114,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if k.lower() in ("transfer-encoding", "content-length", "connection"):
                 continue
             if k.lower() == "location":
-                v = v.replace(self.server.upstream_url, ENDPOINT)
+                v = self.server.location(v)
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -140,7 +151,7 @@ def main(dump: pathlib.Path, cmd: list[str]) -> int:
         cert, key = _certificate(folder)
         with gcs_server.running(folder / "fake_gcs.log") as server:
             upstream = f"127.0.0.1:{server.port}"
-            tls = Proxy(("127.0.0.1", 443), upstream, server.url)
+            tls = Proxy(("127.0.0.1", 443), upstream)
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(cert, key)
             tls.socket = context.wrap_socket(tls.socket, server_side=True)
