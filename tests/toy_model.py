@@ -86,6 +86,21 @@ def toy_command(args: dict) -> list[str]:
     return [sys.executable, __file__, json.dumps(args)]
 
 
+def _paused(batches, pause_at: int, go: str):
+    """``batches`` (a ``Source.train_iterator``) that prints ``AT_STEP k`` before step
+    ``pause_at``'s batch and waits for the file ``go``."""
+
+    def paused(self, start_step=0):
+        for step, batch in enumerate(batches(self, start_step), start=start_step + 1):
+            if step == pause_at:
+                print(f"AT_STEP {step}", flush=True)
+                while not os.path.exists(go):
+                    time.sleep(0.02)
+            yield batch
+
+    return paused
+
+
 def main(args: dict) -> int:
     """fgtbt_jax.train.trainer's training loop with the toy network, in this process (joins a
     ``jax.distributed`` job when JAX_COORDINATOR_ADDRESS etc. are set). ``args``: ``workdir``,
@@ -100,17 +115,8 @@ def main(args: dict) -> int:
     sharding.maybe_initialize_distributed()
     config = toy_config(**args.get("overrides", {}))
     if args.get("pause_at"):
-        batches = sources.SyntheticSource.train_iterator
-
-        def paused(self, start_step=0):
-            for step, batch in enumerate(batches(self, start_step), start=start_step + 1):
-                if step == args["pause_at"]:
-                    print(f"AT_STEP {step}", flush=True)
-                    while not os.path.exists(args["go"]):
-                        time.sleep(0.02)
-                yield batch
-
-        sources.SyntheticSource.train_iterator = paused
+        for source in (sources.SyntheticSource, sources.TfdsSource):
+            source.train_iterator = _paused(source.train_iterator, args["pause_at"], args["go"])
     if args.get("kill_after_save"):
         save = checkpointing.Checkpointer.save
 

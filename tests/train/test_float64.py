@@ -13,10 +13,11 @@ BatchNorm 2e-15, gradients median 4e-15 / worst 3e-11):
 * BatchNorm running statistics after the train forward: 1e-10.
 
 Both ``model.kernels`` paths with both ``model.decoder_form``s are held to the same bounds: the
-fixtures are parametrized over the four pairs (one eval compile and one train-step compile
-each), and no compiled step may hold a float32 op. Everything runs under
-``jax.enable_x64(True)`` inside the fixtures, so other tests keep 32-bit JAX; the results leave
-the context as NumPy arrays.
+forward over the four pairs (one eval compile each), the train step over the two pairs that
+``decoder_form="auto"`` does not pick (one train-step compile each; the float32 step tests in
+test_train_step.py run the other two), and no compiled step may hold a float32 op. Everything
+runs under ``jax.enable_x64(True)`` inside the fixtures, so other tests keep 32-bit JAX; the
+results leave the context as NumPy arrays.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import OP_PATHS_AND_FORMS, ROOT, op_path_id, reference_batch, subprocess_env
+from helpers import (
+    CROSSED_OP_PATHS_AND_FORMS,
+    OP_PATHS_AND_FORMS,
+    ROOT,
+    op_path_id,
+    reference_batch,
+    subprocess_env,
+)
 
 from configs import fgtbt
 from fgtbt_jax import landmarks
@@ -116,7 +124,7 @@ def test_float64_forward_matches_reference(forward64, ref_float64):
     assert rel_err(forward64["heatmaps"][:2], ref_float64["eval_heatmaps_first2_nchw"]) < 1e-10
 
 
-@pytest.fixture(scope="module", params=OP_PATHS_AND_FORMS, ids=op_path_id)
+@pytest.fixture(scope="module", params=CROSSED_OP_PATHS_AND_FORMS, ids=op_path_id)
 def step64(request, ref_dir, ref_float64):
     """One float64 train step from the reference checkpoint on the reference batch (our own
     float64 high-pass image). Returns state dicts (release names) and metrics as NumPy."""

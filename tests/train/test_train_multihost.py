@@ -1,11 +1,13 @@
-"""scripts/train.py's whole lifecycle on two processes (``jax.distributed``, one CPU each).
+"""The trainer's whole lifecycle on two processes (``jax.distributed``, one CPU each).
 
-The real tiny network on the demo tf.data pipeline: start → evaluation at step 0 → checkpoint
-→ SIGTERM to process 1 only → both processes save the same step and exit with the preemption
-code → a rerun resumes → evaluation and checkpoint at the end → EMA export. The reference is
-one process with two CPU devices (same mesh size, same global batches), run without
-interruption. Every orbax manager, restore and evaluation must run on both processes, or the
-job dies at a barrier (issue #13).
+The stand-in network (tests/toy_model.py, through ``train_and_evaluate`` as scripts/train.py
+calls it) on the demo tf.data pipeline: start → evaluation at step 0 → SIGTERM to process 1
+only → both processes save the same step and exit with the preemption code → a rerun resumes →
+evaluation and checkpoint at the end. The reference is one process with two CPU devices (same
+mesh size, same global batches), run without interruption. Every orbax manager, restore and
+evaluation must run on both processes, or the job dies at a barrier (issue #13). The EMA export
+on two processes is tests/train/test_export_multiprocess.py; the real network's train step is
+held to the reference in test_train_step.py.
 """
 
 from __future__ import annotations
@@ -14,59 +16,53 @@ import json
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from helpers import free_port, subprocess_env
+from toy_model import build_toy, toy_command, toy_config
 
 from configs import fgtbt
-from fgtbt_jax.porting import pth
+from fgtbt_jax import checkpointing
+from fgtbt_jax.train import sharding
+from fgtbt_jax.train import state as train_state
 
 ROOT = pathlib.Path(__file__).parents[2]
 TOTAL = 3
+PAUSE = 2  # process 1 gets SIGTERM while both wait for step 2's batch
 PREEMPTED = 143
-TIMEOUT = 1800  # seconds per phase (generous: a busy 2-core machine compiles slowly)
+TIMEOUT = 600  # seconds per phase (generous: a busy 2-core machine)
 
 
-def _overrides(data_dir: pathlib.Path) -> list[str]:
-    return [
-        f"--config.data.data_dir={data_dir}",
-        f"--config.total_steps={TOTAL}",
-        "--config.log_every=1",
-        "--config.checkpoint_every=100",
-        "--config.eval_every=100",  # evaluations at step 0 and at the end
-        "--config.data.shuffle_buffer=8",
-    ]
+def _overrides(data_dir: pathlib.Path) -> dict:
+    return {
+        "data.source": "demo",
+        "data.data_dir": str(data_dir),
+        "data.shuffle_buffer": 8,
+        "data.batch_per_dataset": 2,  # one share per process
+        "total_steps": TOTAL,
+        "checkpoint_every": 100,
+        "eval_every": 100,  # evaluations at step 0 and at the end
+    }
 
 
 def _start(
-    workdir: pathlib.Path, data_dir: pathlib.Path, name: str, **env_extra: str
+    workdir: pathlib.Path, data_dir: pathlib.Path, name: str, pause: bool = False, **env_extra: str
 ) -> tuple[subprocess.Popen, pathlib.Path, pathlib.Path]:
-    env = subprocess_env(
-        # The rerun reuses the first run's executables.
-        JAX_COMPILATION_CACHE_DIR=str(workdir.parents[1] / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        **env_extra,
-    )
+    args = {"workdir": str(workdir), "overrides": _overrides(data_dir)}
+    if pause:
+        args.update(pause_at=PAUSE, go=str(workdir.parent / "go"))
     out, err = workdir.parent / f"{name}.out", workdir.parent / f"{name}.err"
-    cmd = [
-        sys.executable,
-        "scripts/train.py",
-        "--config",
-        "configs/fgtbt.py:tiny",
-        "--workdir",
-        str(workdir),
-        *_overrides(data_dir),
-    ]
     with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=e)
+        proc = subprocess.Popen(
+            toy_command(args), cwd=ROOT, env=subprocess_env(**env_extra), stdout=o, stderr=e
+        )
     return proc, out, err
 
 
-def _two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, run: str) -> list:
+def _two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, run: str, **kw) -> list:
     port = free_port()
     return [
         _start(
@@ -76,6 +72,7 @@ def _two_processes(workdir: pathlib.Path, data_dir: pathlib.Path, run: str) -> l
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
             JAX_NUM_PROCESSES="2",
             JAX_PROCESS_ID=str(i),
+            **kw,
         )
         for i in range(2)
     ]
@@ -98,7 +95,17 @@ def _log(path: pathlib.Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-@pytest.mark.slow  # three processes compile the real tiny network (~20 min at load 6 on 2 cores)
+def _restore(workdir: pathlib.Path, data_dir: pathlib.Path) -> train_state.TrainState:
+    config = toy_config(**_overrides(data_dir))
+    tx, _ = train_state.make_optimizer(config)
+    abstract = train_state.abstract_train_state(
+        config, build_toy(config.model), tx, sharding.make_mesh(1)
+    )
+    with checkpointing.Checkpointer(workdir) as ckpt:
+        assert ckpt.latest_step() == TOTAL
+        return jax.device_get(ckpt.restore(abstract))
+
+
 def test_two_process_lifecycle_matches_one_process_with_two_devices(tmp_path):
     from input_pipeline import pipeline
 
@@ -120,23 +127,33 @@ def test_two_process_lifecycle_matches_one_process_with_two_devices(tmp_path):
 
 def _lifecycle(one: pathlib.Path, two: pathlib.Path, data_dir: pathlib.Path, started: list):
     reference = _start(one, data_dir, "one", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    first = _two_processes(two, data_dir, "first")
+    first = _two_processes(two, data_dir, "first", pause=True)
     started += [reference, *first]
 
-    # SIGTERM to process 1 once the step-0 evaluation is logged (the train step still has to
-    # compile, so the notice arrives well before the last step).
-    out0 = first[0][1]
+    # SIGTERM to process 1 once both processes wait for step PAUSE's batch (after the step-0
+    # evaluation and step 1), then let them go on: both save that step and stop.
     deadline = time.time() + TIMEOUT
-    while "eval step 0:" not in out0.read_text():
+    while not all(f"AT_STEP {PAUSE}" in out.read_text() for _, out, _ in first):
         if time.time() > deadline or any(p.poll() is not None for p, _, _ in first):
-            pytest.fail(f"no step-0 evaluation:\n{out0.read_text()}\n{first[0][2].read_text()}")
+            pytest.fail(
+                "\n".join(out.read_text() + err.read_text()[-3000:] for _, out, err in first)
+            )
         time.sleep(0.1)
+    out0 = first[0][1]
+    assert "eval step 0:" in out0.read_text()
     first[1][0].send_signal(signal.SIGTERM)
+    # The coordination service agrees on the stop step from the steps the processes have
+    # reached (1): give the notice time to reach every process before step 2 runs.
+    while "SIGTERM caught" not in first[1][2].read_text():
+        if time.time() > deadline:
+            pytest.fail(first[1][2].read_text()[-3000:])
+        time.sleep(0.1)
+    time.sleep(3)
+    (two.parent / "go").touch()
     codes = _wait(first)
     assert codes == [PREEMPTED, PREEMPTED], [e.read_text()[-4000:] for _, _, e in first]
     saved = int(out0.read_text().split("preempted: saved step ")[1].split(";")[0])
     assert 1 <= saved < TOTAL
-    assert not (two / "fgtbt_ema.pth").exists()
 
     second = _two_processes(two, data_dir, "second")
     started += second
@@ -146,12 +163,11 @@ def _lifecycle(one: pathlib.Path, two: pathlib.Path, data_dir: pathlib.Path, sta
     # Process 1 prints nothing of its own; process 0 reports for the job.
     assert "step" not in first[1][1].read_text() + second[1][1].read_text()
 
-    # The exported EMA weights equal the single-process run's, bit for bit.
-    a, b = pth.load_pth(two / "fgtbt_ema.pth"), pth.load_pth(one / "fgtbt_ema.pth")
-    assert a["epoch"] == b["epoch"] == TOTAL
-    assert a["model"]["sd"].keys() == b["model"]["sd"].keys()
-    for k, v in a["model"]["sd"].items():
-        np.testing.assert_array_equal(v, b["model"]["sd"][k], err_msg=k)
+    # The final state (parameters, EMA, optimizer, BatchNorm statistics) equals the
+    # single-process run's, bit for bit.
+    a, b = _restore(two, data_dir), _restore(one, data_dir)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
 
     # Metrics written once (process 0), every step exactly once across the preemption, and
     # the same losses as the single-process run.
