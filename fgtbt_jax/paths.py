@@ -6,7 +6,8 @@ A URL of any other scheme is refused with a :class:`PathError` naming the flag, 
 into a local folder (``./gs:/…``). Inputs that only work on local disk go through
 :func:`local`, which refuses URLs at once. Checkpoint inputs also accept
 ``hf://owner/repo[/path/in/repo.pth][@revision]`` (:func:`checkpoint`): the file is fetched
-through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, revision pinning).
+through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, revision pinning). A TFDS
+``data_dir`` stays local (:func:`data_dir`).
 
 gs:// goes through gcsfs where it is installed (the ``gcs`` extra; ``EPATH_USE_TF`` unset is
 taken as false), else through TensorFlow's client. Object stores have no append and no rename:
@@ -95,6 +96,19 @@ def local(path: str | os.PathLike, flag: str, why: str) -> pathlib.Path:
     if is_remote(path):
         raise PathError(f"{flag}: {os.fspath(path)!r} must be a local path ({why})")
     return pathlib.Path(os.fspath(path)).absolute()
+
+
+# array_record (riegeli) opens local files only: google/array_record#120, google/riegeli#31.
+DATA_DIR_WHY = (
+    "prepared datasets are ArrayRecord files, which array_record reads and writes on local "
+    "disk only; prepare locally and copy them to each host, e.g. "
+    "gsutil -m rsync -r gs://BUCKET/tfds /local/tfds"
+)
+
+
+def data_dir(path: str | os.PathLike, flag: str) -> pathlib.Path:
+    """A TFDS ``data_dir``: local only (:data:`DATA_DIR_WHY`), refused at once otherwise."""
+    return local(path, flag, DATA_DIR_WHY)
 
 
 @contextlib.contextmanager

@@ -50,7 +50,7 @@ except RuntimeError:  # already initialised by someone else; nothing to hide any
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from fgtbt_jax import errors, landmarks, schemes, transforms  # noqa: E402
+from fgtbt_jax import errors, landmarks, paths, schemes, transforms  # noqa: E402
 from input_pipeline import builders, demo, formats  # noqa: E402
 
 MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
@@ -674,7 +674,7 @@ def prepare_demo(
     regenerated. ``scheme_datasets``: also the demo faces re-annotated in these schemes
     (:func:`input_pipeline.demo.write_scheme`, a ``.pts`` folder). Returns the raw folders.
     """
-    data_dir = pathlib.Path(data_dir)
+    data_dir = paths.data_dir(data_dir, "data_dir")  # never a local "gs:" folder
     raw_root = pathlib.Path(raw_dir) if raw_dir is not None else data_dir / "demo_raw"
     size = None if image_size is None else [int(v) for v in np.broadcast_to(image_size, 2)]
     sig = {"demo_version": _DEMO_VERSION, "num_images": int(num_images), "image_size": size,

@@ -29,6 +29,7 @@ it; this needs no CUDA plugin.
 ``--json OUT`` is rewritten after every row (rows are keyed by target, step, batch, dtype,
 sharding and kernels, so several runs can fill one file); rows still to be measured are
 written with ``"status": "not measured"`` first, so an interrupted run leaves them marked.
+``--json`` and ``--export_dir`` may be ``gs://`` URLs (each file written whole or not at all).
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import traceback
 
 import jax
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from fgtbt_jax import errors, paths
@@ -76,13 +77,13 @@ def _key(row: dict) -> tuple:
     return tuple(row.get(k) for k in KEY)
 
 
-def _load(path: pathlib.Path | None) -> list[dict]:
+def _load(path: epath.Path | None) -> list[dict]:
     if path is None or not path.exists():
         return []
     return json.loads(path.read_text())
 
 
-def _save(path: pathlib.Path | None, rows: list[dict]) -> None:
+def _save(path: epath.Path | None, rows: list[dict]) -> None:
     if path is None:
         return
     paths.write_text(path, json.dumps(rows, indent=1) + "\n")  # whole or not at all
@@ -143,6 +144,9 @@ def main(argv: list[str]) -> None:
         if s not in ("train", "eval"):
             raise app.UsageError(f"--step: train or eval, got {s!r}")
     batches = [int(b) for b in _BATCH.value]
+    # Local or gs:// (an unsupported URL fails here, before anything compiles).
+    path = paths.resolve(_JSON.value, "--json") if _JSON.value else None
+    paths.check(_EXPORT_DIR.value, "--export_dir")
     gpu_devices = max((t.num_devices for t in targets if t.platform == "cuda"), default=0)
     if gpu_devices and "JAX_PLATFORMS" not in os.environ:
         # The CUDA plugin fails at cuInit without a driver unless the runtime stays on CPU.
@@ -158,7 +162,6 @@ def main(argv: list[str]) -> None:
         for s in shardings
         for which in _STEP.value
     ]
-    path = pathlib.Path(_JSON.value) if _JSON.value else None
     rows = _load(path)
     for target, which, b, dtype, s in plan:
         pending = {

@@ -140,9 +140,7 @@ def main(argv: list[str]) -> int:
     if _SCHEME.value not in SCHEMES or (scheme_run and _BACKEND.value == "jax"):
         from fgtbt_jax import schemes  # imports JAX
 
-        unified = schemes.unified_set_of(config.data)  # the model's channels
-        if config.model.num_landmarks == landmarks.NUM_UNIFIED:
-            config.model.num_landmarks = unified.num_channels
+        unified = schemes.configure(config)  # the model's channels
     index = images.scheme_index(_SCHEME.value, unified)  # an unknown name stops here
     if _BACKEND.value == "onnx":
         network, size = networks.onnx_network(

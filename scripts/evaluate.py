@@ -30,7 +30,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from fgtbt_jax import errors, landmarks, paths
+from fgtbt_jax import errors, landmarks, paths, schemes
 from fgtbt_jax.evaluation import decoding, evaluator, metrics, reports
 from fgtbt_jax.models.fgtbt import enable_x64_if_requested
 from fgtbt_jax.train import sharding
@@ -67,12 +67,13 @@ def main(argv: list[str]) -> None:
     from input_pipeline import sources
 
     config = _CONFIG.value
+    if config.data.get("data_dir"):
+        paths.data_dir(config.data.data_dir, "config.data.data_dir")
     enable_x64_if_requested(config.model)
     protocols = metrics.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
     datasets = _DATASETS.value or list(config.data.datasets)
+    schemes.configure(config)  # the head follows the run's datasets
     acc = metrics.Accumulator.for_data(config.data, protocols)  # scheme datasets' layout
-    if acc.schemes and config.model.num_landmarks == landmarks.NUM_UNIFIED:
-        config.model.num_landmarks = acc.unified.num_channels  # the head follows the data
     known = (*landmarks.DATASETS, *acc.schemes)
     for ds in datasets:
         if ds not in known:

@@ -13,6 +13,7 @@ serving; the default (``batch``) is the reference behaviour. The ONNX model's me
 exportable high-pass (``model.fft=dft``, set automatically, parity-tested against the FFT).
 ``--verify`` runs the artifact (onnxruntime / ``jax.export.deserialize``) at batch 1 and 3
 against JAX and prints max |diff| / max |JAX| per output (``--verify_json`` writes them).
+``--out`` and ``--verify_json`` may be ``gs://`` URLs; each file appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import fgtbt_jax
-from fgtbt_jax import errors, paths
+from fgtbt_jax import errors, paths, schemes
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.export import function, stablehlo, verify
 
@@ -54,11 +55,10 @@ _VERIFY_JSON = flags.DEFINE_string("verify_json", None, "Write the verification 
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
-    # The checkpoint may be remote; the artifacts are written to local disk.
+    # Local, gs:// (or hf:// for the checkpoint); anything else fails here, before compiling.
     paths.check(_CHECKPOINT.value, "--checkpoint", hub=True)
-    paths.local(_OUT.value, "--out", "artifacts are written to local disk")
-    if _VERIFY_JSON.value:
-        paths.local(_VERIFY_JSON.value, "--verify_json", "written to local disk")
+    out = paths.resolve(_OUT.value, "--out")
+    paths.check(_VERIFY_JSON.value, "--verify_json")
     if _FORMAT.value == "onnx" and config.model.fft != "dft":
         print("ONNX: using model.fft=dft (the FFT high-pass as real matmuls)")
         config.model.fft = "dft"
@@ -69,6 +69,7 @@ def main(argv: list[str]) -> None:
     size = int(config.img_size)
     if _RANDOM_INIT.value == bool(_CHECKPOINT.value):
         raise app.UsageError("give exactly one of --checkpoint and --random_init")
+    unified = schemes.configure(config)  # the head follows --config.data.schemes
     if _RANDOM_INIT.value:
         import jax
 
@@ -79,7 +80,12 @@ def main(argv: list[str]) -> None:
     else:
         model, variables = fgtbt_jax.load_pretrained(_CHECKPOINT.value, config, "--checkpoint")
     fn = function.inference_fn(
-        model, variables, with_flip=_WITH_FLIP.value, decode=_DECODE.value, refine=_REFINE.value
+        model,
+        variables,
+        with_flip=_WITH_FLIP.value,
+        decode=_DECODE.value,
+        refine=_REFINE.value,
+        channel_flip=unified.flip,
     )
     names = function.output_names(_DECODE.value)
     meta = function.metadata(
@@ -91,8 +97,6 @@ def main(argv: list[str]) -> None:
     )
     meta["fgtbt.fft"] = str(config.model.fft)
     meta["fgtbt.weights"] = "random init" if _RANDOM_INIT.value else str(_CHECKPOINT.value)
-    out = pathlib.Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if _FORMAT.value == "onnx":
         from fgtbt_jax.export import onnx as onnx_export
@@ -101,15 +105,17 @@ def main(argv: list[str]) -> None:
         proto = onnx_export.export(
             fn, size, batch, output_names=names, metadata=meta, opset=_OPSET.value
         )
-        out.write_bytes(proto.SerializeToString())
-        predictor = OnnxPredictor(out) if _VERIFY.value else None
+        blob = proto.SerializeToString()
+        paths.write_bytes(out, blob)  # each artifact whole or not at all, local or gs://
+        predictor = OnnxPredictor(out) if _VERIFY.value else None  # read back from --out
         runtimes = {"onnxruntime": lambda x: [predictor(x)[n] for n in names]}
     else:
-        stablehlo.save(stablehlo.export(fn, size, batch), str(out))
-        pathlib.Path(str(out) + ".json").write_text(json.dumps(meta, indent=1) + "\n")
-        loaded = stablehlo.load(str(out)) if _VERIFY.value else None
+        blob = stablehlo.export(fn, size, batch).serialize()
+        paths.write_bytes(out, blob)
+        paths.write_text(f"{out}.json", json.dumps(meta, indent=1) + "\n")
+        loaded = stablehlo.load(out) if _VERIFY.value else None
         runtimes = {"jax.export": lambda x: loaded.call(x)}
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.1f} s")
+    print(f"wrote {out} ({len(blob) / 2**20:.1f} MiB) in {time.time() - t0:.1f} s")
     if _VERIFY.value:
         batches = (1, 3) if batch is None else (batch,)
         rows = verify.verify(fn, names, size, runtimes, batches)
@@ -122,7 +128,10 @@ def main(argv: list[str]) -> None:
         if _VERIFY_JSON.value:
             record = {"config": config.preset, "format": _FORMAT.value, "metadata": meta}
             record["rows"] = rows
-            pathlib.Path(_VERIFY_JSON.value).write_text(json.dumps(record, indent=1) + "\n")
+            paths.write_text(
+                paths.resolve(_VERIFY_JSON.value, "--verify_json"),
+                json.dumps(record, indent=1) + "\n",
+            )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def main(argv):
         raise app.UsageError("--scheme goes with --dataset pts_folder")
     if _MANUAL_DIR.value:
         paths.local(_MANUAL_DIR.value, "--manual_dir", "the official files are read locally")
-    paths.check(_DATA_DIR.value, "--data_dir")
+    paths.data_dir(_DATA_DIR.value, "--data_dir")
     if _DATASET.value == "demo":
         size = _IMAGE_SIZE.value or None
         raw = pipeline.prepare_demo(

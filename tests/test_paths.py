@@ -92,6 +92,22 @@ def test_unsupported_and_local_only_paths_fail_at_start(tmp_path):
         "error: input: 'gs://b/face.jpg' must be a local path "
         "(images and videos are read from local disk)"
     )
+    # ArrayRecord (the prepared datasets) is local-only: the data_dir is refused at start.
+    local_only = f"must be a local path ({paths.DATA_DIR_WHY})"
+    r = _script("prepare_data.py", "--dataset=demo", "--data_dir=gs://b/tfds", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.strip() == f"error: --data_dir: 'gs://b/tfds' {local_only}", r.stderr
+    r = _script(
+        "train.py",
+        f"--config={ROOT}/configs/fgtbt.py:tiny",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.data.data_dir=gs://b/tfds",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == f"error: config.data.data_dir: 'gs://b/tfds' {local_only}", r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "compil" not in r.stdout
     assert not (tmp_path / "gs:").exists() and not (tmp_path / "s3:").exists()
 
 
@@ -143,3 +159,56 @@ def test_hub_checkpoint_through_gcs_to_evaluation(gcs_server, gcs_bucket, tmp_pa
     assert np.isfinite(report["metrics"]["reference"]["300W"]["full"]["nme_inter_ocular"])
     assert gcs_server.read(f"{gcs_bucket}/eval/ced.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "gs:").exists() and not (tmp_path / "hf:").exists()
+
+
+def test_export_and_aot_artifacts_to_gcs(gcs_server, gcs_bucket, tmp_path):
+    """export.py's artifact and rows, aot_compile.py's --json and --export_dir, all on gs://."""
+    from jax import export
+
+    out = f"{gcs_bucket}/export"
+    tiny = f"--config={ROOT}/configs/fgtbt.py:tiny"
+    r = _script(
+        "export.py",
+        tiny,
+        "--random_init",
+        "--format=stablehlo",
+        "--batch=1",
+        f"--out={out}/tiny.shlo",
+        "--verify",  # deserializes the artifact read back from the bucket
+        f"--verify_json={out}/verify.json",
+        cwd=tmp_path,
+        **gcs_server.env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert gcs_server.objects(out) == [
+        "export/tiny.shlo",
+        "export/tiny.shlo.json",
+        "export/verify.json",
+    ]
+    exported = export.deserialize(bytearray(gcs_server.read(f"{out}/tiny.shlo")))
+    assert exported.in_avals[0].shape == (1, 96, 96, 3)
+    assert json.loads(gcs_server.read(f"{out}/tiny.shlo.json"))["fgtbt.batch"] == "1"
+    rows = json.loads(gcs_server.read(f"{out}/verify.json"))["rows"]
+    assert rows and all(row["relative"] < 1e-5 for row in rows), rows
+
+    # aot_compile.py keeps the rows of an earlier run found in --json (read from the bucket).
+    earlier = {"target": "tpu:v5e-8", "step": "train", "status": "compiled"}
+    paths.write_text(f"{out}/aot.json", json.dumps([earlier]))
+    r = _script(
+        "aot_compile.py",
+        tiny,
+        "--target=gpu:h100-1",
+        "--step=eval",
+        "--batch_per_device=4",  # a multiple of the 4 datasets on one GPU
+        f"--export_dir={out}/aot",
+        f"--json={out}/aot.json",
+        cwd=tmp_path,
+        **gcs_server.env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(gcs_server.read(f"{out}/aot.json"))
+    assert rows[0] == earlier and rows[1]["status"] == "exported (not compiled)", rows
+    assert rows[1]["export_path"].startswith(f"{out}/aot/gpu_h100-1/eval_"), rows[1]
+    exported = export.deserialize(bytearray(gcs_server.read(rows[1]["export_path"])))
+    assert exported.platforms == ("cuda",)
+    assert not (tmp_path / "gs:").exists()

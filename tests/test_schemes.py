@@ -13,6 +13,8 @@ import pytest
 
 from configs import fgtbt
 from fgtbt_jax import landmarks, load_pretrained, schemes
+from fgtbt_jax.evaluation import decoding
+from fgtbt_jax.export import function
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.porting import convert
 
@@ -242,6 +244,23 @@ def test_extend_tiny_checkpoint_keeps_the_124_channels(ref_dir, ref_outputs, dem
     np.testing.assert_allclose(
         np.asarray(out[..., 128]), np.asarray(narrow[..., u300[28]]), rtol=1e-5, atol=1e-5
     )
+
+    # The exported function's test-time flip mirrors the widened head's channels by the run's
+    # permutation: the 124 built-in channels as the released model's, MY19's right/left cheek
+    # (points 10, 11 = channels 124, 125) with each other.
+    exported = jax.jit(
+        function.inference_fn(
+            wide, extended, with_flip=True, decode=False, refine="none", channel_flip=u.flip
+        )
+    )
+    (flipped,) = exported(images)
+    mirror = images[:, :, ::-1]
+    narrow_m = jax.jit(lambda v, x: model.apply(v, x, train=False))(released, mirror)
+    out_m = jax.jit(lambda v, x: wide.apply(v, x, train=False))(extended, mirror)
+    want = decoding.flip_average(narrow, narrow_m, "unified")
+    np.testing.assert_allclose(np.asarray(flipped[..., :124]), want, rtol=1e-5, atol=1e-5)
+    cheek = (out[..., 124] + out_m[:, :, ::-1, 125]) / 2
+    np.testing.assert_allclose(np.asarray(flipped[..., 124]), cheek, rtol=1e-5, atol=1e-5)
 
 
 def test_extend_rejects_a_wider_checkpoint(demo):

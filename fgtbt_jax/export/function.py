@@ -24,14 +24,17 @@ def inference_fn(
     with_flip: bool,
     decode: bool,
     refine: str,
+    channel_flip: decoding.FlipLayout = "unified",
 ) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
     """``images → outputs`` with the variables closed over (they become constants).
 
     images: (B, S, S, 3) float32 ImageNet-normalized NHWC. Outputs (see :func:`output_names`):
-    ``heatmaps`` (B, S/2, S/2, 124) NHWC; with ``decode``, ``points`` (B, 124, 2) float32
-    ``(x, y)`` in heatmap index space (:func:`decoding.decode_argmax` with ``refine``) and
-    ``scores`` (B, 124) the maxima of the maps. ``with_flip`` averages with the mirrored input's
-    maps, which run as a separate forward pass (CSAM statistics span the batch).
+    ``heatmaps`` (B, S/2, S/2, C) NHWC (C = ``model.num_landmarks``, 124 for the release);
+    with ``decode``, ``points`` (B, C, 2) float32 ``(x, y)`` in heatmap index space
+    (:func:`decoding.decode_argmax` with ``refine``) and ``scores`` (B, C) the maxima of the
+    maps. ``with_flip`` averages with the mirrored input's maps, which run as a separate forward
+    pass (CSAM statistics span the batch), their channels mirrored by ``channel_flip`` (the
+    run's ``UnifiedSet.flip`` for a head widened by schemes).
     """
     if refine not in decoding.REFINEMENTS:
         raise ValueError(f"refine must be one of {decoding.REFINEMENTS}, got {refine!r}")
@@ -40,7 +43,7 @@ def inference_fn(
         heatmaps = model.apply(variables, images, train=False)
         if with_flip:
             mirrored = model.apply(variables, images[:, :, ::-1, :], train=False)
-            heatmaps = decoding.flip_average(heatmaps, mirrored, "unified")
+            heatmaps = decoding.flip_average(heatmaps, mirrored, channel_flip)
         if not decode:
             return (heatmaps,)
         points = decoding.decode_argmax(heatmaps, refine)

@@ -8,10 +8,13 @@ Load anywhere JAX runs (no model code needed)::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from fgtbt_jax import paths
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -31,11 +34,10 @@ def export(
     return jax.export.export(jax.jit(fn), platforms=platforms)(spec)
 
 
-def save(exported: jax.export.Exported, path: str) -> None:
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
+def save(exported: jax.export.Exported, path: str | os.PathLike) -> None:
+    """Writes the serialized artifact to ``path`` (local or ``gs://``), whole or not at all."""
+    paths.write_bytes(path, exported.serialize())
 
 
-def load(path: str) -> jax.export.Exported:
-    with open(path, "rb") as f:
-        return jax.export.deserialize(bytearray(f.read()))
+def load(path: str | os.PathLike) -> jax.export.Exported:
+    return jax.export.deserialize(bytearray(paths.resolve(path, "path").read_bytes()))

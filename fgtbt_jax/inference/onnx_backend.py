@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from fgtbt_jax import paths
+
 
 class OnnxPredictor:
     """A model from ``scripts/export.py --format onnx``, with its metadata.
@@ -23,9 +25,15 @@ class OnnxPredictor:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.path = str(path)
-        if not os.path.isfile(self.path):
+        model: str | bytes = self.path
+        if paths.is_remote(self.path):  # gs://: onnxruntime reads local files or bytes
+            remote = paths.resolve(self.path, "model")
+            if not remote.exists():
+                raise FileNotFoundError(f"no ONNX model at {self.path}")
+            model = remote.read_bytes()
+        elif not os.path.isfile(self.path):
             raise FileNotFoundError(f"no ONNX model at {self.path}")
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         if "fgtbt.img_size" not in self.metadata:
             raise ValueError(f"{self.path} has no fgtbt.* metadata (not from scripts/export.py)")

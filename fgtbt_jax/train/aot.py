@@ -33,7 +33,6 @@ The steps are exactly the trainer's: :func:`fgtbt_jax.train.step.make_train_step
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fgtbt_jax import compiled as compiled_figures
-from fgtbt_jax import errors, schemes
+from fgtbt_jax import errors, paths, schemes
 from fgtbt_jax.evaluation import decoding
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.train import sharding
@@ -548,9 +547,8 @@ def measure(
     else:
         blob, times = export_cuda(step, args)
         name = f"{which}_{c.preset}_{dtype}_{row['sharding']}_b{batch_per_device}.jax_export"
-        path = pathlib.Path(export_dir) / target.name.replace(":", "_") / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
+        path = paths.resolve(export_dir, "--export_dir") / target.name.replace(":", "_") / name
+        paths.write_bytes(path, blob)  # whole or not at all, local or gs://
         row.update(
             compiled=False,
             memory_bytes=None,

@@ -306,9 +306,10 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -
         ("config.init_checkpoint", config.init_checkpoint, True),
         ("config.init_backbone", config.init_backbone, True),
         ("config.compilation_cache_dir", config.get("compilation_cache_dir", ""), False),
-        ("config.data.data_dir", config.data.get("data_dir", ""), False),
     ):
         paths.check(value, flag, hub=hub)
+    if config.data.get("data_dir"):
+        paths.data_dir(config.data.data_dir, "config.data.data_dir")
     return paths.resolve(workdir, "--workdir")
 
 

@@ -2,7 +2,8 @@
 
 The stand-in network (tests/toy_model.py) keeps compiles cheap: preemption (SIGTERM), resume,
 the compilation cache on gs:// and two processes sharing one gs:// workdir. The tiny preset
-through scripts/train.py checks the EMA ``.pth`` export into the bucket. Nothing may appear on
+through scripts/train.py trains, resumes after losing its last checkpoint, and exports the EMA
+``.pth`` into the bucket. Nothing may appear on
 local disk under a ``gs:`` folder.
 """
 
@@ -22,7 +23,7 @@ from helpers import TINY_TWO_STEPS, assert_trees_close, free_port, subprocess_en
 from toy_model import build_toy, toy_command, toy_config
 
 from configs import fgtbt
-from fgtbt_jax import checkpointing, load_pretrained
+from fgtbt_jax import checkpointing, load_pretrained, paths
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.porting import convert
 from fgtbt_jax.train import sharding
@@ -151,23 +152,37 @@ def test_two_processes_share_one_gcs_workdir(gcs_server, gcs_bucket, tmp_path):
 
 
 @pytest.mark.slow  # the tiny preset's train step (TINY_TWO_STEPS: test_train_script.py's program)
-def test_tiny_preset_on_gcs_exports_ema_pth(gcs_server, gcs_bucket, tmp_path):
+def test_tiny_preset_on_gcs_resumes_and_exports_ema_pth(gcs_server, gcs_bucket, tmp_path):
     run = f"{gcs_bucket}/tiny"
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py")]
     cmd += ["--config", f"{ROOT}/configs/fgtbt.py:tiny", "--workdir", run]
     cmd += [*TINY_TWO_STEPS, "--config.tensorboard=false"]
-    proc = subprocess.run(
-        cmd,
-        cwd=tmp_path,
-        env=subprocess_env(**gcs_server.env),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    assert f"exported EMA weights of step 2 to {run}/fgtbt_ema.pth" in proc.stdout, proc.stdout
+
+    def train() -> str:
+        proc = subprocess.run(
+            cmd,
+            cwd=tmp_path,
+            env=subprocess_env(**gcs_server.env),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        return proc.stdout
+
+    out = train()
+    assert f"exported EMA weights of step 2 to {run}/fgtbt_ema.pth" in out, out
+    assert _steps(gcs_server.read(f"{run}/metrics.jsonl").decode()) == [1, 2]
+    # As if the host died after logging step 2, before its checkpoint was committed: the rerun
+    # resumes at step 1 from the bucket and trains step 2 again with the same program (from the
+    # test run's compilation cache, tests/conftest.py), logging it once more.
+    paths.resolve(f"{run}/checkpoints/2", "test").rmtree()
+    out = train()
+    assert "resuming at step 1/2" in out, out
+    assert f"exported EMA weights of step 2 to {run}/fgtbt_ema.pth" in out, out
     objects = gcs_server.objects(run)
-    assert {int(n.split("/")[2]) for n in objects if n.startswith("tiny/checkpoints/")} == {1, 2}
+    steps = {int(n.split("/")[2]) for n in objects if n.startswith("tiny/checkpoints/")}
+    assert steps == {1, 2}, objects
     assert _steps(gcs_server.read(f"{run}/metrics.jsonl").decode()) == [1, 2]
     assert not [n for n in objects if "tmp" in n.rsplit("/", 1)[-1]], objects
 
