@@ -80,6 +80,24 @@ def toy_config(**overrides: object) -> ml_collections.ConfigDict:
     return c
 
 
+def restore_toy(workdir: str | os.PathLike, step: int, **overrides: object):
+    """The ``TrainState`` of a toy run's checkpoint ``step`` in ``workdir`` (local or gs://),
+    fetched to the host; ``step`` must be the latest one. ``overrides``: the run's
+    :func:`toy_config` fields that shape the state."""
+    from fgtbt_jax import checkpointing
+    from fgtbt_jax.train import sharding
+    from fgtbt_jax.train import state as train_state
+
+    config = toy_config(**overrides)
+    tx, _ = train_state.make_optimizer(config)
+    abstract = train_state.abstract_train_state(
+        config, build_toy(config.model), tx, sharding.make_mesh(1)
+    )
+    with checkpointing.Checkpointer(workdir) as ckpt:
+        assert ckpt.latest_step() == step, (ckpt.latest_step(), step)
+        return jax.device_get(ckpt.restore(abstract, step))
+
+
 def toy_command(args: dict) -> list[str]:
     """The command that runs :func:`main` with ``args`` in a child process (cwd = repository
     root, tests/ on ``PYTHONPATH``: ``helpers.subprocess_env``)."""

@@ -20,14 +20,12 @@ import jax
 import numpy as np
 import pytest
 from helpers import TINY_TWO_STEPS, assert_trees_close, free_port, subprocess_env
-from toy_model import build_toy, toy_command, toy_config
+from toy_model import restore_toy, toy_command
 
 from configs import fgtbt
 from fgtbt_jax import checkpointing, load_pretrained, paths
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.porting import convert
-from fgtbt_jax.train import sharding
-from fgtbt_jax.train import state as train_state
 
 ROOT = pathlib.Path(__file__).parents[2]
 # TensorFlow's GCS client (TensorBoard) cannot be pointed at the emulator: docs/storage.md.
@@ -43,17 +41,6 @@ def _start(cwd: pathlib.Path, gcs_env: dict, args: dict, **env: str) -> subproce
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _restore(workdir: str | pathlib.Path, step: int, **overrides) -> train_state.TrainState:
-    config = toy_config(**overrides)
-    tx, _ = train_state.make_optimizer(config)
-    abstract = train_state.abstract_train_state(
-        config, build_toy(config.model), tx, sharding.make_mesh(1)
-    )
-    with checkpointing.Checkpointer(workdir) as ckpt:
-        assert ckpt.latest_step() == step
-        return jax.device_get(ckpt.restore(abstract))
 
 
 def _steps(text: str) -> list[int]:
@@ -111,7 +98,7 @@ def test_sigterm_resume_and_compilation_cache_on_gcs(gcs_server, gcs_bucket, tmp
     assert [r["step"] for r in remote_log] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in remote_log] == [r["loss"] for r in local_log]
     # The state read back from the bucket in this process equals the local run's, bit for bit.
-    a, b = _restore(run, 6), _restore(tmp_path / "local", 6)
+    a, b = restore_toy(run, 6), restore_toy(tmp_path / "local", 6)
     for (path, x), y in zip(
         jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
     ):
@@ -145,7 +132,9 @@ def test_two_processes_share_one_gcs_workdir(gcs_server, gcs_bucket, tmp_path):
 
     # One orbax checkpoint written together, equal to the one-process local run up to
     # float summation order (see test_train_multiprocess.py).
-    assert_trees_close(_restore(run, 4, **overrides), _restore(tmp_path / "one", 4, **overrides))
+    assert_trees_close(
+        restore_toy(run, 4, **overrides), restore_toy(tmp_path / "one", 4, **overrides)
+    )
     log = [json.loads(x) for x in gcs_server.read(f"{run}/metrics.jsonl").splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert not (tmp_path / "gs:").exists() and not (ROOT / "gs:").exists()

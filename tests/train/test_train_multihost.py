@@ -22,12 +22,9 @@ import jax
 import numpy as np
 import pytest
 from helpers import free_port, subprocess_env
-from toy_model import build_toy, toy_command, toy_config
+from toy_model import restore_toy, toy_command
 
 from configs import fgtbt
-from fgtbt_jax import checkpointing
-from fgtbt_jax.train import sharding
-from fgtbt_jax.train import state as train_state
 
 ROOT = pathlib.Path(__file__).parents[2]
 TOTAL = 3
@@ -95,17 +92,6 @@ def _log(path: pathlib.Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def _restore(workdir: pathlib.Path, data_dir: pathlib.Path) -> train_state.TrainState:
-    config = toy_config(**_overrides(data_dir))
-    tx, _ = train_state.make_optimizer(config)
-    abstract = train_state.abstract_train_state(
-        config, build_toy(config.model), tx, sharding.make_mesh(1)
-    )
-    with checkpointing.Checkpointer(workdir) as ckpt:
-        assert ckpt.latest_step() == TOTAL
-        return jax.device_get(ckpt.restore(abstract))
-
-
 def test_two_process_lifecycle_matches_one_process_with_two_devices(tmp_path):
     from input_pipeline import pipeline
 
@@ -165,7 +151,8 @@ def _lifecycle(one: pathlib.Path, two: pathlib.Path, data_dir: pathlib.Path, sta
 
     # The final state (parameters, EMA, optimizer, BatchNorm statistics) equals the
     # single-process run's, bit for bit.
-    a, b = _restore(two, data_dir), _restore(one, data_dir)
+    over = _overrides(data_dir)
+    a, b = restore_toy(two, TOTAL, **over), restore_toy(one, TOTAL, **over)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 

@@ -13,14 +13,9 @@ import json
 import pathlib
 import subprocess
 
-import jax
 import numpy as np
 from helpers import assert_trees_close, free_port, subprocess_env
-from toy_model import build_toy, toy_command, toy_config
-
-from fgtbt_jax import checkpointing
-from fgtbt_jax.train import sharding
-from fgtbt_jax.train import state as train_state
+from toy_model import restore_toy, toy_command
 
 ROOT = pathlib.Path(__file__).parents[2]
 OVERRIDES = {"sharding.cross_device_stats": True, "total_steps": 4}
@@ -37,17 +32,6 @@ def _start(workdir: pathlib.Path, **env_extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _restore(workdir: pathlib.Path) -> train_state.TrainState:
-    config = toy_config(**OVERRIDES)
-    tx, _ = train_state.make_optimizer(config)
-    abstract = train_state.abstract_train_state(
-        config, build_toy(config.model), tx, sharding.make_mesh(1)
-    )
-    with checkpointing.Checkpointer(workdir) as ckpt:
-        assert ckpt.latest_step() == 4
-        return jax.device_get(ckpt.restore(abstract))
 
 
 def test_two_processes_match_one(tmp_path):
@@ -71,7 +55,9 @@ def test_two_processes_match_one(tmp_path):
     assert "train step memory per device: argument" in outputs[0][0]
     assert "step 4/4" in outputs[0][0] and "step" not in outputs[1][0], outputs[1][0]
 
-    assert_trees_close(_restore(tmp_path / "two"), _restore(tmp_path / "one"))
+    assert_trees_close(
+        restore_toy(tmp_path / "two", 4, **OVERRIDES), restore_toy(tmp_path / "one", 4, **OVERRIDES)
+    )
     losses = [
         [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
         for d in ("two", "one")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from helpers import subprocess_env
-from toy_model import toy_command
+from toy_model import restore_toy, toy_command
 
 from fgtbt_jax import checkpointing
 from fgtbt_jax.train import sharding
@@ -37,19 +37,6 @@ def _start(args: dict) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _restore_final(
-    workdir: pathlib.Path, step: int, overrides: dict | None = None
-) -> train_state.TrainState:
-    from toy_model import build_toy, toy_config
-
-    config = toy_config(**(overrides or {}))
-    mesh = sharding.make_mesh(1)
-    tx, _ = train_state.make_optimizer(config)
-    abstract = train_state.abstract_train_state(config, build_toy(config.model), tx, mesh)
-    with checkpointing.Checkpointer(workdir) as ckpt:
-        return jax.device_get(ckpt.restore(abstract, step))
 
 
 def _log(workdir: pathlib.Path) -> list[dict]:
@@ -89,7 +76,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
     assert uninterrupted.returncode == 0, err_full[-5000:]
 
     # Same parameters, optimizer state, EMA, batch statistics and RNG: bit for bit.
-    a, b = _restore_final(full, 6), _restore_final(cut, 6)
+    a, b = restore_toy(full, 6), restore_toy(cut, 6)
     assert int(a.step) == int(b.step) == 6
     for (path, x), y in zip(
         jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
@@ -228,7 +215,7 @@ def test_killed_during_async_save_resumes_from_last_commit(tmp_path):
     out_full, err_full = uninterrupted.communicate(timeout=240)
     assert uninterrupted.returncode == 0, err_full[-5000:]
 
-    a, b = _restore_final(full, 6, big), _restore_final(cut, 6, big)
+    a, b = restore_toy(full, 6, **big), restore_toy(cut, 6, **big)
     assert int(a.step) == int(b.step) == 6
     for (path, x), y in zip(
         jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
