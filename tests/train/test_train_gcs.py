@@ -220,3 +220,51 @@ def test_metric_lines_once_after_resumes_on_gcs(gcs_server, gcs_bucket):
     rows = [json.loads(x) for x in gcs_server.read(f"{workdir}/eval.jsonl").splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
     assert gcs_server.objects(workdir) == ["w/eval.jsonl", "w/metrics.jsonl"]
+
+
+def test_demo_data_dir_on_gcs_prepared_staged_and_trained(gcs_server, gcs_bucket, tmp_path):
+    """prepare_data.py writes the demo datasets to a gs:// data_dir; a toy run stages them to
+    its own folder and trains; staging again copies nothing; a truncated file is fetched again."""
+    from fgtbt_jax import staging
+
+    tfds_url, stage = f"{gcs_bucket}/tfds", tmp_path / "stage"
+    prep = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/prepare_data.py"), "--dataset=demo"]
+        + ["--num_images=4", "--image_size=32", f"--data_dir={tfds_url}"]
+        + [f"--stage_dir={tmp_path / 'prep_stage'}"],
+        cwd=tmp_path,
+        env=subprocess_env(**gcs_server.env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert prep.returncode == 0, prep.stderr[-5000:]
+    objects = gcs_server.objects(tfds_url)
+    folders = {"/".join(n.split("/")[1:4]) for n in objects}
+    assert folders == {f"{d}/demo/1.0.0" for d in ("wflw", "face300w", "cofw", "aflw")}, objects
+    assert any(n.endswith(".array_record-00000-of-00001") for n in objects), objects
+
+    data = {"data.source": "demo", "data.data_dir": tfds_url, "data.stage_dir": str(stage)}
+    data |= {"data.demo_num_images": 4, "data.demo_image_size": (32, 32)}
+    overrides = {**NO_TB, **data, "total_steps": 2}
+    run = _start(
+        tmp_path, gcs_server.env, {"workdir": str(tmp_path / "run"), "overrides": overrides}
+    )
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, (out + err)[-6000:]
+    assert gcs_server.objects(tfds_url) == objects  # read, not prepared again
+    assert _steps((tmp_path / "run" / "metrics.jsonl").read_text()) == [1, 2]
+
+    wflw = f"{tfds_url}/wflw/demo/1.0.0"
+    names = [n.removeprefix("tfds/wflw/demo/1.0.0/") for n in objects if "/wflw/" in n]
+    staged = sorted(p.name for p in (stage / "wflw/demo/1.0.0").iterdir())
+    assert staged == sorted(names)
+    again = staging.download(wflw, stage / "wflw/demo/1.0.0")
+    assert (again.files, again.skipped) == (0, len(names))
+    shard = next(stage.glob("wflw/demo/1.0.0/*train.array_record-*"))
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # an interrupted copy by another tool
+    again = staging.download(wflw, stage / "wflw/demo/1.0.0")
+    assert (again.files, again.bytes) == (1, len(whole))
+    assert shard.read_bytes() == whole == gcs_server.read(f"{wflw}/{shard.name}")
+    assert not (tmp_path / "gs:").exists() and not (ROOT / "gs:").exists()
