@@ -141,11 +141,13 @@ def test_hub_checkpoint_through_gcs_to_evaluation(gcs_server, gcs_bucket, tmp_pa
     for k in original:
         np.testing.assert_array_equal(back[k], original[k], k)
 
-    # evaluate.py reads the checkpoint from the bucket and writes its report there.
+    # evaluate.py reads the checkpoint from the bucket and writes its report there; its demo
+    # data, prepared in the staging folder, is uploaded to the gs:// data_dir.
     r = _script(
         "evaluate.py",
         *config,
-        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        f"--config.data.data_dir={gcs_bucket}/tfds",
+        f"--config.data.stage_dir={tmp_path / 'stage'}",
         "--config.data.demo_num_images=4",
         f"--checkpoint={out}/back.pth",
         f"--out={gcs_bucket}/eval",
@@ -162,6 +164,10 @@ def test_hub_checkpoint_through_gcs_to_evaluation(gcs_server, gcs_bucket, tmp_pa
     report = json.loads(gcs_server.read(f"{gcs_bucket}/eval/report.json"))
     assert np.isfinite(report["metrics"]["reference"]["300W"]["full"]["nme_inter_ocular"])
     assert gcs_server.read(f"{gcs_bucket}/eval/ced.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    uploaded = gcs_server.objects(f"{gcs_bucket}/tfds")
+    assert {n.split("/")[1] for n in uploaded} == {"wflw", "face300w", "cofw", "aflw"}, uploaded
+    assert "tfds/face300w/demo/1.0.0/dataset_info.json" in uploaded
+    assert (tmp_path / "stage/face300w/demo/1.0.0/dataset_info.json").is_file()
     assert not (tmp_path / "gs:").exists() and not (tmp_path / "hf:").exists()
 
 

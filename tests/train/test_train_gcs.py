@@ -239,6 +239,8 @@ def test_demo_data_dir_on_gcs_prepared_staged_and_trained(gcs_server, gcs_bucket
         timeout=300,
     )
     assert prep.returncode == 0, prep.stderr[-5000:]
+    up = f"uploaded {tmp_path / 'prep_stage'}/wflw/demo/1.0.0 -> {tfds_url}/wflw/demo/1.0.0: "
+    assert up in prep.stderr, prep.stderr[-5000:]
     objects = gcs_server.objects(tfds_url)
     folders = {"/".join(n.split("/")[1:4]) for n in objects}
     assert folders == {f"{d}/demo/1.0.0" for d in ("wflw", "face300w", "cofw", "aflw")}, objects
@@ -267,4 +269,14 @@ def test_demo_data_dir_on_gcs_prepared_staged_and_trained(gcs_server, gcs_bucket
     again = staging.download(wflw, stage / "wflw/demo/1.0.0")
     assert (again.files, again.bytes) == (1, len(whole))
     assert shard.read_bytes() == whole == gcs_server.read(f"{wflw}/{shard.name}")
+    # Both directions mirror: a file gone from one side is deleted on the other.
+    (stage / "wflw/demo/1.0.0/stray.txt").write_text("x")
+    assert staging.upload(stage / "wflw/demo/1.0.0", wflw).files == 1
+    assert "tfds/wflw/demo/1.0.0/stray.txt" in gcs_server.objects(wflw)
+    (stage / "wflw/demo/1.0.0/stray.txt").unlink()
+    assert staging.upload(stage / "wflw/demo/1.0.0", wflw).files == 0
+    assert gcs_server.objects(tfds_url) == objects
+    (stage / "wflw/demo/1.0.0/stray.txt").write_text("x")
+    staging.download(wflw, stage / "wflw/demo/1.0.0")
+    assert not (stage / "wflw/demo/1.0.0/stray.txt").exists()
     assert not (tmp_path / "gs:").exists() and not (ROOT / "gs:").exists()
