@@ -3,8 +3,8 @@
 The stand-in network (tests/toy_model.py) keeps compiles cheap: preemption (SIGTERM), resume,
 the compilation cache on gs:// and two processes sharing one gs:// workdir. The tiny preset
 through scripts/train.py trains, resumes after losing its last checkpoint, and exports the EMA
-``.pth`` into the bucket. Nothing may appear on
-local disk under a ``gs:`` folder.
+``.pth`` into the bucket. A TFDS data_dir on gs://: prepare_data.py uploads the demo datasets,
+a toy run stages and reads them. Nothing may appear on local disk under a ``gs:`` folder.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ def _start(cwd: pathlib.Path, gcs_env: dict, args: dict, **env: str) -> subproce
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+    )
+
+
+def _run(cmd: list[str], cwd: pathlib.Path, gcs_env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=cwd, env=subprocess_env(**gcs_env), capture_output=True, text=True, timeout=900
     )
 
 
@@ -159,14 +165,7 @@ def test_tiny_preset_on_gcs_resumes_and_exports_ema_pth(gcs_server, gcs_bucket, 
     cmd += [*TINY_TWO_STEPS, "--config.tensorboard=false"]
 
     def train() -> str:
-        proc = subprocess.run(
-            cmd,
-            cwd=tmp_path,
-            env=subprocess_env(**gcs_server.env),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        proc = _run(cmd, tmp_path, gcs_server.env)
         assert proc.returncode == 0, proc.stderr[-6000:]
         return proc.stdout
 
@@ -228,15 +227,12 @@ def test_demo_data_dir_on_gcs_prepared_staged_and_trained(gcs_server, gcs_bucket
     from fgtbt_jax import staging
 
     tfds_url, stage = f"{gcs_bucket}/tfds", tmp_path / "stage"
-    prep = subprocess.run(
+    prep = _run(
         [sys.executable, str(ROOT / "scripts/prepare_data.py"), "--dataset=demo"]
         + ["--num_images=4", "--image_size=32", f"--data_dir={tfds_url}"]
         + [f"--stage_dir={tmp_path / 'prep_stage'}"],
-        cwd=tmp_path,
-        env=subprocess_env(**gcs_server.env),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        tmp_path,
+        gcs_server.env,
     )
     assert prep.returncode == 0, prep.stderr[-5000:]
     up = f"uploaded {tmp_path / 'prep_stage'}/wflw/demo/1.0.0 -> {tfds_url}/wflw/demo/1.0.0: "
