@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from fgtbt_jax.ops import common, xla
 from fgtbt_jax.ops.common import Dtype, Padding, param_dtype
+from fgtbt_jax.ops.space_to_depth import space_to_depth
 
 # XLA:CPU weakness: the jitted parameter initialisation (a threefry draw and a truncated-normal
 # transform per parameter, ~1,400 kernels for the tiny network) spends most of its compile time
@@ -180,13 +181,6 @@ def _conv_s1_bwd(padding: Padding, res, g: jax.Array):
 
 
 conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
-
-
-def space_to_depth(x: jax.Array, s: int) -> jax.Array:
-    """(B, H, W, C) → (B, H/s, W/s, s·s·C), channels ordered (row in block, column, C)."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h // s, w // s, s * s * c)
 
 
 def _strided_geometry(x_shape, k: int, s: int, p: int) -> tuple[int, int, int, int, int]:

@@ -1,0 +1,76 @@
+"""The space-to-depth lowering of strided convolutions (fgtbt_jax.ops.space_to_depth) against
+``lax.conv_general_dilated``, values and VJPs in float64: the two sum the same products, so
+they agree to float64 rounding."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fgtbt_jax.ops import xla
+from fgtbt_jax.ops.space_to_depth import conv2d_space_to_depth, space_to_depth_kernel
+
+
+def _lax_conv(x, w, stride, padding):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((padding, padding),) * 2, dimension_numbers=xla.CONV_DIMENSIONS
+    )
+
+
+@pytest.mark.parametrize(
+    "h,wd,c,o,k,stride,pad",
+    [
+        (16, 16, 3, 5, 7, 4, 3),  # the stem's 7×7/4, padding 3
+        (13, 11, 2, 3, 7, 4, 3),  # odd sizes: the last block completed with zeros
+        (18, 9, 3, 2, 7, 4, 0),  # no padding: windows leave the last rows unread
+        (10, 10, 2, 3, 5, 4, 6),  # padding wider than the stride: zero blocks in front
+        (9, 7, 3, 4, 3, 2, 1),  # 3×3/2
+        (12, 12, 2, 2, 4, 4, 0),  # kernel = stride
+        (11, 11, 2, 3, 5, 3, 2),
+    ],
+)
+def test_conv2d_space_to_depth_matches_lax_float64(h, wd, c, o, k, stride, pad):
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, h, wd, c)))
+        w = jnp.asarray(rng.standard_normal((k, k, c, o)))
+        got, got_vjp = jax.vjp(lambda a, b: conv2d_space_to_depth(a, b, stride, pad), x, w)
+        want, want_vjp = jax.vjp(lambda a, b: _lax_conv(a, b, stride, pad), x, w)
+        assert got.dtype == jnp.float64 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        ct = jnp.asarray(rng.standard_normal(want.shape))
+        for a, b in zip(got_vjp(ct), want_vjp(ct), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_space_to_depth_kernel_of_the_stem():
+    """7×7/4 with padding 3 → a 2×2 kernel over 16·C channels: tap (u, v) of block row/column
+    offset (i, j) is the original tap (4u + i − 1, 4v + j − 1), zero outside 0…6."""
+    w = jnp.arange(7 * 7 * 2 * 3, dtype=jnp.float32).reshape(7, 7, 2, 3) + 1
+    ws = np.asarray(space_to_depth_kernel(w, 4, 3)).reshape(2, 2, 4, 4, 2, 3)
+    for u in range(2):
+        for v in range(2):
+            for i in range(4):
+                for j in range(4):
+                    r, s = 4 * u + i - 1, 4 * v + j - 1
+                    want = w[r, s] if 0 <= r < 7 and 0 <= s < 7 else 0 * w[0, 0]
+                    np.testing.assert_array_equal(ws[u, v, i, j], want)
+
+
+def test_xla_conv2d_uses_space_to_depth_for_the_stem_only():
+    """The xla ops lower the 7×7/4 stem to a stride-1 convolution (no strided window left in
+    the program); the 3×3/2 patch embeddings and the depthwise convolutions stay as they were."""
+    x = jnp.zeros((1, 16, 16, 4), jnp.float32)
+
+    def strides(k, stride, groups=1):
+        w = jnp.zeros((k, k, 4 // groups, 4), jnp.float32)
+        hlo = jax.jit(lambda a, b: xla.conv2d(a, b, stride, k // 2, groups)).lower(x, w).as_text()
+        return re.findall(r"stablehlo\.convolution.*window = \{stride = \[(\d+), \d+\]", hlo)
+
+    assert strides(7, 4) == ["1"]
+    assert strides(3, 2) == ["2"]
+    assert strides(3, 1, groups=4) == ["1"]
