@@ -92,7 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (input_pipeline/synthetic.py; no files, no TF).
     c.data = ml_collections.ConfigDict()
     c.data.source = "demo"
-    c.data.data_dir = "data/tfds"  # TFDS data_dir (relative to the working directory)
+    c.data.data_dir = "data/tfds"  # TFDS data_dir (relative to the working directory) or gs://
+    # Local copy of a gs:// data_dir (docs/storage.md); "" = ~/.cache/fgtbt_jax/tfds/<bucket>/<path>
+    c.data.stage_dir = ""
     c.data.manual_dir = ""  # official files, for on-the-fly preparation
     c.data.datasets = ("COFW", "WFLW", "300W", "AFLW")
     # Scheme files (docs/schemes.md) of the datasets of data.datasets that are not built-in;

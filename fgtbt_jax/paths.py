@@ -7,7 +7,7 @@ into a local folder (``./gs:/…``). Inputs that only work on local disk go thro
 :func:`local`, which refuses URLs at once. Checkpoint inputs also accept
 ``hf://owner/repo[/path/in/repo.pth][@revision]`` (:func:`checkpoint`): the file is fetched
 through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, revision pinning). A TFDS
-``data_dir`` stays local (:func:`data_dir`).
+``data_dir`` on gs:// is read and written through a local staging folder (:func:`data_dir`).
 
 gs:// goes through gcsfs where it is installed (the ``gcs`` extra; ``EPATH_USE_TF`` unset is
 taken as false), else through TensorFlow's client. Object stores have no append and no rename:
@@ -98,17 +98,15 @@ def local(path: str | os.PathLike, flag: str, why: str) -> pathlib.Path:
     return pathlib.Path(os.fspath(path)).absolute()
 
 
-# array_record (riegeli) opens local files only: google/array_record#120, google/riegeli#31.
-DATA_DIR_WHY = (
-    "prepared datasets are ArrayRecord files, which array_record reads and writes on local "
-    "disk only; prepare locally and copy them to each host, e.g. "
-    "gsutil -m rsync -r gs://BUCKET/tfds /local/tfds"
-)
+def data_dir(path: str | os.PathLike, flag: str, stage_dir: str | os.PathLike = "") -> pathlib.Path:
+    """Where a TFDS ``data_dir`` is read and written on local disk: itself if local, else its
+    staging folder (``stage_dir`` or a per-user cache; :mod:`fgtbt_jax.staging`)."""
+    resolve(path, flag)  # an unsupported scheme is refused here
+    if not is_remote(path):
+        return pathlib.Path(os.fspath(path)).absolute()
+    from fgtbt_jax import staging
 
-
-def data_dir(path: str | os.PathLike, flag: str) -> pathlib.Path:
-    """A TFDS ``data_dir``: local only (:data:`DATA_DIR_WHY`), refused at once otherwise."""
-    return local(path, flag, DATA_DIR_WHY)
+    return staging.stage_dir(os.fspath(path), stage_dir)
 
 
 @contextlib.contextmanager

@@ -140,6 +140,16 @@ def _load_builder(dataset: str, config, variant: str):
     return b
 
 
+def dataset_folders(config, datasets: Sequence[str], variant: str) -> list[str]:
+    """The folders of ``datasets``' prepared copies, relative to ``config.data.data_dir`` (what
+    a gs:// data_dir stages: :mod:`fgtbt_jax.staging`). ``variant=demo``: with the demo data."""
+    if variant == "demo":
+        datasets = (*landmarks.DATASETS, *schemes.unified_set_of(config.data).schemes, *datasets)
+    root = os.fspath(config.data.data_dir)
+    folders = (_get_builder(ds, config, variant).data_dir for ds in dict.fromkeys(datasets))
+    return sorted({os.path.relpath(os.fspath(f), root) for f in folders})
+
+
 def prepare_from_manual_dir(config, dataset: str, variant: str) -> None:
     """Prepares ``dataset`` from ``config.data.manual_dir`` (its ``<NAME>`` subfolder if there
     is one) unless it is prepared already or no manual_dir is set."""
@@ -674,7 +684,7 @@ def prepare_demo(
     regenerated. ``scheme_datasets``: also the demo faces re-annotated in these schemes
     (:func:`input_pipeline.demo.write_scheme`, a ``.pts`` folder). Returns the raw folders.
     """
-    data_dir = paths.data_dir(data_dir, "data_dir")  # never a local "gs:" folder
+    data_dir = paths.local(data_dir, "data_dir", "stage a gs:// data_dir: paths.data_dir")
     raw_root = pathlib.Path(raw_dir) if raw_dir is not None else data_dir / "demo_raw"
     size = None if image_size is None else [int(v) for v in np.broadcast_to(image_size, 2)]
     sig = {"demo_version": _DEMO_VERSION, "num_images": int(num_images), "image_size": size,

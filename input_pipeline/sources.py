@@ -12,7 +12,10 @@ pattern). Sources:
 
 ``create`` prepares what needs preparing — process 0 first, then a barrier, then the other
 processes (a no-op where ``data_dir`` is shared; concurrent preparation of one TFDS directory
-would corrupt it) — and returns a :class:`Source` bound to this process's share of the data:
+would corrupt it). A ``gs://`` data_dir is staged: each process copies the dataset folders it
+reads to ``config.data.stage_dir`` (default a per-user cache) and reads them there; process 0
+prepares what is missing there and uploads it before the barrier (:mod:`fgtbt_jax.staging`).
+``create`` returns a :class:`Source` bound to this process's share of the data:
 
 * :meth:`Source.train_iterator` — this process's rows of the global batches from a step on,
   seeded by ``config.seed`` (``image`` (B, S, S, 3) float32 NHWC normalised, ``coords``
@@ -32,6 +35,7 @@ TensorFlow is imported only by the ``demo`` / ``official`` sources, when they ar
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -39,7 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fgtbt_jax import errors, landmarks
+from fgtbt_jax import errors, landmarks, paths
 from input_pipeline import synthetic
 
 SOURCES = ("synthetic", "demo", "official")
@@ -156,15 +160,28 @@ class TfdsSource(Source):
     def __init__(self, name: str, *args: Any) -> None:
         super().__init__(*args)
         self.name = name
+        # A gs:// data_dir is read from (and prepared in) its local staging folder.
+        data = self.config.data
+        self.url = data.data_dir if paths.is_remote(data.data_dir) else None
+        if self.url:
+            local = paths.data_dir(self.url, "config.data.data_dir", data.get("stage_dir", ""))
+            self.config = ml_collections.ConfigDict(self.config.to_dict())
+            self.config.data.data_dir = os.fspath(local)
 
     def prepare(self, datasets: Sequence[str]) -> None:
+        from fgtbt_jax import staging
         from input_pipeline import pipeline
 
+        folders = pipeline.dataset_folders(self.config, datasets, self.name) if self.url else []
+        if self.url:
+            staging.sync(self.url, self.config.data.data_dir, folders, to_bucket=False)
         if self.name == "demo":
             pipeline.ensure_demo_data(self.config)
         for dataset in datasets:
             if self.name == "official" or dataset not in landmarks.DATASETS:
                 pipeline.prepare_from_manual_dir(self.config, dataset, self.name)
+        if self.url and self.process_index == 0:  # before the barrier that lets others read
+            staging.sync(self.url, self.config.data.data_dir, folders, to_bucket=True)
 
     def train_iterator(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         from input_pipeline import pipeline

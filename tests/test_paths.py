@@ -92,21 +92,25 @@ def test_unsupported_and_local_only_paths_fail_at_start(tmp_path):
         "error: input: 'gs://b/face.jpg' must be a local path "
         "(images and videos are read from local disk)"
     )
-    # ArrayRecord (the prepared datasets) is local-only: the data_dir is refused at start.
-    local_only = f"must be a local path ({paths.DATA_DIR_WHY})"
-    r = _script("prepare_data.py", "--dataset=demo", "--data_dir=gs://b/tfds", cwd=tmp_path)
+    # A gs:// data_dir is staged on local disk (tests/train/test_train_gcs.py); other schemes
+    # and a remote staging folder are refused at start.
+    r = _script("prepare_data.py", "--dataset=demo", "--data_dir=s3://b/tfds", cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]
-    assert r.stderr.strip() == f"error: --data_dir: 'gs://b/tfds' {local_only}", r.stderr
+    assert r.stderr.strip().startswith("error: --data_dir: unsupported URL scheme s3://"), r.stderr
     r = _script(
         "train.py",
         f"--config={ROOT}/configs/fgtbt.py:tiny",
         f"--workdir={tmp_path / 'run'}",
         "--config.data.data_dir=gs://b/tfds",
+        "--config.data.stage_dir=gs://b/stage",
         cwd=tmp_path,
     )
     assert r.returncode == 1, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last == f"error: config.data.data_dir: 'gs://b/tfds' {local_only}", r.stderr[-3000:]
+    assert last == (
+        "error: config.data.stage_dir: 'gs://b/stage' must be a local path "
+        "(the staged copy of data_dir)"
+    ), r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "compil" not in r.stdout
     assert not (tmp_path / "gs:").exists() and not (tmp_path / "s3:").exists()
 
@@ -137,11 +141,13 @@ def test_hub_checkpoint_through_gcs_to_evaluation(gcs_server, gcs_bucket, tmp_pa
     for k in original:
         np.testing.assert_array_equal(back[k], original[k], k)
 
-    # evaluate.py reads the checkpoint from the bucket and writes its report there.
+    # evaluate.py reads the checkpoint from the bucket and writes its report there; its demo
+    # data, prepared in the staging folder, is uploaded to the gs:// data_dir.
     r = _script(
         "evaluate.py",
         *config,
-        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        f"--config.data.data_dir={gcs_bucket}/tfds",
+        f"--config.data.stage_dir={tmp_path / 'stage'}",
         "--config.data.demo_num_images=4",
         f"--checkpoint={out}/back.pth",
         f"--out={gcs_bucket}/eval",
@@ -158,6 +164,10 @@ def test_hub_checkpoint_through_gcs_to_evaluation(gcs_server, gcs_bucket, tmp_pa
     report = json.loads(gcs_server.read(f"{gcs_bucket}/eval/report.json"))
     assert np.isfinite(report["metrics"]["reference"]["300W"]["full"]["nme_inter_ocular"])
     assert gcs_server.read(f"{gcs_bucket}/eval/ced.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    uploaded = gcs_server.objects(f"{gcs_bucket}/tfds")
+    assert {n.split("/")[1] for n in uploaded} == {"wflw", "face300w", "cofw", "aflw"}, uploaded
+    assert "tfds/face300w/demo/1.0.0/dataset_info.json" in uploaded
+    assert (tmp_path / "stage/face300w/demo/1.0.0/dataset_info.json").is_file()
     assert not (tmp_path / "gs:").exists() and not (tmp_path / "hf:").exists()
 
 

@@ -3,8 +3,8 @@
 The stand-in network (tests/toy_model.py) keeps compiles cheap: preemption (SIGTERM), resume,
 the compilation cache on gs:// and two processes sharing one gs:// workdir. The tiny preset
 through scripts/train.py trains, resumes after losing its last checkpoint, and exports the EMA
-``.pth`` into the bucket. Nothing may appear on
-local disk under a ``gs:`` folder.
+``.pth`` into the bucket. A TFDS data_dir on gs://: prepare_data.py uploads the demo datasets,
+a toy run stages and reads them. Nothing may appear on local disk under a ``gs:`` folder.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ def _start(cwd: pathlib.Path, gcs_env: dict, args: dict, **env: str) -> subproce
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+    )
+
+
+def _run(cmd: list[str], cwd: pathlib.Path, gcs_env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=cwd, env=subprocess_env(**gcs_env), capture_output=True, text=True, timeout=900
     )
 
 
@@ -148,14 +154,7 @@ def test_tiny_preset_on_gcs_resumes_and_exports_ema_pth(gcs_server, gcs_bucket, 
     cmd += [*TINY_TWO_STEPS, "--config.tensorboard=false"]
 
     def train() -> str:
-        proc = subprocess.run(
-            cmd,
-            cwd=tmp_path,
-            env=subprocess_env(**gcs_server.env),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        proc = _run(cmd, tmp_path, gcs_server.env)
         assert proc.returncode == 0, proc.stderr[-6000:]
         return proc.stdout
 
@@ -209,3 +208,60 @@ def test_metric_lines_once_after_resumes_on_gcs(gcs_server, gcs_bucket):
     rows = [json.loads(x) for x in gcs_server.read(f"{workdir}/eval.jsonl").splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
     assert gcs_server.objects(workdir) == ["w/eval.jsonl", "w/metrics.jsonl"]
+
+
+def test_demo_data_dir_on_gcs_prepared_staged_and_trained(gcs_server, gcs_bucket, tmp_path):
+    """prepare_data.py writes the demo datasets to a gs:// data_dir; a toy run stages them to
+    its own folder and trains; staging again copies nothing; a truncated file is fetched again."""
+    from fgtbt_jax import staging
+
+    tfds_url, stage = f"{gcs_bucket}/tfds", tmp_path / "stage"
+    prep = _run(
+        [sys.executable, str(ROOT / "scripts/prepare_data.py"), "--dataset=demo"]
+        + ["--num_images=4", "--image_size=32", f"--data_dir={tfds_url}"]
+        + [f"--stage_dir={tmp_path / 'prep_stage'}"],
+        tmp_path,
+        gcs_server.env,
+    )
+    assert prep.returncode == 0, prep.stderr[-5000:]
+    up = f"uploaded {tmp_path / 'prep_stage'}/wflw/demo/1.0.0 -> {tfds_url}/wflw/demo/1.0.0: "
+    assert up in prep.stderr, prep.stderr[-5000:]
+    objects = gcs_server.objects(tfds_url)
+    folders = {"/".join(n.split("/")[1:4]) for n in objects}
+    assert folders == {f"{d}/demo/1.0.0" for d in ("wflw", "face300w", "cofw", "aflw")}, objects
+    assert any(n.endswith(".array_record-00000-of-00001") for n in objects), objects
+
+    data = {"data.source": "demo", "data.data_dir": tfds_url, "data.stage_dir": str(stage)}
+    data |= {"data.demo_num_images": 4, "data.demo_image_size": (32, 32)}
+    overrides = {**NO_TB, **data, "total_steps": 2}
+    run = _start(
+        tmp_path, gcs_server.env, {"workdir": str(tmp_path / "run"), "overrides": overrides}
+    )
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, (out + err)[-6000:]
+    assert gcs_server.objects(tfds_url) == objects  # read, not prepared again
+    assert _steps((tmp_path / "run" / "metrics.jsonl").read_text()) == [1, 2]
+
+    wflw = f"{tfds_url}/wflw/demo/1.0.0"
+    names = [n.removeprefix("tfds/wflw/demo/1.0.0/") for n in objects if "/wflw/" in n]
+    staged = sorted(p.name for p in (stage / "wflw/demo/1.0.0").iterdir())
+    assert staged == sorted(names)
+    again = staging.download(wflw, stage / "wflw/demo/1.0.0")
+    assert (again.files, again.skipped) == (0, len(names))
+    shard = next(stage.glob("wflw/demo/1.0.0/*train.array_record-*"))
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # an interrupted copy by another tool
+    again = staging.download(wflw, stage / "wflw/demo/1.0.0")
+    assert (again.files, again.bytes) == (1, len(whole))
+    assert shard.read_bytes() == whole == gcs_server.read(f"{wflw}/{shard.name}")
+    # Both directions mirror: a file gone from one side is deleted on the other.
+    (stage / "wflw/demo/1.0.0/stray.txt").write_text("x")
+    assert staging.upload(stage / "wflw/demo/1.0.0", wflw).files == 1
+    assert "tfds/wflw/demo/1.0.0/stray.txt" in gcs_server.objects(wflw)
+    (stage / "wflw/demo/1.0.0/stray.txt").unlink()
+    assert staging.upload(stage / "wflw/demo/1.0.0", wflw).files == 0
+    assert gcs_server.objects(tfds_url) == objects
+    (stage / "wflw/demo/1.0.0/stray.txt").write_text("x")
+    staging.download(wflw, stage / "wflw/demo/1.0.0")
+    assert not (stage / "wflw/demo/1.0.0/stray.txt").exists()
+    assert not (tmp_path / "gs:").exists() and not (ROOT / "gs:").exists()
