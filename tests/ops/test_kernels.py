@@ -263,8 +263,16 @@ def all_models():
 
 def test_models_share_parameters_and_agree(all_models):
     """Same parameter tree and initial values (a checkpoint moves freely), and the train-mode
-    forward, BatchNorm updates and parameter gradients agree at float32 noise with the SPEC's
-    layers on plain ops (xla ops, paper form)."""
+    forward, BatchNorm updates and parameter gradients agree at float32 noise: the fused
+    decoder with its op path's paper form, the cpu path with the SPEC's layers on plain ops
+    (xla ops, paper form).
+
+    Across op paths the stems sum their 7×7/4 taps in another order (the xla path over
+    space-to-depth blocks), and this network's float32 gradients are ill-conditioned in the
+    input's rounding (test_train_step.py: its float32 and float64 steps are up to 5.8e-3
+    apart), so the cross-path bound is that noise level (measured here: forward 1.1e-5,
+    gradients 5.1e-3); a layout or semantics error is O(1). Exact equality of the math is the
+    float64 suite's (test_float64.py)."""
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3), jnp.float32)
     # Everything compiled without backend optimization (the cpu path's init options: a
     # fraction of the compile time, and this test is about values): the same initializers must
@@ -294,15 +302,18 @@ def test_models_share_parameters_and_agree(all_models):
         grad = jax.grad(loss, has_aux=True)
         return jax.jit(grad, compiler_options=cpu.INIT_COMPILER_OPTIONS)(variables["params"])
 
-    g_want, (out_want, bn_want) = step(all_models[plain])
-    scale = float(jnp.abs(out_want).max())
-    largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_want))
-    for name, model in all_models.items():
-        if name == plain:
-            continue
-        g, (out, bn) = step(model)
-        assert float(jnp.abs(out - out_want).max()) < 1e-5 * scale, name
+    got = {name: step(model) for name, model in all_models.items()}
+    scale = float(jnp.abs(got[plain][1][0]).max())
+    largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(got[plain][0]))
+
+    def agree(name: str, want: str, out_tol: float, grad_tol: float) -> None:
+        (g, (out, bn)), (g_want, (out_want, bn_want)) = got[name], got[want]
+        assert float(jnp.abs(out - out_want).max()) < out_tol * scale, (name, want)
         for a, b in zip(jax.tree.leaves(bn), jax.tree.leaves(bn_want), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{name} {want}")
         errs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()) / largest, g, g_want)
-        assert max(jax.tree.leaves(errs)) < 1e-4, (name, errs)
+        assert max(jax.tree.leaves(errs)) < grad_tol, (name, want, errs)
+
+    agree(op_path_id(("xla", "fused")), plain, 1e-5, 1e-4)
+    agree(op_path_id(("cpu", "fused")), op_path_id(("cpu", "paper")), 1e-5, 1e-4)
+    agree(op_path_id(("cpu", "paper")), plain, 3e-5, 1e-2)
