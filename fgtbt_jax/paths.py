@@ -24,7 +24,7 @@ import os
 import pathlib
 import tempfile
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fgtbt_jax import errors
 
@@ -107,6 +107,14 @@ def data_dir(path: str | os.PathLike, flag: str, stage_dir: str | os.PathLike = 
     from fgtbt_jax import staging
 
     return staging.stage_dir(os.fspath(path), stage_dir)
+
+
+def run_data_dir(data_config: Any) -> pathlib.Path | None:
+    """:func:`data_dir` of a run's ``config.data`` (its ``data_dir`` and ``stage_dir``); None
+    when ``data_dir`` is empty. Called at start, it refuses what the run cannot use."""
+    if not data_config.get("data_dir"):
+        return None
+    return data_dir(data_config.data_dir, "config.data.data_dir", data_config.get("stage_dir", ""))
 
 
 @contextlib.contextmanager

@@ -164,7 +164,7 @@ class TfdsSource(Source):
         data = self.config.data
         self.url = data.data_dir if paths.is_remote(data.data_dir) else None
         if self.url:
-            local = paths.data_dir(self.url, "config.data.data_dir", data.get("stage_dir", ""))
+            local = paths.run_data_dir(data)
             self.config = ml_collections.ConfigDict(self.config.to_dict())
             self.config.data.data_dir = os.fspath(local)
 

@@ -67,8 +67,7 @@ def main(argv: list[str]) -> None:
     from input_pipeline import sources
 
     config = _CONFIG.value
-    if config.data.get("data_dir"):  # gs://: staged to config.data.stage_dir, checked here
-        paths.data_dir(config.data.data_dir, "config.data.data_dir", config.data.get("stage_dir"))
+    paths.run_data_dir(config.data)  # gs://: staged to config.data.stage_dir
     enable_x64_if_requested(config.model)
     protocols = metrics.PROTOCOLS if _PROTOCOL.value == "both" else (_PROTOCOL.value,)
     datasets = _DATASETS.value or list(config.data.datasets)

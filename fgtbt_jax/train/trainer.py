@@ -308,8 +308,7 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -
         ("config.compilation_cache_dir", config.get("compilation_cache_dir", ""), False),
     ):
         paths.check(value, flag, hub=hub)
-    if config.data.get("data_dir"):  # gs://: staged to config.data.stage_dir, checked here
-        paths.data_dir(config.data.data_dir, "config.data.data_dir", config.data.get("stage_dir"))
+    paths.run_data_dir(config.data)  # gs://: staged to config.data.stage_dir
     return paths.resolve(workdir, "--workdir")
 
 
