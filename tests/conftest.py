@@ -10,6 +10,9 @@ environment (which ``helpers.subprocess_env`` keeps): the suite compiles the sam
 programs in many tests and processes (the train step of every ``train.py`` start, the evaluation
 step, the forward of each parity test), and on two cores a hit saves up to a minute per compile.
 A clean checkout starts with an empty cache; ``pytest --cache-clear`` empties it.
+
+Every JAX process of the suite compiles with ``helpers.SUITE_XLA_FLAGS`` (XLA:CPU without LLVM
+optimization; added to any ``XLA_FLAGS`` of the environment).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from helpers import SUITE_XLA_FLAGS
 
 # The suite runs on the CPU, also where libtpu (the `tpu` extra, for the AOT test) or a GPU
 # plugin is installed: this process and every child it starts.
 os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), SUITE_XLA_FLAGS]))
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 

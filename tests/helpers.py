@@ -14,6 +14,12 @@ from fgtbt_jax import landmarks
 
 ROOT = pathlib.Path(__file__).parents[1]
 
+# XLA flags of every JAX process of the suite (this one: tests/conftest.py; children:
+# subprocess_env). The suite's cost is compiling small programs that then run for milliseconds;
+# without LLVM's optimization of the generated kernels XLA:CPU compiles them in about 70 % of the
+# CPU time, and results differ by float32 rounding at most (contracted multiply-adds).
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
 # The architecture of ../shared/reference/tiny_checkpoint.pth
 # (benchmarks.torch_oracle.fgtbt.FGTBTTorch).
 TINY_TORCH = dict(
@@ -109,7 +115,8 @@ def assert_trees_close(a, b) -> None:
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child Python process: CPU JAX, no inherited JAX / XLA settings or
     cluster variables (a child never joins a job by accident) except the test run's compilation
-    cache (tests/conftest.py), the project and tests/ importable, then ``extra``."""
+    cache (tests/conftest.py) and :data:`SUITE_XLA_FLAGS`, the project and tests/ importable,
+    then ``extra`` (an ``XLA_FLAGS`` there adds to the suite's)."""
     cluster = ("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")
     cache = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
     env = {k: v for k, v in os.environ.items() if k.startswith(cache) or not k.startswith(cluster)}
@@ -117,6 +124,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])
     )
+    env["XLA_FLAGS"] = " ".join(filter(None, [SUITE_XLA_FLAGS, extra.pop("XLA_FLAGS", "")]))
     env.update(extra)
     return env
 
