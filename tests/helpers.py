@@ -17,7 +17,10 @@ ROOT = pathlib.Path(__file__).parents[1]
 # XLA flags of every JAX process of the suite (this one: tests/conftest.py; children:
 # subprocess_env). The suite's cost is compiling small programs that then run for milliseconds;
 # without LLVM's optimization of the generated kernels XLA:CPU compiles them in about 70 % of the
-# CPU time, and results differ by float32 rounding at most (contracted multiply-adds).
+# CPU time, and results differ by float32 rounding at most (contracted multiply-adds). Processes
+# that compile for TPU keep XLA's defaults (``subprocess_env(xla_flags="")``): libtpu reads
+# XLA_FLAGS too, compiles slower with this one (the tiny train step: 98 → 120 s) and the traffic
+# tests assert the bytes of its default programs.
 SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 # The architecture of ../shared/reference/tiny_checkpoint.pth
@@ -112,11 +115,11 @@ def assert_trees_close(a, b) -> None:
             np.testing.assert_array_equal(x, y, jax.tree_util.keystr(path))
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
+def subprocess_env(*, xla_flags: str = SUITE_XLA_FLAGS, **extra: str) -> dict[str, str]:
     """The environment for a child Python process: CPU JAX, no inherited JAX / XLA settings or
     cluster variables (a child never joins a job by accident) except the test run's compilation
-    cache (tests/conftest.py) and :data:`SUITE_XLA_FLAGS`, the project and tests/ importable,
-    then ``extra`` (an ``XLA_FLAGS`` there adds to the suite's)."""
+    cache (tests/conftest.py), ``xla_flags`` (:data:`SUITE_XLA_FLAGS`) as XLA_FLAGS, the
+    project and tests/ importable, then ``extra`` (an ``XLA_FLAGS`` there adds to ``xla_flags``)."""
     cluster = ("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")
     cache = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
     env = {k: v for k, v in os.environ.items() if k.startswith(cache) or not k.startswith(cluster)}
@@ -124,17 +127,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")])
     )
-    env["XLA_FLAGS"] = " ".join(filter(None, [SUITE_XLA_FLAGS, extra.pop("XLA_FLAGS", "")]))
+    env["XLA_FLAGS"] = " ".join(filter(None, [xla_flags, extra.pop("XLA_FLAGS", "")]))
     env.update(extra)
     return env
 
 
-def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python *args`` from the project root with ``subprocess_env()``, output captured."""
+def run_script(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """``python *args`` from the project root with ``subprocess_env(**env)``, output captured."""
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
-        env=subprocess_env(),
+        env=subprocess_env(**env),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -112,7 +112,7 @@ def tpu_programs() -> dict:
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
     # Another process on the machine may hold libtpu's lock file; these compiles need no chip.
-    env = subprocess_env(ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env = subprocess_env(xla_flags="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     proc = subprocess.run(
         [sys.executable, "tests/traffic_single_ops.py"],
         cwd=ROOT,
@@ -234,12 +234,14 @@ def test_by_part_sums():
 
 
 def test_attribution_script_tiny(tmp_path):
-    # The tiny preset's train step compiled for two CPU devices (one compile, no libtpu).
+    # The train step of the tiny preset with one block per stage, compiled for two CPU devices
+    # (one compile, no libtpu).
     out = tmp_path / "traffic.json"
     proc = run_script(
         "scripts/traffic_attribution.py",
         "--config",
         "configs/fgtbt.py:tiny",
+        "--config.model.depths=(1,1,1,1)",
         "--target",
         "cpu:2",
         "--batch_per_device",

@@ -33,7 +33,7 @@ needs_cuda_plugin = pytest.mark.skipif(
 )
 
 
-def _run(tmp_path: pathlib.Path, *args: str) -> list[dict]:
+def _run(tmp_path: pathlib.Path, *args: str, **env: str) -> list[dict]:
     out = tmp_path / "aot.json"
     proc = run_script(
         "scripts/aot_compile.py",
@@ -43,6 +43,7 @@ def _run(tmp_path: pathlib.Path, *args: str) -> list[dict]:
         str(out),
         *args,
         timeout=1800,
+        **env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
@@ -69,8 +70,14 @@ def test_parse_target():
     reason="libtpu is not installed (pip install -e '.[tpu]'); TPU compilation needs it",
 )
 def test_tpu_compile_tiny(tmp_path):
-    # One XLA:TPU compile of the tiny train step with FSDP, a minute of CPU on a 2-core machine.
-    (row,) = _run(tmp_path, "--target", "tpu:v5e-4", "--step", "train", "--sharding", "fsdp")
+    # One XLA:TPU compile with FSDP of the tiny train step with one block per stage at 32²
+    # (about a minute of CPU on a 2-core machine), with XLA's default flags.
+    small = {"model.depths": (1, 1, 1, 1), "img_size": 32, "heatmap_size": 16}
+    overrides = [f"--config.{k}={v}".replace(" ", "") for k, v in small.items()]
+    (row,) = _run(
+        tmp_path, "--target", "tpu:v5e-4", "--step", "train", "--sharding", "fsdp", *overrides,
+        xla_flags="",
+    )  # fmt: skip
     assert (row["step"], row["sharding"], row["status"]) == ("train", "fsdp", "compiled"), row
     mem = row["memory_bytes"]
     assert mem["argument"] > 0 and mem["temp"] >= 0
@@ -83,6 +90,7 @@ def test_tpu_compile_tiny(tmp_path):
     # stay replicated): a device holds clearly less than the whole train state (parameters, two
     # AdamW moments, EMA, BatchNorm statistics), 70 % of it here.
     config = fgtbt.get_config("tiny")
+    config.update_from_flattened_dict(small)
     tx, _ = train_state.make_optimizer(config)
     abstract = train_state.abstract_train_state(
         config, build_model(config.model), tx, sharding.make_mesh(1)
