@@ -13,6 +13,11 @@ A clean checkout starts with an empty cache; ``pytest --cache-clear`` empties it
 
 Every JAX process of the suite compiles with ``helpers.SUITE_XLA_FLAGS`` (XLA:CPU without LLVM
 optimization; added to any ``XLA_FLAGS`` of the environment).
+
+The suite runs on one pytest-xdist worker per core, at most four (``addopts`` in pyproject.toml,
+:func:`pytest_xdist_auto_num_workers`), each test file on one worker; the workers share the
+compilation cache. libtpu's machine-wide lock is off (``ALLOW_MULTIPLE_LIBTPU_LOAD``): the TPU
+compiles of two workers may overlap, and none of them needs a chip.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), SUITE_XLA_FLAGS]))
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
+os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+
+MAX_WORKERS = 4  # each worker holds a JAX CPU backend and compiles (1–3 GB resident)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 CACHE_SETTINGS = (
