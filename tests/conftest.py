@@ -33,7 +33,8 @@ from helpers import SUITE_XLA_FLAGS
 # The suite runs on the CPU, also where libtpu (the `tpu` extra, for the AOT test) or a GPU
 # plugin is installed: this process and every child it starts.
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), SUITE_XLA_FLAGS]))
+if SUITE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), SUITE_XLA_FLAGS]))
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
