@@ -127,8 +127,9 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         # Private device copies: the caller may donate ``state`` to the next training step
-        # while the background write still reads these buffers.
-        state = jax.tree.map(lambda x: x.copy(), state)
+        # while the background write still reads these buffers. One batched transfer with
+        # the same shardings (a per-leaf ``x.copy()`` dispatches and compiles per leaf shape).
+        state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)
         meta = {"step": step}
         if config is not None:
             meta["config"] = json.loads(config.to_json_best_effort())
