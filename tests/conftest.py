@@ -12,7 +12,8 @@ step, the forward of each parity test), and on two cores a hit saves up to a min
 A clean checkout starts with an empty cache; ``pytest --cache-clear`` empties it.
 
 Every JAX process of the suite compiles with ``helpers.SUITE_XLA_FLAGS`` (XLA:CPU without LLVM
-optimization; added to any ``XLA_FLAGS`` of the environment).
+optimization and without the MLIR fusion emitters; added to any ``XLA_FLAGS`` of the
+environment).
 
 The suite runs on one pytest-xdist worker per core, at most four (``addopts`` in pyproject.toml,
 :func:`pytest_xdist_auto_num_workers`), each test file on one worker; the workers share the

@@ -15,13 +15,15 @@ from fgtbt_jax import landmarks
 ROOT = pathlib.Path(__file__).parents[1]
 
 # XLA flags of every JAX process of the suite (this one: tests/conftest.py; children:
-# subprocess_env). The suite's cost is compiling small programs that then run for milliseconds;
-# without LLVM's optimization of the generated kernels XLA:CPU compiles them in about 70 % of the
-# CPU time, and results differ by float32 rounding at most (contracted multiply-adds). Processes
-# that compile for TPU keep XLA's defaults (``subprocess_env(xla_flags="")``): libtpu reads
-# XLA_FLAGS too, compiles slower with this one (the tiny train step: 98 → 120 s) and the traffic
-# tests assert the bytes of its default programs.
-SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# subprocess_env). The suite's cost is compiling small programs that then run for milliseconds:
+# XLA:CPU without LLVM's optimization of the generated kernels (about 70 % of the CPU time) and
+# with its elemental IR emitter instead of the MLIR fusion emitters (a cold `train.py` start of
+# the tiny preset: compile 66 → 35 s, the whole run 144 → 87 s); results differ by float32
+# rounding at most (contracted multiply-adds, another loop order in reductions). Processes that
+# compile for TPU keep XLA's defaults (``subprocess_env(xla_flags="")``): libtpu reads XLA_FLAGS
+# too, compiles slower with these (the tiny train step: 98 → 120 s) and the traffic tests assert
+# the bytes of its default programs.
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 # The architecture of ../shared/reference/tiny_checkpoint.pth
 # (benchmarks.torch_oracle.fgtbt.FGTBTTorch).
