@@ -18,11 +18,11 @@ ROOT = pathlib.Path(__file__).parents[1]
 # subprocess_env). The suite's cost is compiling small programs that then run for milliseconds:
 # XLA:CPU without LLVM's optimization of the generated kernels (about 70 % of the CPU time) and
 # with its elemental IR emitter instead of the MLIR fusion emitters (a cold `train.py` start of
-# the tiny preset: user CPU 134 → 90 s); results differ by float32
-# rounding at most (contracted multiply-adds, another loop order in reductions). Processes that
-# compile for TPU keep XLA's defaults (``subprocess_env(xla_flags="")``): libtpu reads XLA_FLAGS
-# too, compiles slower with these (the tiny train step: 98 → 120 s) and the traffic tests assert
-# the bytes of its default programs.
+# the tiny preset: user CPU 134 → 90 s); results differ by float32 rounding at most (contracted
+# multiply-adds, another loop order in reductions). Processes that compile for TPU keep XLA's
+# defaults (``subprocess_env(xla_flags="")``): libtpu reads XLA_FLAGS too, compiled slower with
+# the first flag (the tiny train step: 98 → 120 s) and the traffic tests assert the bytes of its
+# default programs.
 SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 # The architecture of ../shared/reference/tiny_checkpoint.pth
