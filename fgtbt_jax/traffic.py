@@ -15,6 +15,10 @@ Counting rules:
   move nothing (their consumers read them);
 - asynchronous pairs (``copy-start``/``copy-done``, ``all-gather-start``/``-done`` …): the
   ``-start`` reads the operands, the ``-done`` writes the result;
+- a top-level ``slice``, ``dynamic-slice`` or ``slice-start`` reads only the slice (the
+  result's elements in the operand's layout and memory space), not its whole operand: XLA:TPU
+  prefetches operands into VMEM piecewise with thousands of ``slice-start``s (27 GB of the
+  release step would otherwise be charged for whole operands);
 - ``while`` and ``call`` are expanded into their bodies' instructions (a ``while`` body times
   its ``known_trip_count`` when XLA states it, else once); ``conditional`` counts its costliest
   branch.
@@ -330,6 +334,26 @@ def _add(into: dict[int, int], arrays: Iterable[Array]) -> None:
         into[a.memory_space] = into.get(a.memory_space, 0) + a.tiled_bytes
 
 
+_SLICES = {"slice", "dynamic-slice", "slice-start"}
+
+
+def _read_operands(ins: Instruction, shapes: dict[str, list[Array]]) -> dict[int, int]:
+    """Bytes read from each memory space by an instruction's operands: each operand whole, but
+    only the slice of a sliced one (:data:`_SLICES`: the result's dims in the operand's layout
+    and memory space; an ``-start``'s result follows its operands in its tuple)."""
+    read: dict[int, int] = {}
+    operands = [shapes.get(o, []) for o in ins.operands]
+    if ins.opcode in _SLICES and operands and len(operands[0]) == 1:
+        source = operands[0][0]
+        arrays = ins.arrays
+        sliced = arrays[1] if ins.opcode.endswith("-start") and len(arrays) > 1 else arrays[0]
+        _add(read, [dataclasses.replace(source, dims=sliced.dims)])
+        operands = operands[1:]
+    for arrays in operands:
+        _add(read, arrays)
+    return read
+
+
 def _flops_of(ins: Instruction, shapes: dict[str, list[Array]]) -> float:
     """``2 · output elements · contraction`` of one ``dot`` or ``convolution`` (else 0)."""
     out = ins.arrays
@@ -375,11 +399,58 @@ def _trip_count(ins: Instruction) -> int:
     return int(m.group(1)) if m else 1
 
 
+_PASS_THROUGH = {"bitcast", "get-tuple-element", "tuple"}
+
+
+def _named_by(instructions: list[Instruction]) -> dict[str, Instruction]:
+    """For each instruction without ``op_name`` metadata (XLA's own copies, prefetches and
+    slices: ``copy``, ``copy-start``/``-done``, ``slice-start`` …), the instruction whose
+    metadata it is attributed to: the first user of its result that has metadata (through
+    ``-done``s, bitcasts and tuples), else the producer of its first operand that has."""
+    by_name = {i.name: i for i in instructions}
+    users: dict[str, list[Instruction]] = {}
+    for ins in instructions:
+        for o in ins.operands:
+            users.setdefault(o, []).append(ins)
+
+    def user(name: str, depth: int = 0) -> Instruction | None:
+        for u in users.get(name, []):
+            if u.op_name and u.opcode not in _PASS_THROUGH:
+                return u
+            if depth < 8 and (not u.op_name or u.opcode in _PASS_THROUGH):
+                found = user(u.name, depth + 1)
+                if found is not None:
+                    return found
+        return None
+
+    def producer(ins: Instruction, depth: int = 0) -> Instruction | None:
+        for o in ins.operands[:1]:
+            src = by_name.get(o)
+            if src is None:
+                return None
+            if src.op_name and src.opcode not in _PASS_THROUGH:
+                return src
+            return producer(src, depth + 1) if depth < 8 else None
+        return None
+
+    named = {}
+    for ins in instructions:
+        if not ins.op_name and ins.opcode not in _VIEWS:
+            source = user(ins.name) or producer(ins)
+            if source is not None:
+                named[ins.name] = source
+    return named
+
+
 def instruction_rows(module: Module, computation: str | None = None, count: int = 1) -> list[Row]:
-    """One :class:`Row` per top-level instruction of ``computation`` (default: the entry)."""
+    """One :class:`Row` per top-level instruction of ``computation`` (default: the entry).
+
+    A row's ``op_name`` and ``stack`` are its instruction's metadata, or for an instruction
+    without metadata those of the instruction :func:`_named_by` attributes it to."""
     computation = computation or module.entry
     instructions = module.computations[computation]
     shapes = {i.name: i.arrays for i in instructions}
+    named = _named_by(instructions)
     rows: list[Row] = []
     for ins in instructions:
         if ins.opcode in _VIEWS:
@@ -396,16 +467,14 @@ def instruction_rows(module: Module, computation: str | None = None, count: int 
             if branches:
                 rows += max(branches, key=lambda rs: sum(r.hbm_bytes for r in rs))
             continue
-        read: dict[int, int] = {}
+        read = {} if ins.opcode.endswith("-done") else _read_operands(ins, shapes)
         written: dict[int, int] = {}
-        if not ins.opcode.endswith("-done"):
-            for operand in ins.operands:
-                _add(read, shapes.get(operand, []))
         if not ins.opcode.endswith("-start"):
             _add(written, ins.arrays)
         flops = _flops_of(ins, shapes) + sum(_fused_flops(module, c) for c in ins.called("calls"))
-        stack = module.stacks.get(ins.stack_frame, ())
-        rows.append(Row(ins.name, ins.opcode, ins.op_name, read, written, flops, count, stack))
+        source = named.get(ins.name, ins)
+        stack = module.stacks.get(source.stack_frame, ())
+        rows.append(Row(ins.name, ins.opcode, source.op_name, read, written, flops, count, stack))
     return rows
 
 

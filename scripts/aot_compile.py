@@ -29,7 +29,9 @@ it; this needs no CUDA plugin.
 ``--json OUT`` is rewritten after every row (rows are keyed by target, step, batch, dtype,
 sharding and kernels, so several runs can fill one file); rows still to be measured are
 written with ``"status": "not measured"`` first, so an interrupted run leaves them marked.
-``--json`` and ``--export_dir`` may be ``gs://`` URLs (each file written whole or not at all).
+``--json``, ``--export_dir`` and ``--save_hlo`` (each compiled program's optimized HLO text,
+for ``scripts/traffic_attribution.py --hlo``) may be ``gs://`` URLs (each file written whole or
+not at all).
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ _EXPORT_DIR = flags.DEFINE_string(
     None,
     "GPU targets: serialize the steps with jax.export into this directory instead of "
     "compiling them (no CUDA plugin needed).",
+)
+
+_SAVE_HLO = flags.DEFINE_string(
+    "save_hlo",
+    None,
+    "Also write each compiled program's optimized HLO text under this directory "
+    "(<dir>/<target>/<step>_<preset>_<dtype>_<sharding>_b<batch>.hlo.txt), e.g. for "
+    "scripts/traffic_attribution.py --hlo.",
 )
 
 KEY = ("target", "step", "batch_per_device", "dtype", "sharding", "kernels")
@@ -199,6 +209,7 @@ def main(argv: list[str]) -> None:
                 dtype=dtype,
                 fsdp=s == "fsdp",
                 export_dir=_EXPORT_DIR.value,
+                hlo_dir=_SAVE_HLO.value,
             )
             row["status"] = "compiled" if row["compiled"] else "exported (not compiled)"
         except Exception as e:  # noqa: BLE001 - an out-of-memory compile is a result, not a crash

@@ -7,7 +7,9 @@ r"""Renders docs/planning.md's planning tables from the JSON rows of ``scripts/a
 
 The planning table has one line per target, dtype and sharding and one column per batch per
 device (train step, ``kernels=xla``): the total memory per device and whether it fits, XLA's
-out-of-memory verdict, or "not measured". The second table lists every compiled row in full.
+out-of-memory verdict, or "not measured". The second table lists every compiled row in full,
+with two rooflines: on XLA's "bytes accessed" and on the HBM-traffic model of
+``fgtbt_jax/traffic.py`` (TPU rows compiled since the model exists; "-" otherwise).
 ``--markdown`` rewrites both tables in place (each from its header line to the next blank line).
 """
 
@@ -38,8 +40,9 @@ PLAN_HEADER = (
 )
 FULL_HEADER = (
     "| target | dtype | sharding | batch / device | step | arguments GiB (donated) "
-    "| temporaries GiB | total GiB | GFLOP | GB accessed | FLOP/byte | ≥ ms/step (estimate) "
-    "| ≤ images/s per chip | compile |"
+    "| temporaries GiB | total GiB | GFLOP | GB accessed (XLA) | FLOP/byte | ≥ ms/step (XLA "
+    "bytes) | ≤ images/s per chip (XLA bytes) | GB HBM (model) | ≤ images/s per chip (HBM "
+    "model) | compile |"
 )
 # XLA:TPU states an out-of-memory compile in one of these two forms.
 _OOM = (
@@ -90,13 +93,20 @@ def planning_table(rows: list[dict], targets: dict[str, str] = TARGETS) -> list[
 
 
 def full_table(rows: list[dict], targets: dict[str, str] = TARGETS) -> list[str]:
-    lines = [FULL_HEADER, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [FULL_HEADER, "|" + "---|" * FULL_HEADER.count(" |")]
     cells = itertools.product(targets, ("train", "eval"), DTYPES, SHARDINGS.items(), BATCHES)
     for target, step, dtype, (sharding, name), b in cells:
         r = find(rows, target, step, dtype, sharding, b)
         if r is None or r.get("status") != "compiled":
             continue
         m, roof = r["memory_bytes"], r["roofline"]
+        hbm, roof_hbm = r.get("hbm_traffic"), r.get("roofline_hbm")
+        model = (
+            f"{hbm['hbm_bytes'] / 1e9:.1f} | "
+            f"{roof_hbm['images_per_second_per_chip_upper_bound']:.1f}"
+            if hbm and roof_hbm
+            else "- | -"
+        )
         lines.append(
             f"| {target} | {dtype} | {name} | {b} | "
             f"{'train' if step == 'train' else 'eval (flip test)'} | "
@@ -105,7 +115,7 @@ def full_table(rows: list[dict], targets: dict[str, str] = TARGETS) -> list[str]
             f"{r['flops'] / 1e9:.1f} | {r['bytes_accessed'] / 1e9:.1f} | "
             f"{roof['arithmetic_intensity']:.1f} | "
             f"{roof['step_seconds_lower_bound'] * 1e3:.1f} | "
-            f"{roof['images_per_second_per_chip_upper_bound']:.1f} | "
+            f"{roof['images_per_second_per_chip_upper_bound']:.1f} | {model} | "
             f"{r['compile_seconds'] / 60:.1f} min |"
         )
     return lines
@@ -117,7 +127,10 @@ def replace_table(text: str, table: list[str]) -> str:
     try:
         start = lines.index(table[0])
     except ValueError:
-        raise ValueError(f"no table with the header {table[0]!r}") from None
+        raise errors.InputFileError(
+            f"--markdown: no table with the header {table[0]!r} (a table's header line must "
+            "match the one this script writes)"
+        ) from None
     end = start
     while end < len(lines) and lines[end].strip():
         end += 1

@@ -48,6 +48,7 @@ def main(argv: list[str]) -> None:
     dtype = _DTYPE.value or str(config.model.dtype)
     fsdp = bool(config.sharding.fsdp) if _FSDP.value is None else _FSDP.value
     xla_cost = None
+    memory = None
     if _HLO.value:
         path = pathlib.Path(_HLO.value)
         if not path.is_file():
@@ -62,6 +63,7 @@ def main(argv: list[str]) -> None:
             raise errors.ConfigError(f"--target/--batch_per_device: {e}") from None
         text = compiled.as_text()
         xla_cost = compiled_figures.cost(compiled)
+        memory = compiled_figures.memory(compiled)
         if _SAVE_HLO.value:
             pathlib.Path(_SAVE_HLO.value).write_text(text)
     result = attribution.report(traffic.of_hlo(text), xla_cost)
@@ -74,6 +76,8 @@ def main(argv: list[str]) -> None:
         "jax": jax.__version__,
         "hlo": _HLO.value,
     }
+    if memory is not None:
+        result["memory_bytes"] = memory
     totals = result["totals"]
     print(json.dumps(result["setup"]))
     for key in ("hbm_bytes", "on_chip_bytes", "boundary_bytes", "xla_bytes_accessed"):

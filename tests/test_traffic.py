@@ -99,6 +99,37 @@ def test_counting_rules_on_hand_written_hlo():
     assert model.matmul_flops == 2 * 3 * 256 * 100
 
 
+SLICES = """\
+HloModule s, is_scheduled=true
+
+%fused_add (p0: f32[8,256], p1: f32[8,256]) -> f32[8,256] {
+  %p0 = f32[8,256]{1,0:T(8,128)S(1)} parameter(0)
+  %p1 = f32[8,256]{1,0:T(8,128)} parameter(1)
+  ROOT %a = f32[8,256]{1,0:T(8,128)} add(%p0, %p1)
+}
+
+ENTRY %main (big: f32[64,256]) -> f32[8,256] {
+  %big = f32[64,256]{1,0:T(8,128)} parameter(0)
+  %ss = ((f32[64,256]{1,0:T(8,128)}), f32[8,256]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%big), slice={[8:16], [0:256]}
+  %sd = f32[8,256]{1,0:T(8,128)S(1)} slice-done(%ss)
+  %s = f32[8,256]{1,0:T(8,128)} slice(%big), slice={[0:8], [0:256]}
+  ROOT %z = f32[8,256]{1,0:T(8,128)} fusion(%sd, %s), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/jvp(M)/decode_head/add"}
+}
+"""  # noqa: E501
+
+
+def test_slices_read_the_slice_and_inherit_metadata():
+    """A top-level slice (and an async ``slice-start``) reads only its slice, not the whole
+    operand; instructions without metadata are named after the instruction using them."""
+    rows = {r.name: r for r in traffic.of_hlo(SLICES).rows}
+    piece = 8 * 256 * 4  # f32[8,256]: one row of (8,128) tiles; the operand is 8× that
+    assert (rows["ss"].read, rows["ss"].written) == ({0: piece}, {})
+    assert (rows["sd"].read, rows["sd"].written) == ({}, {1: piece})
+    assert (rows["s"].read, rows["s"].written) == ({0: piece}, {0: piece})
+    for name in ("ss", "sd", "s"):
+        assert rows[name].op_name == "jit(f)/jvp(M)/decode_head/add", name
+
+
 def test_cpu_program():
     # CPU layouts carry no tiles or memory spaces: one loop fusion reads x and writes the result.
     x = jax.ShapeDtypeStruct((100, 300), jnp.float32)

@@ -500,9 +500,12 @@ def measure(
     dtype: str,
     fsdp: bool,
     export_dir: str | None = None,
+    hlo_dir: str | None = None,
 ) -> dict[str, Any]:
     """One JSON row: compile the ``which`` ∈ {train, eval} step for ``target`` (deviceless),
-    or, for a GPU target with ``export_dir``, serialize it with :func:`export_cuda` there."""
+    or, for a GPU target with ``export_dir``, serialize it with :func:`export_cuda` there.
+    ``hlo_dir``: also write the compiled program's optimized HLO text there (for
+    ``scripts/traffic_attribution.py --hlo``; the row's ``hlo_path``)."""
     c = step_config(
         config, batch_per_device=batch_per_device, num_devices=mesh.size, dtype=dtype, fsdp=fsdp
     )
@@ -528,6 +531,11 @@ def measure(
     }
     if export_dir is None or target.platform == "tpu":
         lowered, compiled, times = compile_step(step, args, target)
+        if hlo_dir is not None:
+            name = f"{which}_{c.preset}_{dtype}_{row['sharding']}_b{batch_per_device}.hlo.txt"
+            path = paths.resolve(hlo_dir, "--save_hlo") / target.name.replace(":", "_") / name
+            paths.write_bytes(path, compiled.as_text().encode())
+            row["hlo_path"] = str(path)
         figures = compiled_figures_of(target, lowered, compiled, mesh.size)
         total = figures["memory_bytes"]["total"]
         flops, traffic = figures["flops"], figures["bytes_accessed"]

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import fgtbt
 from fgtbt_jax import compiled as compiled_figures
+from fgtbt_jax import traffic
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.train import aot, sharding
 from fgtbt_jax.train import state as train_state
@@ -76,9 +77,13 @@ def test_tpu_compile_tiny(tmp_path):
     overrides = [f"--config.{k}={v}".replace(" ", "") for k, v in small.items()]
     (row,) = _run(
         tmp_path, "--target", "tpu:v5e-4", "--step", "train", "--sharding", "fsdp", *overrides,
-        xla_flags="",
+        "--save_hlo", str(tmp_path / "hlo"), xla_flags="",
     )  # fmt: skip
     assert (row["step"], row["sharding"], row["status"]) == ("train", "fsdp", "compiled"), row
+    # The saved optimized HLO is the program the row's traffic figures were read from.
+    saved = tmp_path / "hlo" / "tpu_v5e-4" / "train_tiny_float32_fsdp_b1.hlo.txt"
+    assert row["hlo_path"] == str(saved)
+    assert traffic.of_hlo(saved.read_text()).summary() == row["hbm_traffic"]
     mem = row["memory_bytes"]
     assert mem["argument"] > 0 and mem["temp"] >= 0
     assert mem["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
