@@ -63,8 +63,13 @@ def model_config(variant: str = "b4") -> ml_collections.ConfigDict:
     # Decoder formulation (same parameters, same results up to rounding): "paper" = SPEC §2.2's
     # layer order; "fused" = linear_c{s}∘linear_fuse at each stage's resolution and
     # upSample∘conv2 as one 3×3 convolution (fewer FLOPs and bytes; fgtbt_jax/models/
-    # fused_decoder.py), with either kernels; "auto" = "fused" with cpu kernels, else "paper".
+    # fused_decoder.py), with either kernels; "auto" = "fused".
     m.decoder_form = "auto"
+    # Stem formulation (same parameters, same results up to rounding): "paper" = BN → ReLU → 1×1
+    # → BN → ReLU → 7×7/4 on the full-resolution map; "blocks" = the same on 4×4 space-to-depth
+    # blocks (fgtbt_jax/models/backbone.py OverlapPatchEmbed); "auto" = "blocks" with xla
+    # kernels, "paper" with cpu kernels.
+    m.stem_form = "auto"
     return m
 
 

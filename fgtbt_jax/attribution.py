@@ -23,7 +23,7 @@ from fgtbt_jax import traffic
 # (label, pattern) in order; the label's {1}, {2} take the pattern's groups.
 PARTS: tuple[tuple[str, str], ...] = (
     ("EMA", r":ema_update\b"),
-    ("heatmap targets", r":render_heatmaps\b"),
+    ("heatmap targets", r":(render_heatmaps|heatmaps_and_weights|_gaussian|_points)\b"),
     ("loss", r"/train/loss\.py:"),
     ("FFT high-pass", r":high_pass(_dft)?\b"),
     ("stem: patch_embed1", r"/backbone/patch_embed1/"),

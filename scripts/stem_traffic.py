@@ -27,6 +27,9 @@ _SIZE = flags.DEFINE_integer("size", 480, "Input height and width.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 _JSON = flags.DEFINE_string("json", None, "Write the rows here.")
 _TOP = flags.DEFINE_integer("top", 0, "Also print each stem's top instructions by HBM bytes.")
+_STEM_FORM = flags.DEFINE_enum(
+    "stem_form", "blocks", ["paper", "blocks"], "model.stem_form (a --tree before it: paper)."
+)
 
 STEMS = {"patch_embed1": 64, "handcrafted_generator1": 16}  # release widths: E₁, E₁/4
 
@@ -51,7 +54,11 @@ def main(argv: list[str]) -> None:
     image = jax.ShapeDtypeStruct((_BATCH.value, _SIZE.value, _SIZE.value, 3), dtype, sharding=on)
     rows = []
     for name, features in STEMS.items():
-        stem = OverlapPatchEmbed.of_stage(0, features, Layers(ops=xla, dtype=dtype), name=name)
+        layers = Layers(ops=xla, dtype=dtype)
+        if _STEM_FORM.value == "paper":  # also what a --tree without model.stem_form builds
+            stem = OverlapPatchEmbed.of_stage(0, features, layers, name=name)
+        else:
+            stem = OverlapPatchEmbed.of_stage(0, features, layers, name=name, stem_form="blocks")
         variables = jax.eval_shape(
             lambda x, stem=stem: stem.init(jax.random.key(0), x, False), image
         )
@@ -75,6 +82,7 @@ def main(argv: list[str]) -> None:
             "batch": _BATCH.value,
             "size": _SIZE.value,
             "dtype": _DTYPE.value,
+            "stem_form": _STEM_FORM.value,
             "library": str(library),
             **model.summary(),
             "xla_flops": compiled_figures.cost(compiled).get("flops"),

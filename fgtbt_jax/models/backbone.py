@@ -20,6 +20,9 @@ from fgtbt_jax.models.layers import (
     group_mean,
     param_dtype,
 )
+from fgtbt_jax.ops import space_to_depth
+
+STEM_FORMS = ("paper", "blocks")
 
 
 def high_pass(x: jax.Array, sigma: float = 20.0) -> jax.Array:
@@ -68,32 +71,77 @@ class OverlapPatchEmbed(nn.Module, kw_only=True):
     """BN → ReLU → 1×1 → BN → ReLU → k×k/stride (``proj``) → BN → ReLU → 1×1 (``conv3``) → LN.
 
     (B, H, W, C_in) → tokens (B, H'·W', C) plus the grid size (H', W').
+
+    ``on_blocks`` (the "blocks" stem form, exact): everything up to ``proj`` runs on the input's
+    stride×stride space-to-depth blocks (B, H/s, W/s, s·s·C_in) instead of the full-resolution
+    map: the BatchNorms reduce each channel over the blocks too, the 1×1 ``conv1`` is its
+    kernel repeated block-diagonally over the s·s positions, and ``proj`` is the stride-1
+    convolution over blocks of :mod:`fgtbt_jax.ops.space_to_depth`. Same parameters, same
+    statistics, the same products summed in another order; the full-resolution maps with 3 or
+    C channels (C < 128 lanes on TPU) never exist. Falls back to the paper order when H or W is
+    not a multiple of the stride.
     """
 
     layers: Layers
     features: int
     kernel: int
     stride: int
+    on_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, int, int]:
         lay, f = self.layers, self.features
-        x = nn.relu(lay.batch_norm(name="bn1")(x, train))
-        x = lay.conv(f, 1, bias=False, name="conv1")(x)
-        x = nn.relu(lay.batch_norm(name="bn2")(x, train))
-        k = self.kernel
-        x = lay.conv(f, k, stride=self.stride, padding=k // 2, name="proj")(x)
+        s = self.stride
+        if self.on_blocks and x.shape[1] % s == 0 and x.shape[2] % s == 0:
+            x = self._proj_on_blocks(x, train)
+        else:
+            x = nn.relu(lay.batch_norm(name="bn1")(x, train))
+            x = lay.conv(f, 1, bias=False, name="conv1")(x)
+            x = nn.relu(lay.batch_norm(name="bn2")(x, train))
+            k = self.kernel
+            x = lay.conv(f, k, stride=s, padding=k // 2, name="proj")(x)
         x = nn.relu(lay.batch_norm(name="bn3")(x, train))
         x = lay.conv(f, 1, bias=False, name="conv3")(x)
         b, h, w, c = x.shape
         x = lay.layer_norm(1e-5, name="norm")(x.reshape(b, h * w, c))
         return x, h, w
 
+    def _proj_on_blocks(self, x: jax.Array, train: bool) -> jax.Array:
+        """BN → ReLU → 1×1 → BN → ReLU → ``proj`` of (B, H, W, C_in) on s×s blocks:
+        (B, H/s, W/s, C)."""
+        lay, f, k, s = self.layers, self.features, self.kernel, self.stride
+        h, w, c_in = x.shape[1:]
+        # (B, H/s, W/s, s·s·C_in), materialized: the barrier keeps XLA from moving bn1's
+        # reductions back onto the full-resolution input (3 channels: 42× its bytes on TPU).
+        x = jax.lax.optimization_barrier(space_to_depth.space_to_depth(x, s))
+        x = nn.relu(lay.batch_norm(blocks=s * s, name="bn1")(x, train))
+        kernel, _ = lay.kernel_bias((1, 1, c_in, f), bias=False, name="conv1")()
+        diagonal = jnp.kron(jnp.eye(s * s, dtype=kernel.dtype), kernel[0, 0])
+        x = jnp.einsum("bhwc,cd->bhwd", x, diagonal.astype(lay.dtype))
+        x = nn.relu(lay.batch_norm(blocks=s * s, name="bn2")(x, train))
+        kernel, bias = lay.kernel_bias((k, k, f, f), name="proj")()
+        blocks_kernel, pad, (oh, ow) = space_to_depth.on_blocks(kernel, s, k // 2, (h, w))
+        x = lay.ops.conv_s1(x, blocks_kernel.astype(lay.dtype), pad)[:, :oh, :ow]
+        return x + bias.astype(lay.dtype)
+
     @classmethod
-    def of_stage(cls, stage: int, features: int, layers: Layers, name: str) -> OverlapPatchEmbed:
-        """The patch embedding of stage ``stage`` (0-based): 7×7/4, then 3×3/2."""
+    def of_stage(
+        cls, stage: int, features: int, layers: Layers, name: str, *, stem_form: str = "paper"
+    ) -> OverlapPatchEmbed:
+        """The patch embedding of stage ``stage`` (0-based): 7×7/4, then 3×3/2; the stem
+        (stage 0) on space-to-depth blocks when ``stem_form`` is "blocks"."""
+        if stem_form not in STEM_FORMS:
+            raise ValueError(f"stem form must be one of {STEM_FORMS}, got {stem_form!r}")
         kernel, stride = (7, 4) if stage == 0 else (3, 2)
-        return cls(layers=layers, features=features, kernel=kernel, stride=stride, name=name)
+        on_blocks = stage == 0 and stem_form == "blocks"
+        return cls(
+            layers=layers,
+            features=features,
+            kernel=kernel,
+            stride=stride,
+            on_blocks=on_blocks,
+            name=name,
+        )
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -251,12 +299,15 @@ class PromptGenerator(nn.Module, kw_only=True):
     hpf_sigma: float = 20.0
     csam_reduction: str = "batch"
     fft: str = "fft"
+    stem_form: str = "paper"
 
     def setup(self):
         lay = self.layers
         dims = [e // self.scale_factor for e in self.embed_dims]
         self.handcrafted = [
-            OverlapPatchEmbed.of_stage(s, d, lay, name=f"handcrafted_generator{s + 1}")
+            OverlapPatchEmbed.of_stage(
+                s, d, lay, name=f"handcrafted_generator{s + 1}", stem_form=self.stem_form
+            )
             for s, d in enumerate(dims)
         ]
         self.embedding = [
@@ -331,6 +382,7 @@ class MixVisionTransformer(nn.Module, kw_only=True):
     csam_reduction: str = "batch"
     remat: bool = False
     fft: str = "fft"
+    stem_form: str = "paper"
 
     @nn.compact
     def __call__(self, image: jax.Array, train: bool) -> list[jax.Array]:
@@ -343,6 +395,7 @@ class MixVisionTransformer(nn.Module, kw_only=True):
             hpf_sigma=self.hpf_sigma,
             csam_reduction=self.csam_reduction,
             fft=self.fft,
+            stem_form=self.stem_form,
             name="prompt_generator",
         )
         hcs = prompt.handcrafted_prompts(image, train)
@@ -352,7 +405,9 @@ class MixVisionTransformer(nn.Module, kw_only=True):
         x = image.astype(lay.dtype)
         outs, cur = [], 0
         for s, dim in enumerate(self.embed_dims):
-            embed = OverlapPatchEmbed.of_stage(s, dim, lay, name=f"patch_embed{s + 1}")
+            embed = OverlapPatchEmbed.of_stage(
+                s, dim, lay, name=f"patch_embed{s + 1}", stem_form=self.stem_form
+            )
             tokens, h, w = embed(x, train)
             emb = prompt.embedding_prompt(s, tokens)
             for i in range(self.depths[s]):

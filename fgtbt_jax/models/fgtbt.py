@@ -47,7 +47,8 @@ class FGTBT(nn.Module, kw_only=True):
 
     ``ops`` (a module of :mod:`fgtbt_jax.ops`, chosen by :func:`build_model`) is what every
     layer computes with; ``decoder_form`` ("paper" or "fused") how the decode head is
-    formulated. Neither changes the parameters.
+    formulated, ``stem_form`` ("paper" or "blocks") how the two full-resolution stems are
+    (:class:`~fgtbt_jax.models.backbone.OverlapPatchEmbed`). None changes the parameters.
     """
 
     ops: Ops
@@ -68,6 +69,7 @@ class FGTBT(nn.Module, kw_only=True):
     dtype: jnp.dtype = jnp.float32
     fft: str = "fft"
     decoder_form: str = "paper"
+    stem_form: str = "paper"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -89,6 +91,7 @@ class FGTBT(nn.Module, kw_only=True):
             csam_reduction=self.csam_reduction,
             remat=self.remat,
             fft=self.fft,
+            stem_form=self.stem_form,
             name="backbone",
         )(images, train)
         return DecodeHead(
@@ -107,7 +110,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
 
     ``stat_groups`` splits the batch into that many groups for BatchNorm / CSAM statistics
     (one per device reproduces the reference's per-device statistics under data parallelism).
-    The ops module and the decoder form are chosen here, once, from the config
+    The ops module and the decoder and stem forms are chosen here, once, from the config
     (:func:`fgtbt_jax.ops.select`; ``model.ops.NAME`` names the ops chosen).
     """
     m = model_config
@@ -119,7 +122,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
             "fgtbt_jax.models.fgtbt.enable_x64_if_requested(config.model) at the start of the "
             "program (the scripts do), use `with jax.enable_x64(True):`, or set JAX_ENABLE_X64=1"
         )
-    ops, decoder_form = ops_lib.select(m)
+    ops, decoder_form, stem_form = ops_lib.select(m)
     return FGTBT(
         ops=ops,
         embed_dims=tuple(m.embed_dims),
@@ -139,6 +142,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, stat_groups: int = 1
         dtype=_DTYPES[m.dtype],
         fft=m.fft,
         decoder_form=decoder_form,
+        stem_form=stem_form,
     )
 
 

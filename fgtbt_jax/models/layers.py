@@ -27,6 +27,7 @@ from fgtbt_jax.ops.common import (
     group_max,
     group_mean,
     param_dtype,
+    tile_blocks,
 )
 
 __all__ = [
@@ -62,6 +63,10 @@ class BatchNorm(nn.Module, kw_only=True):
     PyTorch's momentum 0.1 (Flax's 0.9). ``num_batches_tracked`` is kept as PyTorch does.
     Parameters and statistics are kept in ``param_dtype(dtype)`` (float32 for bfloat16).
     Train mode computes with ``ops.batch_norm_train``.
+
+    ``blocks`` > 1: the channel axis holds ``blocks`` positions × C channels (space-to-depth
+    order, position major), and each of the C channels is normalized over the positions too,
+    as over the full-resolution map they came from (parameters and statistics have C entries).
     """
 
     ops: Ops
@@ -70,11 +75,12 @@ class BatchNorm(nn.Module, kw_only=True):
     stat_groups: int = 1
     dtype: Dtype = jnp.float32
     axis: int = -1
+    blocks: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         axis = self.axis % x.ndim
-        c = x.shape[axis]
+        c = x.shape[axis] // self.blocks
         pd = param_dtype(self.dtype)
         scale = self.param("scale", nn.initializers.ones, (c,), pd)
         bias = self.param("bias", nn.initializers.zeros, (c,), pd)
@@ -86,7 +92,7 @@ class BatchNorm(nn.Module, kw_only=True):
         if train:
             g = self.stat_groups
             y, mean_g, var_g = self.ops.batch_norm_train(
-                x, scale, bias, g, self.epsilon, self.dtype, axis
+                x, scale, bias, g, self.epsilon, self.dtype, axis, self.blocks
             )
             n = x.size // (c * g)
             if not self.is_initializing():
@@ -97,9 +103,13 @@ class BatchNorm(nn.Module, kw_only=True):
                 tracked.value = tracked.value + 1
             return y
         shape = channel_shape(x, axis)
-        mean, var = ra_mean.value.reshape(shape), ra_var.value.reshape(shape)
+
+        def tiled(v: jax.Array) -> jax.Array:
+            return tile_blocks(v, self.blocks).reshape(shape)
+
+        mean, var = tiled(ra_mean.value), tiled(ra_var.value)
         y = (x.astype(pd) - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale.reshape(shape) + bias.reshape(shape)).astype(self.dtype)
+        return (y * tiled(scale) + tiled(bias)).astype(self.dtype)
 
 
 class DropPath(nn.Module):
@@ -224,10 +234,16 @@ class Layers:
             name=name,
         )
 
-    def batch_norm(self, *, axis: int = -1, name: str | None = None) -> BatchNorm:
-        """:class:`BatchNorm` over this network's statistic groups, channels on ``axis``."""
+    def batch_norm(self, *, axis: int = -1, blocks: int = 1, name: str | None = None) -> BatchNorm:
+        """:class:`BatchNorm` over this network's statistic groups, channels on ``axis`` (in
+        ``blocks`` space-to-depth positions)."""
         return BatchNorm(
-            ops=self.ops, stat_groups=self.stat_groups, dtype=self.dtype, axis=axis, name=name
+            ops=self.ops,
+            stat_groups=self.stat_groups,
+            dtype=self.dtype,
+            axis=axis,
+            blocks=blocks,
+            name=name,
         )
 
     def layer_norm(self, epsilon: float, *, name: str | None = None) -> LayerNorm:

@@ -23,11 +23,16 @@ from fgtbt_jax.ops import cpu, xla
 
 KERNELS = ("auto", "xla", "cpu")
 DECODER_FORMS = ("auto", "paper", "fused")
+STEM_FORMS = ("auto", "paper", "blocks")
 
-# What ``model.decoder_form="auto"`` means with each op path: the form each path has always
-# computed (its lowered programs are unchanged by the switch). The cpu path used the fused form
-# since it was written; the xla path keeps the SPEC's order, which the TPU/GPU figures measure.
-_DEFAULT_DECODER_FORM = {"xla": "paper", "cpu": "fused"}
+# What ``model.decoder_form="auto"`` means: the fused form with either op path (fewer FLOPs
+# and HBM bytes on every backend; docs/traffic.md measures it on the release TPU step).
+_AUTO_DECODER_FORM = "fused"
+# What ``model.stem_form="auto"`` means with each op path. The xla path computes the stems on
+# space-to-depth blocks (XLA:TPU's full-resolution stems cost most of their HBM traffic in
+# 3- and 16/64-channel maps padded to 128 lanes; docs/traffic.md); the cpu path keeps the
+# paper order, whose strided ``proj`` has its own XLA:CPU lowering (ops/cpu.py).
+_AUTO_STEM_FORM = {"xla": "blocks", "cpu": "paper"}
 
 
 def resolve_kernels(kernels: str) -> str:
@@ -42,13 +47,22 @@ def resolve_kernels(kernels: str) -> str:
 
 def resolve_decoder_form(decoder_form: str, kernels: str) -> str:
     """``model.decoder_form`` → ``"paper"`` or ``"fused"`` for a resolved ``kernels`` value
-    (``"auto"``: ``"fused"`` with the cpu ops, ``"paper"`` with the xla ops)."""
+    (``"auto"``: ``"fused"``)."""
     if decoder_form not in DECODER_FORMS:
         raise errors.ConfigError(
             f"model.decoder_form must be one of {DECODER_FORMS}, got {decoder_form!r}"
         )
     kernel_ops(kernels)  # rejects an unresolved or unknown value
-    return _DEFAULT_DECODER_FORM[kernels] if decoder_form == "auto" else decoder_form
+    return _AUTO_DECODER_FORM if decoder_form == "auto" else decoder_form
+
+
+def resolve_stem_form(stem_form: str, kernels: str) -> str:
+    """``model.stem_form`` → ``"paper"`` or ``"blocks"`` for a resolved ``kernels`` value
+    (``"auto"``: ``"blocks"`` with the xla ops, ``"paper"`` with the cpu ops)."""
+    if stem_form not in STEM_FORMS:
+        raise errors.ConfigError(f"model.stem_form must be one of {STEM_FORMS}, got {stem_form!r}")
+    kernel_ops(kernels)  # rejects an unresolved or unknown value
+    return _AUTO_STEM_FORM[kernels] if stem_form == "auto" else stem_form
 
 
 def kernel_ops(kernels: str) -> types.ModuleType:
@@ -61,10 +75,13 @@ def kernel_ops(kernels: str) -> types.ModuleType:
     raise ValueError(f"kernels must be 'xla' or 'cpu' once resolved, got {kernels!r}")
 
 
-def select(model_config: ml_collections.ConfigDict) -> tuple[types.ModuleType, str]:
-    """The ops module and the decoder form ("paper" or "fused") of a ``config.model``: its
-    ``kernels`` and ``decoder_form`` resolved (a config without ``decoder_form`` means "auto")."""
+def select(model_config: ml_collections.ConfigDict) -> tuple[types.ModuleType, str, str]:
+    """The ops module, the decoder form ("paper" or "fused") and the stem form ("paper" or
+    "blocks") of a ``config.model``: its ``kernels``, ``decoder_form`` and ``stem_form``
+    resolved (a config without a form means "auto")."""
     kernels = resolve_kernels(model_config.kernels)
-    return kernel_ops(kernels), resolve_decoder_form(
-        model_config.get("decoder_form", "auto"), kernels
+    return (
+        kernel_ops(kernels),
+        resolve_decoder_form(model_config.get("decoder_form", "auto"), kernels),
+        resolve_stem_form(model_config.get("stem_form", "auto"), kernels),
     )

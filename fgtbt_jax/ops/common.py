@@ -52,6 +52,21 @@ def expand_groups(stat: jax.Array, x: jax.Array, groups: int, axis: int = -1) ->
     return stat.reshape(channel_shape(x, axis, batch=True))
 
 
+def fold_blocks(stat: jax.Array, blocks: int, reduce: str = "mean") -> jax.Array:
+    """Per-channel statistics (…, blocks·C) of a space-to-depth channel axis (``blocks``
+    positions × C channels, position major) → (…, C): the mean (or sum) over the positions."""
+    if blocks == 1:
+        return stat
+    split = stat.reshape(*stat.shape[:-1], blocks, stat.shape[-1] // blocks)
+    return jnp.mean(split, axis=-2) if reduce == "mean" else jnp.sum(split, axis=-2)
+
+
+def tile_blocks(stat: jax.Array, blocks: int) -> jax.Array:
+    """(…, C) → (…, blocks·C): per-channel values repeated for each space-to-depth position
+    (the inverse layout of :func:`fold_blocks`)."""
+    return stat if blocks == 1 else jnp.tile(stat, (1,) * (stat.ndim - 1) + (blocks,))
+
+
 def channel_shape(x: jax.Array, axis: int, *, batch: bool = False) -> list[int]:
     """``[1, …, C, …, 1]`` broadcasting a (C,) vector along ``axis`` of ``x`` (and the batch
     axis too with ``batch``)."""

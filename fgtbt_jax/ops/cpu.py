@@ -22,8 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fgtbt_jax.ops import common, xla
-from fgtbt_jax.ops.common import Dtype, Padding, param_dtype
+from fgtbt_jax.ops import xla
+from fgtbt_jax.ops.common import Padding, param_dtype
 from fgtbt_jax.ops.space_to_depth import space_to_depth
 
 # XLA:CPU weakness: the jitted parameter initialisation (a threefry draw and a truncated-normal
@@ -39,58 +39,9 @@ NAME = "cpu"  # the ``model.kernels`` value of this op path
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def batch_norm_train(
-    x: jax.Array,
-    scale: jax.Array,
-    bias: jax.Array,
-    groups: int,
-    epsilon: float,
-    dtype: Dtype,
-    axis: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`fgtbt_jax.ops.xla.batch_norm_train` with a hand-written two-pass VJP.
-
-    XLA:CPU weakness: autodiff of the textbook formula keeps the centred and normalized
-    float32 copies of the input alive until the backward pass and reads them back (each as
-    large as the activation), and XLA:CPU does not rematerialize them. This VJP keeps only
-    ``x`` and the (groups, C) statistics and needs two passes over the data (the reductions,
-    then the input gradient). Gain: not measured separately.
-    """
-    return _batch_norm_train_fwd(x, scale, bias, groups, epsilon, dtype, axis)[0]
-
-
-def _batch_norm_train_fwd(x, scale, bias, groups, epsilon, dtype, axis):
-    out, rstd_g = xla.batch_norm_train_and_rstd(x, scale, bias, groups, epsilon, dtype, axis)
-    return out, (x, scale, out[1], rstd_g)
-
-
-def _batch_norm_train_bwd(groups, epsilon, dtype, axis, res, cts):
-    x, scale, mean_g, rstd_g = res
-    gy, g_mean, g_var = cts
-    xf = x.astype(param_dtype(dtype))
-    gy = gy.astype(xf.dtype)
-    axes = tuple(a for a in range(x.ndim) if a != axis)
-
-    def expand(stat):
-        return common.expand_groups(stat, xf, groups, axis)
-
-    centered = xf - expand(mean_g)
-    xhat = centered * expand(rstd_g)
-    d_bias = jnp.sum(gy, axis=axes)
-    d_scale = jnp.sum(gy * xhat, axis=axes)
-    gxh = gy * scale.reshape(common.channel_shape(x, axis))  # gradient w.r.t. xhat
-    m1 = common.group_mean(gxh, axes, groups)  # (g, C)
-    m2 = common.group_mean(gxh * xhat, axes, groups)
-    n = x.size // (x.shape[axis] * groups)
-    dx = expand(rstd_g) * (gxh - expand(m1) - xhat * expand(m2))
-    # The statistics are outputs too (for the running averages); their cotangents are zero in
-    # training, but are honoured for completeness.
-    dx = dx + expand(g_mean / n) + centered * expand(2 * g_var / n)
-    return dx.astype(x.dtype), d_scale, d_bias
-
-
-batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+# The two-pass BatchNorm VJP was written for XLA:CPU (which keeps autodiff's float32 centred
+# copies alive); it is the xla path's BatchNorm now too (issue #29: fewer bytes on TPU).
+batch_norm_train = xla.batch_norm_train
 
 layer_norm = jax.checkpoint(xla.layer_norm, static_argnums=(3, 4))
 layer_norm.__doc__ = """:func:`fgtbt_jax.ops.xla.layer_norm`, rematerialized.

@@ -66,22 +66,30 @@ def _block_padding(n: int, k: int, s: int, p: int) -> tuple[int, tuple[int, int]
     return out, (front, max(0, out - 1 + taps - front - blocks))
 
 
+def on_blocks(
+    w: jax.Array, stride: int, padding: int, size: tuple[int, int]
+) -> tuple[jax.Array, tuple[tuple[int, int], tuple[int, int]], tuple[int, int]]:
+    """What a stride-``stride`` convolution with HWIO kernel ``w`` (kh, kw, C, O) and symmetric
+    ``padding`` over an (H, W) = ``size`` input becomes on its :func:`space_to_depth` blocks
+    (the input zero-padded to whole blocks): (the kernel (Kh, Kw, s·s·C, O) of the stride-1
+    convolution, its padding in blocks ((top, bottom), (left, right)), the output size
+    (H', W'), to which the stride-1 convolution's output is cropped)."""
+    kh, kw = w.shape[:2]
+    oh, pad_h = _block_padding(size[0], kh, stride, padding)
+    ow, pad_w = _block_padding(size[1], kw, stride, padding)
+    return space_to_depth_kernel(w, stride, padding), (pad_h, pad_w), (oh, ow)
+
+
 def conv2d_space_to_depth(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
     """PyTorch ``F.conv2d`` (groups 1, symmetric ``padding``, no bias) on NHWC ``x``
     (B, H, W, C) with HWIO kernel ``w`` (kh, kw, C, O), computed as a stride-1 convolution
     over ``stride``×``stride`` space-to-depth blocks (module docstring). Any H, W, kernel size
     and padding; (B, H', W', O) as ``lax.conv_general_dilated`` gives it."""
     h, wd = x.shape[1], x.shape[2]
-    kh, kw = w.shape[:2]
     s = stride
-    oh, pad_h = _block_padding(h, kh, s, padding)
-    ow, pad_w = _block_padding(wd, kw, s, padding)
+    kernel, pad, (oh, ow) = on_blocks(w, s, padding, (h, wd))
     x = jnp.pad(x, ((0, 0), (0, -h % s), (0, -wd % s), (0, 0)))
     y = jax.lax.conv_general_dilated(
-        space_to_depth(x, s),
-        space_to_depth_kernel(w, s, padding),
-        (1, 1),
-        (pad_h, pad_w),
-        dimension_numbers=CONV_DIMENSIONS,
+        space_to_depth(x, s), kernel, (1, 1), pad, dimension_numbers=CONV_DIMENSIONS
     )
     return y[:, :oh, :ow]

@@ -56,20 +56,57 @@ def render_heatmaps(
       elsewhere; a point whose window lies entirely outside the map gives an all-zero map.
     """
     h, w = (size, size) if isinstance(size, int) else size
-    table, radius = gaussian_table(float(sigma), dtype)
+    x, y = _points(coords)
+    dx = jnp.arange(w, dtype=jnp.int32)[None, None, :, None] - x  # (B, 1, W, K)
+    dy = jnp.arange(h, dtype=jnp.int32)[None, :, None, None] - y  # (B, H, 1, K)
+    return _gaussian(dx, dy, sigma, dtype)
+
+
+def _points(coords: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, K, 2) ``(x, y)`` points → int32 x and y, each (B, 1, 1, K)."""
     coords = jnp.asarray(coords)
     if coords.ndim != 3 or coords.shape[-1] != 2:
         raise ValueError(f"coords must be (B, K, 2) (x, y) points, got shape {coords.shape}")
     if not jnp.issubdtype(coords.dtype, jnp.integer):
         coords = jnp.trunc(coords)
     coords = coords.astype(jnp.int32)
-    x = coords[:, None, None, :, 0]  # (B, 1, 1, K)
-    y = coords[:, None, None, :, 1]
-    dx = jnp.arange(w, dtype=jnp.int32)[None, None, :, None] - x  # (B, 1, W, K)
-    dy = jnp.arange(h, dtype=jnp.int32)[None, :, None, None] - y  # (B, H, 1, K)
-    inside = (jnp.abs(dx) <= radius) & (jnp.abs(dy) <= radius)  # (B, H, W, K)
+    return coords[:, None, None, :, 0], coords[:, None, None, :, 1]
+
+
+def _gaussian(dx: jax.Array, dy: jax.Array, sigma: float, dtype: Any) -> jax.Array:
+    """The target value at column/row offsets ``dx``, ``dy`` from the point (broadcast)."""
+    table, radius = gaussian_table(float(sigma), dtype)
+    inside = (jnp.abs(dx) <= radius) & (jnp.abs(dy) <= radius)
     d2 = jnp.minimum(dx * dx + dy * dy, table.shape[0] - 1)
     return jnp.where(inside, jnp.asarray(table)[d2], jnp.zeros((), dtype))
+
+
+def heatmaps_and_weights(
+    coords: jax.Array,
+    size: int | tuple[int, int],
+    sigma: float = 3.0,
+    dtype: Any = jnp.float32,
+    threshold: float = 0.2,
+    scale: float = 10.0,
+) -> tuple[jax.Array, jax.Array]:
+    """``render_heatmaps(coords, size, sigma, dtype)`` and ``weight_map`` of it, elementwise.
+
+    The 3×3 max of a target map at a pixel is the target at the in-map neighbour nearest the
+    point: the Gaussian window decreases in |dx| and |dy| separately, and ``weight_map``'s
+    max-pool pads with −inf (no neighbour off the map). So the pooled map is the same table
+    entry, read at the clipped offsets, and neither map needs the other stored: both are
+    elementwise in the coordinates and fuse into the loss. Identical values (same entries of
+    the same table). Both (B, H, W, K) ``dtype``.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    x, y = _points(coords)
+    cols = jnp.arange(w, dtype=jnp.int32)[None, None, :, None]
+    rows = jnp.arange(h, dtype=jnp.int32)[None, :, None, None]
+    target = _gaussian(cols - x, rows - y, sigma, dtype)
+    near_x = jnp.clip(x, jnp.maximum(cols - 1, 0), jnp.minimum(cols + 1, w - 1)) - x
+    near_y = jnp.clip(y, jnp.maximum(rows - 1, 0), jnp.minimum(rows + 1, h - 1)) - y
+    pooled = _gaussian(near_x, near_y, sigma, dtype)
+    return target, 1.0 + scale * (pooled >= threshold).astype(dtype)
 
 
 def adaptive_wing(
@@ -170,10 +207,18 @@ def fmb_loss(
             f"fmb_loss: pred {pred.shape} needs coords {(b, k, 2)}, mask {(b, k)}, "
             f"dataset_id {(b,)}; got {coords.shape}, {mask.shape}, {dataset_id.shape}"
         )
-    target = render_heatmaps(coords, (h, w), cfg["sigma"], dtype)
-    per_pixel = adaptive_wing(
-        pred, target, cfg["omega"], cfg["theta"], cfg["epsilon"], cfg["alpha"]
-    ) * weight_map(target, cfg["weight_map_threshold"], cfg["weight_map_scale"])
+    target, weight = heatmaps_and_weights(
+        coords,
+        (h, w),
+        cfg["sigma"],
+        dtype,
+        cfg["weight_map_threshold"],
+        cfg["weight_map_scale"],
+    )
+    per_pixel = (
+        adaptive_wing(pred, target, cfg["omega"], cfg["theta"], cfg["epsilon"], cfg["alpha"])
+        * weight
+    )
     per_map = jnp.mean(per_pixel, axis=(1, 2))  # (B, K): mean over rows, cols
 
     maskf = mask.astype(dtype)

@@ -14,7 +14,14 @@ from helpers import OP_PATHS_AND_FORMS, op_path_id
 from configs import fgtbt
 from fgtbt_jax.models import fused_decoder
 from fgtbt_jax.models.fgtbt import build_model
-from fgtbt_jax.ops import cpu, kernel_ops, resolve_decoder_form, resolve_kernels, xla
+from fgtbt_jax.ops import (
+    cpu,
+    kernel_ops,
+    resolve_decoder_form,
+    resolve_kernels,
+    resolve_stem_form,
+    xla,
+)
 
 OPS = pytest.mark.parametrize("ops", [cpu, xla], ids=["cpu", "xla"])
 
@@ -62,22 +69,25 @@ def test_conv2d_cpu_matches_xla(size, cin, cout, k, stride, pad, groups):
     )
 
 
-@pytest.mark.parametrize("groups,axis", [(1, -1), (2, -1), (2, 1)])
-def test_batch_norm_vjp_matches_autodiff(groups, axis):
-    """The hand-written BatchNorm VJP against autodiff of the plain formula; the plain
-    formula's statistics against NumPy."""
+@pytest.mark.parametrize("groups,axis,blocks", [(1, -1, 1), (2, -1, 1), (2, 1, 1), (2, -1, 3)])
+def test_batch_norm_vjp_matches_autodiff(groups, axis, blocks):
+    """The hand-written BatchNorm VJP (both op paths use it) against autodiff of the plain
+    formula; the statistics against NumPy (with ``blocks``: each of the C channels over its
+    ``blocks`` space-to-depth positions too)."""
     rng = np.random.default_rng(4)
     x = _normal(rng, (4, 5, 6), 3.0, 1.0)
-    c = x.shape[axis]
+    c = x.shape[axis] // blocks
     scale, bias = _normal(rng, (c,)), _normal(rng, (c,))
     args = (x, scale, bias)
+    options = (groups, 1e-5, jnp.float32, axis % 3, blocks)
+    assert cpu.batch_norm_train is xla.batch_norm_train
     _vjp_pair(
-        lambda *a: cpu.batch_norm_train(*a, groups, 1e-5, jnp.float32, axis % 3),
-        lambda *a: xla.batch_norm_train(*a, groups, 1e-5, jnp.float32, axis % 3),
+        lambda *a: xla.batch_norm_train(*a, *options),
+        lambda *a: xla.batch_norm_train_and_rstd(*a, *options)[0],
         args,
         rng,
     )
-    _, mean, var = xla.batch_norm_train(*args, groups, 1e-5, jnp.float32, axis % 3)
+    _, mean, var = xla.batch_norm_train(*args, *options)
     xg = np.moveaxis(np.asarray(x), axis, -1).reshape(groups, -1, c)
     np.testing.assert_allclose(mean, xg.mean(1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, xg.var(1), rtol=1e-5, atol=1e-6)
@@ -229,9 +239,9 @@ def test_resolve_kernels():
 
 
 def test_resolve_decoder_form():
-    """ "auto" keeps each op path's historical form; explicit forms go with either ops."""
+    """ "auto" is the fused form on both op paths; explicit forms go with either ops."""
     assert resolve_decoder_form("auto", "cpu") == "fused"
-    assert resolve_decoder_form("auto", "xla") == "paper"
+    assert resolve_decoder_form("auto", "xla") == "fused"
     for kernels in ("cpu", "xla"):
         for form in ("paper", "fused"):
             assert resolve_decoder_form(form, kernels) == form
@@ -244,6 +254,22 @@ def test_resolve_decoder_form():
     config.model.decoder_form = "fusd"
     with pytest.raises(ValueError, match="model.decoder_form"):
         build_model(config.model)
+
+
+def test_resolve_stem_form():
+    """ "auto" is the blocks form with the xla ops and the paper form with the cpu ops."""
+    assert resolve_stem_form("auto", "xla") == "blocks"
+    assert resolve_stem_form("auto", "cpu") == "paper"
+    for kernels in ("cpu", "xla"):
+        for form in ("paper", "blocks"):
+            assert resolve_stem_form(form, kernels) == form
+    with pytest.raises(ValueError, match=r"model.stem_form must be one of"):
+        resolve_stem_form("s2d", "xla")
+    config = fgtbt.get_config("tiny")
+    config.model.kernels, config.model.stem_form = "cpu", "blocks"
+    assert build_model(config.model).stem_form == "blocks"
+    config.model.kernels, config.model.stem_form = "xla", "auto"
+    assert build_model(config.model).stem_form == "blocks"
 
 
 @pytest.fixture(scope="module")
@@ -266,14 +292,14 @@ def test_models_share_parameters(all_models):
     checkpoint moves freely between them. That they compute the same function is held against
     the reference per pair: the float32 forward of all four pairs (test_model_parity.py), the
     float32 train step's gradients and BatchNorm updates of the two ``auto`` pairs
-    (test_train_step.py), the float64 forward of all four and train step of the two crossed
+    (test_train_step.py), the float64 forward of all four and train step of the two paper
     pairs, exactly (test_float64.py)."""
     images = jnp.zeros((1, 64, 64, 3), jnp.float32)
     trees = {k: jax.eval_shape(init_of(m), images) for k, m in all_models.items()}
     plain = op_path_id(("xla", "paper"))
     for name, tree in trees.items():
         assert tree == trees[plain], name  # structure, shapes and dtypes
-    # Values: the two "auto" pairs, which differ in both op path and decoder form (each init is
+    # Values: two pairs which differ in both op path and decoder form (each init is
     # a compile of ~1,400 small kernels, so not all four), compiled without backend optimization
     # (the cpu path's init options: a fraction of the compile time).
     a, b = (

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fgtbt_jax.ops import xla
+from fgtbt_jax.ops import cpu, xla
 from fgtbt_jax.ops.space_to_depth import conv2d_space_to_depth, space_to_depth_kernel
 
 
@@ -74,3 +74,63 @@ def test_xla_conv2d_uses_space_to_depth_for_the_stem_only():
     assert strides(7, 4) == ["1"]
     assert strides(3, 2) == ["2"]
     assert strides(3, 1, groups=4) == ["1"]
+
+
+@pytest.mark.parametrize(
+    "ops,h,wd",
+    [(xla, 16, 24), (cpu, 16, 24), (xla, 14, 18)],  # 14×18: not in whole 4×4 blocks
+    ids=lambda v: getattr(v, "NAME", str(v)),
+)
+def test_stem_on_blocks_matches_paper_float64(ops, h, wd):
+    """``stem_form="blocks"`` (BN → ReLU → 1×1 → BN → ReLU → 7×7/4 on 4×4 blocks) against the
+    paper order on the full-resolution map, train mode with two statistic groups, float64, on
+    both op paths: same parameter tree, tokens, BatchNorm statistics, parameter and input
+    gradients to float64 rounding (eval mode too). 14×18 falls back to the paper order."""
+    from fgtbt_jax.models.backbone import OverlapPatchEmbed
+    from fgtbt_jax.models.layers import Layers
+
+    with jax.enable_x64(True):
+        lay = Layers(ops=ops, dtype=jnp.float64, stat_groups=2)
+        x = jax.random.normal(jax.random.key(1), (4, h, wd, 3), jnp.float64)
+        paper = OverlapPatchEmbed.of_stage(0, 8, lay, name="stem")
+        blocks = OverlapPatchEmbed.of_stage(0, 8, lay, name="stem", stem_form="blocks")
+        variables = paper.init(jax.random.key(0), x, False)
+        assert jax.tree.structure(variables) == jax.tree.structure(
+            blocks.init(jax.random.key(0), x, False)
+        )
+        noise = jax.random.key(3)  # away from the initial scale 1 / bias 0 and statistics
+        variables = jax.tree.map(
+            lambda t: (
+                t + 0.3 * jax.random.normal(noise, t.shape, t.dtype)
+                if t.dtype == jnp.float64
+                else t
+            ),
+            variables,
+        )
+        weights = jnp.cos(jnp.arange(8 * -(-h // 4) * -(-wd // 4), dtype=jnp.float64))
+
+        def run(stem):
+            def loss(params, x):
+                (tokens, _, _), stats = stem.apply(
+                    {"params": params, "batch_stats": variables["batch_stats"]},
+                    x,
+                    True,
+                    mutable=["batch_stats"],
+                )
+                return jnp.sum(tokens * weights.reshape(tokens.shape[1:])), (tokens, stats)
+
+            grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+            (grads, tokens_and_stats) = grad(variables["params"], x)
+            return grads, tokens_and_stats, stem.apply(variables, x, False)[0]
+
+        want, got = run(paper), run(blocks)
+        for path, a, b in zip(
+            jax.tree_util.tree_leaves_with_path(want),
+            jax.tree.leaves(want),
+            jax.tree.leaves(got),
+            strict=True,
+        ):
+            name = jax.tree_util.keystr(path[0])
+            # proj's bias gradient vanishes in exact arithmetic (bn3 follows): noise on both sides
+            scale = max(float(jnp.max(jnp.abs(a))), 1.0 if "proj']['bias" in name else 1e-300)
+            np.testing.assert_allclose(b / scale, a / scale, rtol=0, atol=1e-12, err_msg=name)

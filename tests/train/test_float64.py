@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
-    CROSSED_OP_PATHS_AND_FORMS,
     OP_PATHS_AND_FORMS,
+    PAPER_OP_PATHS_AND_FORMS,
     ROOT,
     op_path_id,
     reference_batch,
@@ -124,7 +124,7 @@ def test_float64_forward_matches_reference(forward64, ref_float64):
     assert rel_err(forward64["heatmaps"][:2], ref_float64["eval_heatmaps_first2_nchw"]) < 1e-10
 
 
-@pytest.fixture(scope="module", params=CROSSED_OP_PATHS_AND_FORMS, ids=op_path_id)
+@pytest.fixture(scope="module", params=PAPER_OP_PATHS_AND_FORMS, ids=op_path_id)
 def step64(request, ref_dir, ref_float64):
     """One float64 train step from the reference checkpoint on the reference batch (our own
     float64 high-pass image). Returns state dicts (release names) and metrics as NumPy."""

@@ -108,6 +108,27 @@ def test_weight_map():
     np.testing.assert_array_equal(w, want)
 
 
+@pytest.mark.parametrize("sigma,threshold", [(3.0, 0.2), (1.0, 0.5), (2.0, 0.01)])
+def test_heatmaps_and_weights_equal_pooled_definition(sigma, threshold):
+    """The elementwise targets and weights of ``heatmaps_and_weights`` (what ``fmb_loss``
+    uses) against ``render_heatmaps`` and the max-pooled ``weight_map`` of it, exactly:
+    points inside, on the edges and corners, just outside and far outside the map."""
+    rng = np.random.default_rng(7)
+    h, w = 20, 27
+    points = [(0, 0), (w - 1, h - 1), (0, h - 1), (w - 1, 0), (-1, 5), (w, 3), (4, -2)]
+    points += [(-12, -12), (w + 30, 4), (13, 9)]
+    coords = np.concatenate([np.array(points), rng.integers(-4, 31, (14, 2))])[None]
+    coords = np.repeat(coords, 2, axis=0).astype(np.int32)
+    coords[1] = coords[1, ::-1]
+    target, weight = loss.heatmaps_and_weights(coords, (h, w), sigma, jnp.float32, threshold, 7.0)
+    want = loss.render_heatmaps(coords, (h, w), sigma)
+    np.testing.assert_array_equal(np.asarray(target), np.asarray(want))
+    np.testing.assert_array_equal(
+        np.asarray(weight), np.asarray(loss.weight_map(want, threshold, 7.0))
+    )
+    assert 1.0 < float(jnp.mean(weight)) < 8.0  # both kinds of pixel occur
+
+
 def test_fmb_loss_matches_reference(ref_outputs):
     pred, coords, mask, ds = _unified_batch(ref_outputs)
     total, per_dataset = _loss(pred, coords, mask, ds, landmarks.fmb_weights())
