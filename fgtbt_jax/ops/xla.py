@@ -1,7 +1,8 @@
 """The network's numerical ops as the SPEC writes them, in standard JAX (``model.kernels="xla"``).
 
 Every function here is the plain formula on ``lax``/``jax.numpy`` ops, differentiated by JAX's
-own autodiff: what XLA compiles well on GPU and TPU. :mod:`fgtbt_jax.ops.cpu` holds faster
+own autodiff (except ``batch_norm_train``, whose two-pass VJP keeps fewer bytes for the
+backward pass): what XLA compiles well on GPU and TPU. :mod:`fgtbt_jax.ops.cpu` holds faster
 XLA:CPU lowerings of the same functions (same signatures, same results to float32 rounding).
 All tensors are NHWC unless an ``axis`` says where the channels are.
 """
