@@ -93,20 +93,27 @@ def heatmaps_and_weights(
 
     The 3×3 max of a target map at a pixel is the target at the in-map neighbour nearest the
     point: the Gaussian window decreases in |dx| and |dy| separately, and ``weight_map``'s
-    max-pool pads with −inf (no neighbour off the map). So the pooled map is the same table
-    entry, read at the clipped offsets, and neither map needs the other stored: both are
-    elementwise in the coordinates and fuse into the loss. Identical values (same entries of
-    the same table). Both (B, H, W, K) ``dtype``.
+    max-pool pads with −inf (no neighbour off the map). The table is non-increasing in the
+    squared distance d, so that value reaches ``threshold`` exactly when the neighbour lies in
+    the window at d ≤ the last table index whose value does: the weight needs neither the
+    pooled map nor a second table lookup, and both maps are elementwise in the coordinates
+    (they fuse into the loss). Identical values. Both (B, H, W, K) ``dtype``.
     """
     h, w = (size, size) if isinstance(size, int) else size
     x, y = _points(coords)
     cols = jnp.arange(w, dtype=jnp.int32)[None, None, :, None]
     rows = jnp.arange(h, dtype=jnp.int32)[None, :, None, None]
     target = _gaussian(cols - x, rows - y, sigma, dtype)
+    table, radius = gaussian_table(float(sigma), dtype)
+    if threshold <= 0:  # every pooled value (0 outside the windows too) reaches it
+        return target, jnp.full(target.shape, 1.0 + scale, dtype)
+    reaching = np.flatnonzero(table >= threshold)  # a prefix 0..last of the table's indices
+    last = int(reaching[-1]) if reaching.size else -1
     near_x = jnp.clip(x, jnp.maximum(cols - 1, 0), jnp.minimum(cols + 1, w - 1)) - x
     near_y = jnp.clip(y, jnp.maximum(rows - 1, 0), jnp.minimum(rows + 1, h - 1)) - y
-    pooled = _gaussian(near_x, near_y, sigma, dtype)
-    return target, 1.0 + scale * (pooled >= threshold).astype(dtype)
+    inside = (jnp.abs(near_x) <= radius) & (jnp.abs(near_y) <= radius)
+    hit = inside & (near_x * near_x + near_y * near_y <= last)
+    return target, 1.0 + scale * hit.astype(dtype)
 
 
 def adaptive_wing(
