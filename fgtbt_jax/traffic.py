@@ -413,33 +413,31 @@ def _named_by(instructions: list[Instruction]) -> dict[str, Instruction]:
         for o in ins.operands:
             users.setdefault(o, []).append(ins)
 
+    def named(ins: Instruction) -> bool:
+        return bool(ins.op_name) and ins.opcode not in _PASS_THROUGH
+
     def user(name: str, depth: int = 0) -> Instruction | None:
         for u in users.get(name, []):
-            if u.op_name and u.opcode not in _PASS_THROUGH:
+            if named(u):
                 return u
-            if depth < 8 and (not u.op_name or u.opcode in _PASS_THROUGH):
-                found = user(u.name, depth + 1)
-                if found is not None:
-                    return found
+            found = user(u.name, depth + 1) if depth < 8 else None
+            if found is not None:
+                return found
         return None
 
     def producer(ins: Instruction, depth: int = 0) -> Instruction | None:
-        for o in ins.operands[:1]:
-            src = by_name.get(o)
-            if src is None:
-                return None
-            if src.op_name and src.opcode not in _PASS_THROUGH:
-                return src
-            return producer(src, depth + 1) if depth < 8 else None
-        return None
+        src = by_name.get(ins.operands[0]) if ins.operands else None
+        if src is None or named(src):
+            return src
+        return producer(src, depth + 1) if depth < 8 else None
 
-    named = {}
+    sources = {}
     for ins in instructions:
         if not ins.op_name and ins.opcode not in _VIEWS:
             source = user(ins.name) or producer(ins)
             if source is not None:
-                named[ins.name] = source
-    return named
+                sources[ins.name] = source
+    return sources
 
 
 def instruction_rows(module: Module, computation: str | None = None, count: int = 1) -> list[Row]:

@@ -45,24 +45,25 @@ def resolve_kernels(kernels: str) -> str:
     return kernels
 
 
+def _resolve_form(field: str, value: str, choices: tuple[str, ...], auto: str, kernels: str) -> str:
+    """A ``model.<field>`` form for a resolved ``kernels`` value: ``value``, or ``auto``."""
+    if value not in choices:
+        raise errors.ConfigError(f"model.{field} must be one of {choices}, got {value!r}")
+    kernel_ops(kernels)  # rejects an unresolved or unknown value
+    return auto if value == "auto" else value
+
+
 def resolve_decoder_form(decoder_form: str, kernels: str) -> str:
     """``model.decoder_form`` → ``"paper"`` or ``"fused"`` for a resolved ``kernels`` value
     (``"auto"``: ``"fused"``)."""
-    if decoder_form not in DECODER_FORMS:
-        raise errors.ConfigError(
-            f"model.decoder_form must be one of {DECODER_FORMS}, got {decoder_form!r}"
-        )
-    kernel_ops(kernels)  # rejects an unresolved or unknown value
-    return _AUTO_DECODER_FORM if decoder_form == "auto" else decoder_form
+    return _resolve_form("decoder_form", decoder_form, DECODER_FORMS, _AUTO_DECODER_FORM, kernels)
 
 
 def resolve_stem_form(stem_form: str, kernels: str) -> str:
     """``model.stem_form`` → ``"paper"`` or ``"blocks"`` for a resolved ``kernels`` value
     (``"auto"``: ``"blocks"`` with the xla ops, ``"paper"`` with the cpu ops)."""
-    if stem_form not in STEM_FORMS:
-        raise errors.ConfigError(f"model.stem_form must be one of {STEM_FORMS}, got {stem_form!r}")
-    kernel_ops(kernels)  # rejects an unresolved or unknown value
-    return _AUTO_STEM_FORM[kernels] if stem_form == "auto" else stem_form
+    auto = _AUTO_STEM_FORM.get(kernels, "")
+    return _resolve_form("stem_form", stem_form, STEM_FORMS, auto, kernels)
 
 
 def kernel_ops(kernels: str) -> types.ModuleType:

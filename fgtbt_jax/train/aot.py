@@ -529,11 +529,16 @@ def measure(
         "jax": jax.__version__,
         "hbm_bytes": target.chip.hbm_bytes,
     }
+
+    def artifact(directory: str, flag: str, suffix: str) -> Any:
+        """<directory>/<target>/<step>_<preset>_<dtype>_<sharding>_b<batch>.<suffix>."""
+        name = f"{which}_{c.preset}_{dtype}_{row['sharding']}_b{batch_per_device}.{suffix}"
+        return paths.resolve(directory, flag) / target.name.replace(":", "_") / name
+
     if export_dir is None or target.platform == "tpu":
         lowered, compiled, times = compile_step(step, args, target)
         if hlo_dir is not None:
-            name = f"{which}_{c.preset}_{dtype}_{row['sharding']}_b{batch_per_device}.hlo.txt"
-            path = paths.resolve(hlo_dir, "--save_hlo") / target.name.replace(":", "_") / name
+            path = artifact(hlo_dir, "--save_hlo", "hlo.txt")
             paths.write_bytes(path, compiled.as_text().encode())
             row["hlo_path"] = str(path)
         figures = compiled_figures_of(target, lowered, compiled, mesh.size)
@@ -554,8 +559,7 @@ def measure(
         )
     else:
         blob, times = export_cuda(step, args)
-        name = f"{which}_{c.preset}_{dtype}_{row['sharding']}_b{batch_per_device}.jax_export"
-        path = paths.resolve(export_dir, "--export_dir") / target.name.replace(":", "_") / name
+        path = artifact(export_dir, "--export_dir", "jax_export")
         paths.write_bytes(path, blob)  # whole or not at all, local or gs://
         row.update(
             compiled=False,
