@@ -113,7 +113,7 @@ class OverlapPatchEmbed(nn.Module, kw_only=True):
         h, w, c_in = x.shape[1:]
         # (B, H/s, W/s, s·s·C_in), materialized: the barrier keeps XLA from moving bn1's
         # reductions back onto the full-resolution input (3 channels: 42× its bytes on TPU).
-        x = jax.lax.optimization_barrier(space_to_depth.space_to_depth(x, s))
+        x = jax.lax.optimization_barrier(lay.ops.space_to_depth(x, s))
         x = nn.relu(lay.batch_norm(blocks=s * s, name="bn1")(x, train))
         kernel, _ = lay.kernel_bias((1, 1, c_in, f), bias=False, name="conv1")()
         diagonal = jnp.kron(jnp.eye(s * s, dtype=kernel.dtype), kernel[0, 0])
@@ -144,13 +144,6 @@ class OverlapPatchEmbed(nn.Module, kw_only=True):
         )
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q·kᵀ/√d)·v per head, entirely in the inputs' dtype. q (B, N, heads, d), k and v
-    (B, M, heads, d) → (B, N, heads, d)."""
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * q.shape[-1] ** -0.5
-    return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(logits, axis=-1), v)
-
-
 class Attention(nn.Module, kw_only=True):
     """Efficient self-attention with spatial reduction ``sr`` of keys and values."""
 
@@ -174,10 +167,7 @@ class Attention(nn.Module, kw_only=True):
             kv_in = x
         kv = lay.dense(2 * c, name="kv")(kv_in)
         kv = kv.reshape(b, -1, 2, self.num_heads, hd)  # k first, then v (SPEC §2.1)
-        if q.dtype == jnp.float64:  # jax.nn.dot_product_attention's softmax is float32
-            out = _attention(q, kv[:, :, 0], kv[:, :, 1])
-        else:
-            out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])
+        out = lay.ops.attention(q, kv[:, :, 0], kv[:, :, 1])
         return lay.dense(c, name="proj")(out.reshape(b, n, c))
 
 

@@ -1,9 +1,12 @@
 """The network's numerical ops as the SPEC writes them, in standard JAX (``model.kernels="xla"``).
 
 Every function here is the plain formula on ``lax``/``jax.numpy`` ops, differentiated by JAX's
-own autodiff (except ``batch_norm_train``, whose two-pass VJP keeps fewer bytes for the
-backward pass): what XLA compiles well on GPU and TPU. :mod:`fgtbt_jax.ops.cpu` holds faster
-XLA:CPU lowerings of the same functions (same signatures, same results to float32 rounding).
+own autodiff: what XLA compiles well on GPU and TPU. The exceptions each say what they work
+around on XLA:TPU and what they gain (docs/traffic.md measures them): ``batch_norm_train`` and
+``conv_s1_taps`` have hand-written VJPs, ``gelu`` and ``attention`` are rematerialized in the
+backward pass, ``space_to_depth`` permutes by one-hot matmuls. :mod:`fgtbt_jax.ops.cpu` holds
+faster XLA:CPU lowerings of the same functions (same signatures, same results to float32
+rounding).
 All tensors are NHWC unless an ``axis`` says where the channels are.
 """
 
@@ -14,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fgtbt_jax.ops.common import (
     Dtype,
@@ -150,8 +154,35 @@ def layer_norm(
     return (centered * jax.lax.rsqrt(var + epsilon) * scale + bias).astype(dtype)
 
 
+@jax.checkpoint
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q·kᵀ/√d)·v per head, rematerialized in the backward pass. q (B, N, heads, d),
+    k and v (B, M, heads, d) → (B, N, heads, d).
+
+    ``jax.nn.dot_product_attention``; in float64 the plain formula, entirely in float64 (that
+    function's softmax is float32). What the remat works around: autodiff keeps the
+    (B, heads, N, M) softmax for the backward pass, and XLA:TPU writes it to HBM in float32 and
+    reads it back (the spatial reduction leaves M = 225 keys, while N is 14,400 tokens in
+    stage 1). What it gains: only q, k and v are kept; the logits are recomputed from them in
+    the backward pass (2·B·heads·N·M·d more FLOPs, under 1 % of the release step). Same values.
+    """
+    if q.dtype == jnp.float64:
+        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * q.shape[-1] ** -0.5
+        return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(logits, axis=-1), v)
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+@jax.checkpoint
 def gelu(x: jax.Array) -> jax.Array:
-    """PyTorch's default GELU: the exact erf form."""
+    """PyTorch's default GELU: the exact erf form, rematerialized in the backward pass.
+
+    What the remat works around: autodiff would store the erf/exp intermediates of the Mix-FFN's
+    4·E-wide hidden map for the backward pass; XLA:TPU writes them to HBM as float32 and
+    bfloat16 copies. What it gains: only the GELU's input is kept (a stage-1 Mix-FFN alone on
+    one v5e chip: HBM 0.56 → 0.07 GB, XLA FLOPs 14.1 → 14.9 G; the release bfloat16 train
+    step, 4 images per chip: 1.8 GB less over the Mix-FFNs and their depthwise convolutions,
+    docs/traffic.md). Same values.
+    """
     return jax.nn.gelu(x, approximate=False)
 
 
@@ -177,8 +208,107 @@ def conv2d(
 def conv_s1(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
     """Stride-1 NHWC convolution (cross-correlation) with HWIO kernel ``w`` and explicit,
     possibly asymmetric ``padding`` ((top, bottom), (left, right)): one
-    ``lax.conv_general_dilated``."""
+    ``lax.conv_general_dilated``, or :func:`conv_s1_taps` when the input has more channels
+    than the kernel has tap outputs (C_in > kh·kw·C_out: the blocks stems' 2×2 ``proj``)."""
+    kh, kw, c_in, c_out = w.shape
+    if kh * kw > 1 and c_in > kh * kw * c_out:
+        return conv_s1_taps(x, w, padding)
     return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=CONV_DIMENSIONS)
+
+
+def space_to_depth(x: jax.Array, s: int) -> jax.Array:
+    """(B, H, W, C) → (B, H/s, W/s, s·s·C), channels ordered (row in block, column, C), as
+    :func:`fgtbt_jax.ops.space_to_depth.space_to_depth` gives it, by two one-hot matmuls
+    (each output is one input times 1 plus zeros: exact at ``HIGHEST`` precision).
+
+    What it works around: XLA:TPU reshuffles a 3-channel NHWC image through arrays whose minor
+    dimensions are (s, C) = (4, 3), stored padded to (8, 128) tiles (about 0.18 GB per pass at
+    4 × 480²; two passes per stem). What it gains: the permutations run on the MXU between
+    lane-dense arrays (0.7 GB less per release train step for both stems, docs/traffic.md)
+    for 2·H·W·C·(H + W) FLOPs per image (5.3 GFLOP per stem at 4 × 480²).
+    """
+    b, h, w, c = x.shape
+    rows = np.arange(h)[:, None, None] == s * np.arange(h // s)[:, None] + np.arange(s)
+    cols = np.arange(w)[:, None, None] == s * np.arange(w // s)[:, None] + np.arange(s)
+    y = jnp.einsum("bhwc,hir->bircw", x, jnp.asarray(rows, x.dtype), precision="highest")
+    y = jnp.einsum("bircw,wjq->bijrqc", y, jnp.asarray(cols, x.dtype), precision="highest")
+    return y.reshape(b, h // s, w // s, s * s * c)
+
+
+def _taps_matrix(w: jax.Array) -> jax.Array:
+    """HWIO kernel (kh, kw, C_in, C_out) → (C_in, kh·kw·C_out), columns ordered (a, b, o)."""
+    kh, kw, c_in, c_out = w.shape
+    return w.transpose(2, 0, 1, 3).reshape(c_in, kh * kw * c_out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_s1_taps(x: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
+    """:func:`conv_s1` as one matmul to every tap's products, then their shifted sum (exact).
+
+    ``P = x · W`` with W the kernel as a (C_in, kh·kw·C_out) matrix gives, at each input
+    position, the products of all kh·kw taps; output (i, j) is the sum over taps (a, b) of
+    tap (a, b)'s products at padded position (i + a, j + b). The same products, summed in
+    float32 (or float64) across taps and rounded once to ``x``'s dtype. The VJP is written
+    out so that the backward matmuls take the output gradient in ``x``'s dtype: the shifted
+    copies of it that make dP are exact in that dtype (autodiff would carry them in float32).
+
+    What it works around: XLA:TPU lowers the blocks stem's 2×2 convolution over a
+    (B, 120, 120, 1024) map by padding the width to 128, expanding halo windows and keeping
+    relaid copies of the input for the backward pass. What it gains: the wide input is read
+    once, by a plain matmul, in the layout it has; the map that is shifted and summed has
+    kh·kw·C_out channels (256 for 1024 in): the two stems' HBM traffic in the release bfloat16
+    train step (4 images per chip) falls by 3.1 GB (docs/traffic.md). x: (B, H, W, C_in);
+    w: (kh, kw, C_in, C_out) HWIO.
+    """
+    kh, kw, _, c_out = w.shape
+    (top, bottom), (left, right) = padding
+    b, h, wd, _ = x.shape
+    taps = jnp.einsum(
+        "bhwc,cd->bhwd", x, _taps_matrix(w), preferred_element_type=param_dtype(x.dtype)
+    ).reshape(b, h, wd, kh, kw, c_out)
+    taps = jnp.pad(taps, ((0, 0), (top, bottom), (left, right), (0, 0), (0, 0), (0, 0)))
+    oh, ow = h + top + bottom - kh + 1, wd + left + right - kw + 1
+    out = sum(taps[:, a : a + oh, c : c + ow, a, c] for a in range(kh) for c in range(kw))
+    return out.astype(x.dtype)
+
+
+def _conv_s1_taps_fwd(x: jax.Array, w: jax.Array, padding: Padding):
+    return conv_s1_taps(x, w, padding), (x, w)
+
+
+def _conv_s1_taps_bwd(padding: Padding, res, g: jax.Array):
+    x, w = res
+    kh, kw, c_in, c_out = w.shape
+    (top, _), (left, _) = padding
+    b, h, wd, _ = x.shape
+    oh, ow = g.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    # dP of tap (a, b) at input position p is g at output p + top - a (zero outside the map).
+    d_taps = jnp.stack(
+        [
+            jax.lax.pad(
+                g,
+                zero,
+                (
+                    (0, 0, 0),
+                    (a - top, h - oh - a + top, 0),
+                    (c - left, wd - ow - c + left, 0),
+                    (0, 0, 0),
+                ),
+            )
+            for a in range(kh)
+            for c in range(kw)
+        ],
+        axis=3,
+    ).reshape(b, h, wd, kh * kw * c_out)
+    matrix = _taps_matrix(w).astype(g.dtype)
+    dx = jnp.einsum("bhwd,cd->bhwc", d_taps, matrix)
+    dw = jnp.einsum("bhwc,bhwd->cd", x, d_taps, preferred_element_type=param_dtype(g.dtype))
+    dw = dw.reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv_s1_taps.defvjp(_conv_s1_taps_fwd, _conv_s1_taps_bwd)
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 from fgtbt_jax.ops import cpu, xla
-from fgtbt_jax.ops.space_to_depth import conv2d_space_to_depth, space_to_depth_kernel
+from fgtbt_jax.ops.space_to_depth import (
+    conv2d_space_to_depth,
+    space_to_depth,
+    space_to_depth_kernel,
+)
 
 
 def _lax_conv(x, w, stride, padding):
@@ -45,6 +49,66 @@ def test_conv2d_space_to_depth_matches_lax_float64(h, wd, c, o, k, stride, pad):
         ct = jnp.asarray(rng.standard_normal(want.shape))
         for a, b in zip(got_vjp(ct), want_vjp(ct), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "h,wd,c,o,k,padding",
+    [
+        (9, 7, 40, 3, 2, ((1, 0), (1, 0))),  # the blocks stem's 2×2 proj: one zero block in front
+        (6, 6, 50, 2, 3, ((1, 1), (0, 2))),  # asymmetric padding
+        (5, 8, 33, 4, 2, ((0, 1), (1, 1))),
+        (7, 7, 20, 2, 2, ((0, 0), (0, 0))),  # no padding: a smaller output
+    ],
+)
+def test_conv_s1_taps_matches_lax_float64(h, wd, c, o, k, padding):
+    """The tap-matmul lowering of wide stride-1 convolutions (``xla.conv_s1`` picks it when
+    C_in > kh·kw·C_out) against ``lax.conv_general_dilated``: values and the hand-written VJP
+    to float64 rounding."""
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, h, wd, c)))
+        w = jnp.asarray(rng.standard_normal((k, k, c, o)))
+        got, got_vjp = jax.vjp(lambda a, b: xla.conv_s1_taps(a, b, padding), x, w)
+        want, want_vjp = jax.vjp(
+            lambda a, b: jax.lax.conv_general_dilated(
+                a, b, (1, 1), padding, dimension_numbers=xla.CONV_DIMENSIONS
+            ),
+            x,
+            w,
+        )
+        assert got.dtype == jnp.float64 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        ct = jnp.asarray(rng.standard_normal(want.shape))
+        for a, b in zip(got_vjp(ct), want_vjp(ct), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_xla_conv_s1_uses_taps_for_wide_inputs_only():
+    """A 2×2 kernel over 1024 channels to 64 (the blocks stem) becomes a matmul (no convolution
+    in the program); the decoder's 3×3 over 128 channels to 496 stays a convolution."""
+
+    def convolutions(c, o, k):
+        x = jnp.zeros((1, 8, 8, c), jnp.bfloat16)
+        w = jnp.zeros((k, k, c, o), jnp.bfloat16)
+        hlo = jax.jit(lambda a, b: xla.conv_s1(a, b, ((1, 0), (1, 0)))).lower(x, w).as_text()
+        return hlo.count("stablehlo.convolution")
+
+    assert convolutions(1024, 64, 2) == 0
+    assert convolutions(128, 496, 3) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_xla_space_to_depth_is_the_reshuffle_exactly(dtype):
+    """The xla ops' one-hot-matmul space-to-depth equals the reshape/transpose one bit for bit
+    (odd values, large and tiny magnitudes), and the cpu ops keep the reshuffle."""
+    rng = np.random.default_rng(2)
+    values = rng.standard_normal((2, 12, 8, 3)) * 10.0 ** rng.integers(-30, 30, (2, 12, 8, 3))
+    with jax.enable_x64(dtype == "float64"):
+        x = jnp.asarray(values, dtype)
+        got = xla.space_to_depth(x, 4)
+        assert got.dtype == x.dtype and got.shape == (2, 3, 2, 48)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(space_to_depth(x, 4)))
+    assert cpu.space_to_depth is space_to_depth
 
 
 def test_space_to_depth_kernel_of_the_stem():
