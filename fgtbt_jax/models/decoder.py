@@ -35,13 +35,32 @@ class Bottleneck(nn.Module, kw_only=True):
         return y + s
 
 
+class ChannelDropoutScale(nn.Module):
+    """Dropout2d's factors per sample and channel, (B, C): 0 or 1 / (1 − ``rate``), for NHWC
+    input ``x``; None outside training. Named like the ``nn.Dropout(rate, broadcast_dims=(1,
+    2))`` it stands for, it draws the same mask from the same ``dropout`` rng stream."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array | None:
+        if not train or self.rate == 0.0:
+            return None
+        keep = 1.0 - self.rate
+        b, c = x.shape[0], x.shape[-1]
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (b, 1, 1, c))[:, 0, 0]
+        scale = mask.astype(param_dtype(x.dtype))
+        return scale / keep if keep > 0 else scale
+
+
 class DecodeHead(nn.Module, kw_only=True):
     """Four stage maps (strides 4..32, NHWC) → heatmaps (B, 2·H1, 2·W1, num_landmarks).
 
     ``form`` "paper" runs the layers in SPEC §2.2's order; "fused" runs the two pairs of
     consecutive linear layers (``linear_c{s}`` with ``linear_fuse_conv``, ``upSample`` with
-    ``conv2``) in the composed forms of :mod:`fgtbt_jax.models.fused_decoder`. Same parameters,
-    same results up to rounding.
+    ``conv2``) in the composed forms of :mod:`fgtbt_jax.models.fused_decoder`, and applies the
+    channel dropout to ``linear_pred``'s kernel instead of the map. Same parameters, same
+    results up to rounding (the same dropout mask for the same rng).
     """
 
     layers: Layers
@@ -58,9 +77,7 @@ class DecodeHead(nn.Module, kw_only=True):
         lay = self.layers
         x = self._fuse_stages(list(feats))
         x = nn.relu(lay.batch_norm(name="linear_fuse_bn")(x, train))
-        # Dropout2d: whole channels, i.e. the mask is shared over H and W.
-        x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)
-        x = lay.conv(256, 1, name="linear_pred")(x)
+        x = self._dropout_linear_pred(x, train)
         x = Bottleneck(layers=lay, features=128, mid=64, name="conv1")(x, train)
         out = self._upsample_conv2(x)
         if self.is_initializing():
@@ -85,6 +102,17 @@ class DecodeHead(nn.Module, kw_only=True):
         maps = [maps[0]] + [lay.ops.resize_bilinear(m, h, w) for m in maps[1:]]
         x = jnp.concatenate(maps[::-1], axis=-1)
         return lay.conv(d, 1, bias=False, name="linear_fuse_conv")(x)
+
+    def _dropout_linear_pred(self, x: jax.Array, train: bool) -> jax.Array:
+        """Dropout2d (whole channels: the mask is shared over H and W) then ``linear_pred``
+        (1×1, 256 outputs): (B, H1, W1, decoder_dim) → (B, H1, W1, 256)."""
+        lay = self.layers
+        if self.form == "fused":
+            kernel, bias = lay.kernel_bias((1, 1, x.shape[-1], 256), name="linear_pred")()
+            scale = ChannelDropoutScale(self.dropout, name="Dropout_0")(x, train)
+            return fused_decoder.channel_dropout_linear(x, scale, kernel[0, 0], bias, lay.dtype)
+        x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)
+        return lay.conv(256, 1, name="linear_pred")(x)
 
     def _upsample_conv2(self, x: jax.Array) -> jax.Array:
         """``upSample`` (ConvTranspose2d k4 s2 p1, 128 channels) then ``conv2`` (3×3, padding 1,

@@ -1,7 +1,8 @@
 """The decoder's exact algebraic fusions (``model.decoder_form="fused"``), SPEC §2.2.
 
 Two pairs of consecutive linear layers of the decode head are composed into one, with the same
-parameters and the same results up to float32 rounding:
+parameters and the same results up to float32 rounding (and the channel dropout moves onto the
+following 1×1 layer's kernel, :func:`channel_dropout_linear`):
 
 * ``linear_c{s}`` → bilinear resize to stage 1 → concat [c4, c3, c2, c1] → ``linear_fuse_conv``
   (:func:`fuse_stages`): each stage's Linear composed with its block of the 1×1 fusion kernel,
@@ -53,7 +54,25 @@ def fuse_stages(
         y = y + (bc @ block).astype(dtype)
         y = y if s == 0 else ops.resize_bilinear(y, h, w)
         x = y if x is None else x + y
-    return x
+    # Materialized once: XLA would otherwise recompute the n-term sum inside each pass of the
+    # following BatchNorm, forward and backward (n reads of the (B, H1, W1, D) map per pass).
+    return jax.lax.optimization_barrier(x)
+
+
+def channel_dropout_linear(
+    x: jax.Array, scale: jax.Array | None, kernel: jax.Array, bias: jax.Array, dtype: Dtype
+) -> jax.Array:
+    """Dropout2d with per-sample channel factors ``scale`` (B, C) (None: no dropout), then a
+    1×1 layer (``kernel`` (C, O), ``bias`` (O,)), on NHWC ``x`` (B, H, W, C) → (B, H, W, O).
+
+    The factors are constant over H and W, so they scale the kernel's rows instead of the map:
+    ``(x ⊙ s) · K = x · (s ⊙ K)``, one matmul with a per-sample kernel. The (B, H, W, C) masked
+    copy and its gradient never exist.
+    """
+    if scale is None:
+        return jnp.einsum("bhwc,co->bhwo", x, kernel.astype(dtype)) + bias.astype(dtype)
+    per_sample = (scale[:, :, None] * kernel[None]).astype(dtype)
+    return jnp.einsum("bhwc,bco->bhwo", x, per_sample) + bias.astype(dtype)
 
 
 def _taps(kind: str) -> np.ndarray:
@@ -135,5 +154,9 @@ def upsample_conv3x3(
     bottom = ops.conv_s1(up(x[:, -2:])[:, -2:], w2, ((0, 1), (1, 1)))
     left = ops.conv_s1(up(x[:, :, :2])[:, :, :2], w2, ((1, 1), (1, 0)))
     right = ops.conv_s1(up(x[:, :, -2:])[:, :, -2:], w2, ((1, 1), (0, 1)))
-    out = out.at[:, :1].set(top).at[:, -1:].set(bottom)
-    return out.at[:, :, :1].set(left).at[:, :, -1:].set(right)
+    # The border lines replace the composed kernel's (left and right win at the corners), by
+    # selects that fuse with the depth-to-space copy instead of four in-place updates.
+    rows = jnp.arange(out.shape[1])[:, None, None]
+    cols = jnp.arange(out.shape[2])[None, :, None]
+    out = jnp.where(rows == 0, top, jnp.where(rows == out.shape[1] - 1, bottom, out))
+    return jnp.where(cols == 0, left, jnp.where(cols == out.shape[2] - 1, right, out))

@@ -222,6 +222,54 @@ def test_decoder_fuse_matches_unfused(ops):
     )
 
 
+@OPS
+def test_decoder_forms_agree_in_train_mode_with_dropout(ops):
+    """The decode head in train mode with an active channel dropout, float64: the fused form
+    (dropout on ``linear_pred``'s kernel, stage sums and borders as selects) against the paper
+    order, same parameters and rngs: the same mask is drawn, outputs, BatchNorm updates and
+    parameter gradients agree to float64 rounding (and the mask did drop channels)."""
+    from fgtbt_jax.models.decoder import DecodeHead
+    from fgtbt_jax.models.layers import Layers
+
+    rng = np.random.default_rng(8)
+    with jax.enable_x64(True):
+        lay = Layers(ops=ops, dtype=jnp.float64)
+        dims, sizes = (3, 4, 5, 6), (8, 4, 2, 1)
+        feats = [
+            jnp.asarray(rng.standard_normal((2, s, s, c))) for s, c in zip(sizes, dims, strict=True)
+        ]
+        heads = {
+            form: DecodeHead(
+                layers=lay, embed_dims=dims, decoder_dim=8, num_landmarks=5, dropout=0.5, form=form
+            )
+            for form in ("paper", "fused")
+        }
+        variables = heads["paper"].init(jax.random.key(0), feats, False)
+        rngs = {"dropout": jax.random.key(3)}
+
+        def run(form, params):
+            return heads[form].apply(
+                {**variables, "params": params}, feats, True, mutable=["batch_stats"], rngs=rngs
+            )
+
+        def loss(form, params):
+            out, _ = run(form, params)
+            return jnp.sum(jnp.sin(out))
+
+        (paper, paper_stats), (fused, fused_stats) = (
+            run(f, variables["params"]) for f in ("paper", "fused")
+        )
+        np.testing.assert_allclose(fused, paper, rtol=1e-10, atol=1e-10)
+        for a, b in zip(jax.tree.leaves(fused_stats), jax.tree.leaves(paper_stats), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+        grads = [jax.grad(loss, argnums=1)(f, variables["params"]) for f in ("paper", "fused")]
+        for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+        kept = heads["paper"].clone(dropout=0.0)
+        all_kept, _ = kept.apply(variables, feats, True, mutable=["batch_stats"], rngs=rngs)
+        assert not np.allclose(paper, all_kept, atol=1e-3)  # the dropout dropped something
+
+
 def test_resolve_kernels():
     auto = "cpu" if jax.default_backend() == "cpu" else "xla"
     assert resolve_kernels("auto") == auto
