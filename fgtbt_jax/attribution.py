@@ -102,10 +102,12 @@ def compile_train_step(
     batch_per_device: int,
     dtype: str,
     fsdp: bool,
-) -> Any:
-    """The trainer's train step compiled for ``target``: ``tpu:<slice>`` (through libtpu, no
-    TPU needed; see :mod:`fgtbt_jax.train.aot`) or ``cpu:<devices>`` (needs that many CPU
-    devices, ``jax_num_cpu_devices``). Raises ``ValueError`` for an unknown target."""
+) -> tuple[Any, Any]:
+    """The trainer's train step lowered and compiled for ``target``: ``tpu:<slice>`` (through
+    libtpu, no TPU needed), ``gpu:<chip>-<GPUs>`` (through the CUDA plugin, no GPU needed; see
+    :mod:`fgtbt_jax.train.aot`) or ``cpu:<devices>`` (needs that many CPU devices,
+    ``jax_num_cpu_devices``). Returns ``(lowered, compiled)``; raises ``ValueError`` for an
+    unknown target."""
     import jax
 
     from fgtbt_jax.train import aot
@@ -116,18 +118,24 @@ def compile_train_step(
         if not count.isdigit() or not 0 < int(count) <= len(devices):
             raise ValueError(f"target {target!r}: cpu:<n> with n ≤ {len(devices)} CPU devices")
         devices = devices[: int(count)]
+        parsed = None
     else:
-        devices = aot.tpu_devices(aot.parse_target(target))
+        parsed = aot.parse_target(target)
+        devices = aot.target_devices(parsed)
     mesh = aot.mesh_of(devices)
     c = aot.step_config(
         config, batch_per_device=batch_per_device, num_devices=mesh.size, dtype=dtype, fsdp=fsdp
     )
-    if kind == "tpu":
-        kernels = aot.kernels_of(c, aot.parse_target(target))
+    if parsed is not None:
+        kernels = aot.kernels_of(c, parsed)
         if kernels is not None:
             c.model.kernels = kernels
     step, args = aot.train_step_and_args(c, mesh)
-    return step.lower(*args).compile()
+    if parsed is None:
+        lowered = step.lower(*args)
+        return lowered, lowered.compile()
+    lowered, compiled, _ = aot.compile_step(step, args, parsed)
+    return lowered, compiled
 
 
 def report(model: traffic.Traffic, xla_cost: dict[str, float] | None = None) -> dict:

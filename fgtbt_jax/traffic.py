@@ -34,6 +34,14 @@ FLOPs per instruction count only the matrix units' work: ``2 · output elements 
 size`` of every ``dot`` and ``convolution``, also inside fusions (a convolution's window taps
 that fall on ``lhs_dilate`` holes are not counted; taps on padding are); elementwise work is not
 counted (XLA's ``cost_analysis()["flops"]`` includes it, so it is somewhat larger).
+
+XLA:GPU hands GEMMs and convolutions to cuBLAS and cuDNN as custom calls
+(``__cublas$gemm``, ``__cublas$lt$matmul``, ``__cudnn$conv…``), which XLA's cost analysis
+counts as nothing. Here they count like the ``dot`` / ``convolution`` they replace: FLOPs from
+the GEMM's ``dot_dimension_numbers`` (backend config) or from the forward convolution that the
+call's ``window`` / ``dim_labels`` describe (a backward-input call reads that convolution's
+output gradient, a backward-filter call writes its kernel); bytes are the operands and the
+result without the library's int8 workspace (the result tuple's ``s8`` / ``u8`` arrays).
 """
 
 from __future__ import annotations
@@ -354,29 +362,72 @@ def _read_operands(ins: Instruction, shapes: dict[str, list[Array]]) -> dict[int
     return read
 
 
+_GEMMS = {"__cublas$gemm", "__cublas$lt$matmul"}
+# cuDNN convolutions: which of (operand 0, operand 1, result) is the forward convolution's
+# output and which its kernel.
+_CONVS = {
+    "__cudnn$convForward": (2, 1),
+    "__cudnn$convBiasActivationForward": (2, 1),
+    "__cudnn$convBackwardInput": (0, 1),
+    "__cudnn$convBackwardFilter": (1, 2),
+}
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+
+
+def _library_call(ins: Instruction) -> str:
+    """The cuBLAS / cuDNN target of a ``custom-call`` (else "")."""
+    if ins.opcode != "custom-call":
+        return ""
+    m = _CUSTOM_CALL_TARGET.search(ins.attributes)
+    target = m.group(1) if m else ""
+    return target if target in _GEMMS or target in _CONVS else ""
+
+
+def _written(ins: Instruction) -> list[Array]:
+    """The arrays an instruction writes: its result, without a library call's workspace."""
+    arrays = ins.arrays
+    if _library_call(ins):
+        arrays = arrays[:1] + [a for a in arrays[1:] if a.dtype not in ("s8", "u8")]
+    return arrays
+
+
+def _conv_flops(output: Array, kernel: Array, attributes: str) -> float:
+    """``2 · output elements · kernel elements per output feature`` of a convolution whose
+    kernel's dimensions are labelled by ``dim_labels`` (``b01f_01io->b01f``; 0 if absent)."""
+    m = re.search(r"dim_labels=\w+_(\w+)->\w+", attributes)
+    if not m:
+        return 0.0
+    taps = math.prod(kernel.dims) / kernel.dims[m.group(1).index("o")]
+    # An input gradient's lhs_dilate holes are zeros: per output, 1/∏dilation of the window's
+    # taps meet data.
+    dilate = re.search(r"lhs_dilate=([\dx]+)", attributes)
+    if dilate:
+        taps /= math.prod(int(d) for d in dilate.group(1).split("x"))
+    return 2.0 * math.prod(output.dims) * taps
+
+
 def _flops_of(ins: Instruction, shapes: dict[str, list[Array]]) -> float:
-    """``2 · output elements · contraction`` of one ``dot`` or ``convolution`` (else 0)."""
+    """``2 · output elements · contraction`` of one ``dot``, ``convolution`` or cuBLAS /
+    cuDNN custom call (else 0)."""
     out = ins.arrays
     if not out:
         return 0.0
-    if ins.opcode == "dot":
-        lhs = shapes.get(ins.operands[0], [])
-        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attributes)
-        if lhs and m:
-            k = math.prod(lhs[0].dims[int(d)] for d in m.group(1).split(",") if d)
+    operands = [(shapes.get(o) or [None])[0] for o in ins.operands]
+    target = _library_call(ins)
+    if ins.opcode == "dot" or target in _GEMMS:
+        key = "lhs_contracting_dims=" if ins.opcode == "dot" else '"lhs_contracting_dimensions":'
+        m = re.search(re.escape(key) + r"[{\[]([^}\]]*)[}\]]", ins.attributes)
+        if operands and operands[0] is not None and m:
+            dims = [int(d) for d in re.findall(r"\d+", m.group(1))]
+            k = math.prod(operands[0].dims[d] for d in dims)
             return 2.0 * math.prod(out[0].dims) * k
-    elif ins.opcode == "convolution" and len(ins.operands) > 1:
-        rhs = shapes.get(ins.operands[1], [])
-        m = re.search(r"dim_labels=\w+_(\w+)->\w+", ins.attributes)
-        if rhs and m:
-            features_out = rhs[0].dims[m.group(1).index("o")]
-            taps = math.prod(rhs[0].dims) / features_out
-            # An input gradient's lhs_dilate holes are zeros: per output, 1/∏dilation of the
-            # window's taps meet data.
-            dilate = re.search(r"lhs_dilate=([\dx]+)", ins.attributes)
-            if dilate:
-                taps /= math.prod(int(d) for d in dilate.group(1).split("x"))
-            return 2.0 * math.prod(out[0].dims) * taps
+    elif ins.opcode == "convolution" and len(operands) > 1 and operands[1] is not None:
+        return _conv_flops(out[0], operands[1], ins.attributes)
+    elif target in _CONVS and len(operands) > 1:
+        arrays = [operands[0], operands[1], out[0]]
+        output, kernel = (arrays[i] for i in _CONVS[target])
+        if output is not None and kernel is not None:
+            return _conv_flops(output, kernel, ins.attributes)
     return 0.0
 
 
@@ -468,7 +519,7 @@ def instruction_rows(module: Module, computation: str | None = None, count: int 
         read = {} if ins.opcode.endswith("-done") else _read_operands(ins, shapes)
         written: dict[int, int] = {}
         if not ins.opcode.endswith("-start"):
-            _add(written, ins.arrays)
+            _add(written, _written(ins))
         flops = _flops_of(ins, shapes) + sum(_fused_flops(module, c) for c in ins.called("calls"))
         source = named.get(ins.name, ins)
         stack = module.stacks.get(source.stack_frame, ())

@@ -3,11 +3,15 @@ r"""Prints the train step's HBM traffic and FLOPs by model part, forward and bac
   python scripts/traffic_attribution.py --config configs/fgtbt.py:release \
       --target tpu:v5e-8 --batch_per_device 4 --dtype bfloat16 --json traffic.json
 
-Compiles the trainer's train step (``--target tpu:<slice>`` through libtpu, no TPU needed, or
-``cpu:<devices>``), applies the traffic model of ``fgtbt_jax/traffic.py`` to the optimized HLO
-(per top-level instruction: operands and result at tiled sizes, HBM vs on-chip) and groups
-instructions by model part (``fgtbt_jax/attribution.py``). ``--hlo FILE`` reads a saved
-optimized HLO text instead of compiling (``--save_hlo`` writes one).
+Compiles the trainer's train step (``--target tpu:<slice>`` through libtpu, no TPU needed;
+``gpu:<chip>-<GPUs>`` through the CUDA plugin, no GPU needed: ``pip install -e ".[gpu-aot]"``,
+``JAX_PLATFORMS=cpu``; or ``cpu:<devices>``), applies the traffic model of
+``fgtbt_jax/traffic.py`` to the optimized HLO (per top-level instruction: operands and result
+at tiled sizes, HBM vs on-chip; cuBLAS / cuDNN calls like the GEMMs and convolutions they
+are) and groups instructions by model part (``fgtbt_jax/attribution.py``). ``--hlo FILE``
+reads a saved optimized HLO text instead of compiling (``--save_hlo`` writes one). GPU
+targets' ``xla_flops`` / ``xla_bytes_accessed`` are those of ``scripts/aot_compile.py``'s
+GPU rows (``fgtbt_jax/train/aot.py`` says where each comes from).
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ import jax  # noqa: E402
 
 from fgtbt_jax import attribution, errors, traffic  # noqa: E402
 from fgtbt_jax import compiled as compiled_figures  # noqa: E402
+from fgtbt_jax.train import aot  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fgtbt.py:release", lock_config=False
 )
-_TARGET = flags.DEFINE_string("target", "tpu:v5e-8", "tpu:<slice> or cpu:<devices>.")
+_TARGET = flags.DEFINE_string(
+    "target", "tpu:v5e-8", "tpu:<slice>, gpu:<chip>-<GPUs> or cpu:<devices>."
+)
 _BATCH = flags.DEFINE_integer("batch_per_device", 4, "Images per device.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: config.model.dtype).")
 _FSDP = flags.DEFINE_bool("fsdp", None, "FSDP state (default: config.sharding.fsdp).")
@@ -56,13 +63,17 @@ def main(argv: list[str]) -> None:
         text = path.read_text()
     else:
         try:
-            compiled = attribution.compile_train_step(
+            lowered, compiled = attribution.compile_train_step(
                 config, _TARGET.value, batch_per_device=_BATCH.value, dtype=dtype, fsdp=fsdp
             )
         except ValueError as e:
             raise errors.ConfigError(f"--target/--batch_per_device: {e}") from None
         text = compiled.as_text()
         xla_cost = compiled_figures.cost(compiled)
+        if kind == "gpu":  # XLA's cost analysis of the optimized module misses cuBLAS/cuDNN
+            target = aot.parse_target(_TARGET.value)
+            figures = aot.compiled_figures_of(target, lowered, compiled, target.num_devices)
+            xla_cost = {"flops": figures["flops"], "bytes accessed": figures["bytes_accessed"]}
         memory = compiled_figures.memory(compiled)
         if _SAVE_HLO.value:
             pathlib.Path(_SAVE_HLO.value).write_text(text)

@@ -19,8 +19,13 @@ from helpers import ROOT, run_script, subprocess_env
 
 from fgtbt_jax import attribution, traffic
 from fgtbt_jax import compiled as compiled_figures
+from fgtbt_jax.train import aot
 
 MiB = 2**20
+needs_cuda_plugin = pytest.mark.skipif(
+    not aot.cuda_plugin_installed(),
+    reason="the CUDA plugin is not installed (pip install -e '.[gpu-aot]')",
+)
 
 
 def test_tiled_sizes():
@@ -128,6 +133,70 @@ def test_slices_read_the_slice_and_inherit_metadata():
     assert (rows["s"].read, rows["s"].written) == ({0: piece}, {0: piece})
     for name in ("ss", "sd", "s"):
         assert rows[name].op_name == "jit(f)/jvp(M)/decode_head/add", name
+
+
+GPU_LIBRARY_CALLS = """\
+HloModule g, is_scheduled=true
+
+ENTRY %main (x: bf16[4,32,32,32], w: bf16[64,3,3,32], a: bf16[64,128], b: bf16[128,256]) -> (bf16[64,256], bf16[4,32,32,64], bf16[4,32,32,32], bf16[64,3,3,32]) {
+  %x = bf16[4,32,32,32]{3,2,1,0} parameter(0)
+  %w = bf16[64,3,3,32]{3,2,1,0} parameter(1)
+  %a = bf16[64,128]{1,0} parameter(2)
+  %b = bf16[128,256]{1,0} parameter(3)
+  %gemm = (bf16[64,256]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(f)/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %ab = bf16[64,256]{1,0} get-tuple-element(%gemm), index=0
+  %fwd = (bf16[4,32,32,64]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(f)/jvp()/conv_general_dilated"}
+  %y = bf16[4,32,32,64]{3,2,1,0} get-tuple-element(%fwd), index=0
+  %bwi = (bf16[4,32,32,32]{3,2,1,0}, u8[0]{0}) custom-call(%y, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardInput", metadata={op_name="jit(f)/transpose(jvp())/conv_general_dilated"}
+  %dx = bf16[4,32,32,32]{3,2,1,0} get-tuple-element(%bwi), index=0
+  %bwf = (bf16[64,3,3,32]{3,2,1,0}, u8[0]{0}) custom-call(%x, %y), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(f)/transpose(jvp())/conv_general_dilated"}
+  %dw = bf16[64,3,3,32]{3,2,1,0} get-tuple-element(%bwf), index=0
+  ROOT %t = (bf16[64,256]{1,0}, bf16[4,32,32,64]{3,2,1,0}, bf16[4,32,32,32]{3,2,1,0}, bf16[64,3,3,32]{3,2,1,0}) tuple(%ab, %y, %dx, %dw)
+}
+"""  # noqa: E501 (lines as XLA:GPU prints them for an H100, trimmed)
+
+
+def test_gpu_library_calls_count_as_the_ops_they_replace():
+    """cuBLAS GEMMs and cuDNN convolutions (forward, backward input, backward filter) count
+    the FLOPs of the matmul / forward convolution they compute, and their operands and
+    result without cuBLAS's int8 workspace."""
+    rows = {r.name: r for r in traffic.of_hlo(GPU_LIBRARY_CALLS).rows}
+    assert set(rows) == {"gemm", "fwd", "bwi", "bwf"}
+    x, y, w = 4 * 32 * 32 * 32 * 2, 4 * 32 * 32 * 64 * 2, 64 * 9 * 32 * 2
+    conv = 2 * (4 * 32 * 32 * 64) * (3 * 3 * 32)  # 2 · forward output · taps · C_in
+    assert rows["gemm"].flops == 2 * 64 * 256 * 128
+    assert rows["gemm"].hbm_bytes == (64 * 128 + 128 * 256 + 64 * 256) * 2  # no workspace
+    assert [rows[n].flops for n in ("fwd", "bwi", "bwf")] == [conv] * 3
+    assert [rows[n].hbm_bytes for n in ("fwd", "bwi", "bwf")] == [x + w + y, y + w + x, x + y + w]
+
+
+@needs_cuda_plugin
+def test_gpu_program_matmul_flops():
+    """A deviceless XLA:GPU compile (H100) of a convolution, a depthwise one and a GEMM with
+    their gradients: the model's matmul FLOPs are the textbook count of every product."""
+    from jax.sharding import SingleDeviceSharding
+
+    target = aot.parse_target("gpu:h100-1")
+    where = SingleDeviceSharding(aot.gpu_devices(target)[0])
+
+    def loss(x, w, dw, a):
+        dn = ("NHWC", "HWIO", "NHWC")
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+        z = jax.lax.conv_general_dilated(
+            y, dw, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=64
+        )
+        return (z.sum(axis=(1, 2)) @ a).sum()
+
+    shapes = [(4, 32, 32, 32), (3, 3, 32, 64), (3, 3, 1, 64), (64, 128)]
+    args = tuple(jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=where) for s in shapes)
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    _, compiled, _ = aot.compile_step(step, args, target)
+    model = compiled_figures.traffic(compiled)
+    conv, depthwise = 2 * 4 * 32 * 32 * 64 * 9 * 32, 2 * 4 * 32 * 32 * 64 * 9
+    # Forward and both gradients of each convolution (x is differentiated too); the GEMM's
+    # two gradients (its forward value is not needed) on 4 rows, which XLA:GPU pads to 8.
+    gemm = 2 * 2 * 8 * 64 * 128
+    assert model.matmul_flops == 3 * conv + 3 * depthwise + gemm
 
 
 def test_cpu_program():

@@ -263,12 +263,20 @@ def tpu_devices(target: Target) -> list[Any]:
     return devices
 
 
+def cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin (the ``gpu-aot`` extra) is importable."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no ``jax_plugins`` namespace at all
+        return False
+
+
 def gpu_devices(target: Target) -> list[Any]:
     """The GPUs of ``target`` described by the CUDA plugin from :func:`gpu_target_config`
     (no GPU or driver needed; run with ``JAX_PLATFORMS=cpu``)."""
-    import importlib.util
-
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not cuda_plugin_installed():
         raise errors.Error(
             f"{target.name}: compiling for GPUs needs the CUDA plugin: pip install -e '.[gpu-aot]'"
         )

@@ -28,7 +28,7 @@ from fgtbt_jax.train import aot, sharding
 from fgtbt_jax.train import state as train_state
 
 needs_cuda_plugin = pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    not aot.cuda_plugin_installed(),
     reason="the CUDA plugin is not installed (pip install -e '.[gpu-aot]'); deviceless GPU "
     "compiles need it",
 )
