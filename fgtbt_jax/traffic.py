@@ -18,22 +18,26 @@ Counting rules:
 - a top-level ``slice``, ``dynamic-slice`` or ``slice-start`` reads only the slice (the
   result's elements in the operand's layout and memory space), not its whole operand: XLA:TPU
   prefetches operands into VMEM piecewise with thousands of ``slice-start``s (27 GB of the
-  release step would otherwise be charged for whole operands);
+  release step would otherwise be charged for whole operands); so does a fusion operand whose
+  parameter is used only by slices (XLA:GPU wraps each slice of its combined gradient
+  all-reduce buffer in a fusion: 7.5 GB of the release step on H100 otherwise);
 - ``while`` and ``call`` are expanded into their bodies' instructions (a ``while`` body times
   its ``known_trip_count`` when XLA states it, else once); ``conditional`` counts its costliest
   branch.
 
 What the model ignores: caches and re-reads inside an instruction (an operand re-read per
-output tile counts once; a fused ``slice`` of an operand counts the whole operand; an in-place
-``dynamic-update-slice`` counts its whole buffer), overlap of transfers with compute, launch
-overheads, and collectives' network traffic (a collective counts only its local reads and
-writes). It is a fusion-boundary count, not a simulation: on-chip bytes are listed, not
-charged to HBM bandwidth.
+output tile counts once; an operand that a fusion slices and also uses otherwise counts whole;
+an in-place ``dynamic-update-slice`` counts its whole buffer), overlap of transfers with
+compute, launch overheads, and collectives' network traffic (a collective counts only its
+local reads and writes). It is a fusion-boundary count, not a simulation: on-chip bytes are
+listed, not charged to HBM bandwidth.
 
 FLOPs per instruction count only the matrix units' work: ``2 · output elements · contraction
-size`` of every ``dot`` and ``convolution``, also inside fusions (a convolution's window taps
-that fall on ``lhs_dilate`` holes are not counted; taps on padding are); elementwise work is not
-counted (XLA's ``cost_analysis()["flops"]`` includes it, so it is somewhat larger).
+size`` of every ``dot`` and ``convolution``, also inside fusions, on the shapes XLA computes; a
+convolution counts, as XLA's cost analysis does, only the window taps that meet data (not
+those on padding or on ``lhs_dilate`` holes), so that a batched matmul XLA:TPU rewrites as a
+convolution over padded windows counts its contraction only; elementwise work is not counted
+(XLA's ``cost_analysis()["flops"]`` includes it, so it is somewhat larger).
 
 XLA:GPU hands GEMMs and convolutions to cuBLAS and cuDNN as custom calls
 (``__cublas$gemm``, ``__cublas$lt$matmul``, ``__cudnn$conv…``), which XLA's cost analysis
@@ -47,10 +51,13 @@ result without the library's int8 workspace (the result tuple's ``s8`` / ``u8`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
 from collections.abc import Iterable
+
+import numpy as np
 
 HBM = 0  # the default memory space; ``S(n)`` with n ≠ 0 is on-chip
 
@@ -196,6 +203,7 @@ class Instruction:
     shape: str
     operands: tuple[str, ...]
     attributes: str
+    number: int | None = None  # a ``parameter(n)``'s n
 
     @property
     def arrays(self) -> list[Array]:
@@ -298,8 +306,12 @@ def parse_module(text: str) -> Module:
         if not op:
             continue
         close = _balanced(tail, op.end() - 1)
-        operands = tuple(re.findall(r"%([\w.\-]+)", tail[op.end() : close - 1]))
-        computations[current].append(Instruction(name, op.group(1), shape, operands, tail[close:]))
+        inside = tail[op.end() : close - 1]
+        operands = tuple(re.findall(r"%([\w.\-]+)", inside))
+        number = int(inside) if op.group(1) == "parameter" and inside.isdigit() else None
+        computations[current].append(
+            Instruction(name, op.group(1), shape, operands, tail[close:], number)
+        )
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     return Module(computations, entry, _stacks(text))
@@ -345,10 +357,34 @@ def _add(into: dict[int, int], arrays: Iterable[Array]) -> None:
 _SLICES = {"slice", "dynamic-slice", "slice-start"}
 
 
-def _read_operands(ins: Instruction, shapes: dict[str, list[Array]]) -> dict[int, int]:
+def _fused_slices(module: Module, ins: Instruction) -> dict[int, list[tuple[int, ...]]]:
+    """For a fusion: operand number → the dims of the slices that are its parameter's only
+    uses in the fused computation (XLA:GPU wraps each slice of a combined all-reduce buffer
+    in a fusion of its own)."""
+    called = ins.called("calls") if ins.opcode == "fusion" else []
+    if not called or called[0] not in module.computations:
+        return {}
+    body = module.computations[called[0]]
+    users: dict[str, list[Instruction]] = {}
+    for i in body:
+        for o in i.operands:
+            users.setdefault(o, []).append(i)
+    sliced = {}
+    for p in body:
+        uses = users.get(p.name, [])
+        if p.number is not None and uses:
+            if all(u.opcode in _SLICES and u.operands[0] == p.name for u in uses):
+                sliced[p.number] = [u.arrays[0].dims for u in uses]
+    return sliced
+
+
+def _read_operands(
+    ins: Instruction, shapes: dict[str, list[Array]], module: Module | None = None
+) -> dict[int, int]:
     """Bytes read from each memory space by an instruction's operands: each operand whole, but
     only the slice of a sliced one (:data:`_SLICES`: the result's dims in the operand's layout
-    and memory space; an ``-start``'s result follows its operands in its tuple)."""
+    and memory space; an ``-start``'s result follows its operands in its tuple), and only the
+    slices of a fusion operand whose parameter is used by slices alone (:func:`_fused_slices`)."""
     read: dict[int, int] = {}
     operands = [shapes.get(o, []) for o in ins.operands]
     if ins.opcode in _SLICES and operands and len(operands[0]) == 1:
@@ -357,19 +393,22 @@ def _read_operands(ins: Instruction, shapes: dict[str, list[Array]]) -> dict[int
         sliced = arrays[1] if ins.opcode.endswith("-start") and len(arrays) > 1 else arrays[0]
         _add(read, [dataclasses.replace(source, dims=sliced.dims)])
         operands = operands[1:]
-    for arrays in operands:
+    fused = _fused_slices(module, ins) if module is not None else {}
+    for n, arrays in enumerate(operands):
+        if n in fused and len(arrays) == 1:
+            arrays = [dataclasses.replace(arrays[0], dims=dims) for dims in fused[n]]
         _add(read, arrays)
     return read
 
 
 _GEMMS = {"__cublas$gemm", "__cublas$lt$matmul"}
 # cuDNN convolutions: which of (operand 0, operand 1, result) is the forward convolution's
-# output and which its kernel.
+# input, kernel and output.
 _CONVS = {
-    "__cudnn$convForward": (2, 1),
-    "__cudnn$convBiasActivationForward": (2, 1),
-    "__cudnn$convBackwardInput": (0, 1),
-    "__cudnn$convBackwardFilter": (1, 2),
+    "__cudnn$convForward": (0, 1, 2),
+    "__cudnn$convBiasActivationForward": (0, 1, 2),
+    "__cudnn$convBackwardInput": (2, 1, 0),
+    "__cudnn$convBackwardFilter": (0, 2, 1),
 }
 _CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 
@@ -391,19 +430,53 @@ def _written(ins: Instruction) -> list[Array]:
     return arrays
 
 
-def _conv_flops(output: Array, kernel: Array, attributes: str) -> float:
-    """``2 · output elements · kernel elements per output feature`` of a convolution whose
-    kernel's dimensions are labelled by ``dim_labels`` (``b01f_01io->b01f``; 0 if absent)."""
-    m = re.search(r"dim_labels=\w+_(\w+)->\w+", attributes)
+@functools.lru_cache(maxsize=4096)
+def _window_pairs(size: int, window: int, out: int, stride: int, pad: int, dilate: tuple) -> int:
+    """(output, tap) pairs of one spatial dimension whose input position holds data: not on
+    padding and not on an ``lhs_dilate`` hole. ``dilate`` = (lhs, rhs) dilation."""
+    lhs_dilate, rhs_dilate = dilate
+    pos = np.arange(out)[:, None] * stride + np.arange(window)[None, :] * rhs_dilate - pad
+    data = (pos >= 0) & (pos % lhs_dilate == 0) & (pos // lhs_dilate < size)
+    return int(data.sum())
+
+
+def _window(attributes: str, key: str, count: int, default: int) -> list[int]:
+    m = re.search(rf"\b{key}=([-\d_x]+)", attributes)
+    if not m:
+        return [default] * count
+    return [int(v.split("_")[0]) for v in m.group(1).split("x")]
+
+
+def _conv_flops(lhs: Array, kernel: Array, out: Array, attributes: str) -> float:
+    """``2 · Σ over outputs of the taps that meet data · input features per group`` of a
+    convolution (input ``lhs``, ``kernel``, output ``out``, laid out by ``dim_labels``, e.g.
+    ``b01f_01io->b01f``; 0 if absent), as XLA's cost analysis counts it: taps that fall on
+    padding or on ``lhs_dilate`` holes do no work. Batched matmuls that XLA:TPU rewrites as
+    convolutions (the batch as a spatial dimension padded by its size − 1) count their
+    contraction only."""
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attributes)
+    w = re.search(r"window=\{size=([\dx]+)", attributes)
     if not m:
         return 0.0
-    taps = math.prod(kernel.dims) / kernel.dims[m.group(1).index("o")]
-    # An input gradient's lhs_dilate holes are zeros: per output, 1/∏dilation of the window's
-    # taps meet data.
-    dilate = re.search(r"lhs_dilate=([\dx]+)", attributes)
-    if dilate:
-        taps /= math.prod(int(d) for d in dilate.group(1).split("x"))
-    return 2.0 * math.prod(output.dims) * taps
+    lhs_labels, kernel_labels, out_labels = m.groups()
+    sizes = [int(v) for v in w.group(1).split("x")] if w else []
+    n = len(sizes)
+    strides = _window(attributes, "stride", n, 1)
+    pads = _window(attributes, "pad", n, 0)
+    lhs_dilate = _window(attributes, "lhs_dilate", n, 1)
+    rhs_dilate = _window(attributes, "rhs_dilate", n, 1)
+    pairs = 1
+    for d in range(n):
+        pairs *= _window_pairs(
+            lhs.dims[lhs_labels.index(str(d))],
+            sizes[d],
+            out.dims[out_labels.index(str(d))],
+            strides[d],
+            pads[d],
+            (lhs_dilate[d], rhs_dilate[d]),
+        )
+    batch, features = out.dims[out_labels.index("b")], out.dims[out_labels.index("f")]
+    return 2.0 * batch * features * pairs * kernel.dims[kernel_labels.index("i")]
 
 
 def _flops_of(ins: Instruction, shapes: dict[str, list[Array]]) -> float:
@@ -421,13 +494,11 @@ def _flops_of(ins: Instruction, shapes: dict[str, list[Array]]) -> float:
             dims = [int(d) for d in re.findall(r"\d+", m.group(1))]
             k = math.prod(operands[0].dims[d] for d in dims)
             return 2.0 * math.prod(out[0].dims) * k
-    elif ins.opcode == "convolution" and len(operands) > 1 and operands[1] is not None:
-        return _conv_flops(out[0], operands[1], ins.attributes)
-    elif target in _CONVS and len(operands) > 1:
-        arrays = [operands[0], operands[1], out[0]]
-        output, kernel = (arrays[i] for i in _CONVS[target])
-        if output is not None and kernel is not None:
-            return _conv_flops(output, kernel, ins.attributes)
+    elif ins.opcode == "convolution" or target in _CONVS:
+        arrays = [*operands[:2], out[0]]
+        lhs, kernel, output = (arrays[i] for i in _CONVS.get(target, (0, 1, 2)))
+        if len(operands) > 1 and lhs is not None and kernel is not None:
+            return _conv_flops(lhs, kernel, output, ins.attributes)
     return 0.0
 
 
@@ -516,7 +587,7 @@ def instruction_rows(module: Module, computation: str | None = None, count: int 
             if branches:
                 rows += max(branches, key=lambda rs: sum(r.hbm_bytes for r in rs))
             continue
-        read = {} if ins.opcode.endswith("-done") else _read_operands(ins, shapes)
+        read = {} if ins.opcode.endswith("-done") else _read_operands(ins, shapes, module)
         written: dict[int, int] = {}
         if not ins.opcode.endswith("-start"):
             _add(written, _written(ins))

@@ -15,8 +15,8 @@ shardings (``--sharding dp`` = data parallel with a replicated state, ``fsdp`` =
 ``config.sharding.fsdp``). Prints, per row, the per-device memory of the compiled executable
 (arguments, outputs, temporaries; whether it fits the chip's HBM), FLOPs and bytes accessed,
 compile time and a roofline estimate (a lower bound on step time and the images/s per chip it
-implies, from the chip's published peak FLOP/s and HBM bandwidth); TPU rows also on the
-HBM-traffic model of ``fgtbt_jax/traffic.py`` (columns ``GB HBM``, ``HBM≤i/s``). A TPU
+implies, from the chip's published peak FLOP/s and HBM bandwidth), also on the HBM-traffic
+model of ``fgtbt_jax/traffic.py`` (columns ``GB HBM``, ``HBM≤i/s``). A TPU
 configuration that does not fit fails to compile with XLA's out-of-memory error, recorded in
 the row; XLA:GPU compiles it anyway (the row says it does not fit; a GPU would fail to
 allocate at run time). GPU compiles are not autotuned, and their FLOPs and bytes come from
@@ -244,7 +244,7 @@ def main(argv: list[str]) -> None:
     print(
         "≥ms/step, ≤img/s: roofline ESTIMATE per chip, max(FLOPs / peak FLOP/s, bytes / HBM "
         'bandwidth); real steps are slower. GB acc: XLA\'s "bytes accessed" (counts on-chip '
-        "buffers too). GB HBM, HBM≤i/s (TPU rows): the HBM-traffic model "
+        "buffers too). GB HBM, HBM≤i/s: the HBM-traffic model "
         "(fgtbt_jax/traffic.py) and the roofline on it."
     )
     if any(t.platform == "cuda" for t in targets) and not _EXPORT_DIR.value:

@@ -9,7 +9,7 @@ The planning table has one line per target, dtype and sharding and one column pe
 device (train step, ``kernels=xla``): the total memory per device and whether it fits, XLA's
 out-of-memory verdict, or "not measured". The second table lists every compiled row in full,
 with two rooflines: on XLA's "bytes accessed" and on the HBM-traffic model of
-``fgtbt_jax/traffic.py`` (TPU rows compiled since the model exists; "-" otherwise).
+``fgtbt_jax/traffic.py`` (rows compiled since the model covers their target; "-" otherwise).
 ``--markdown`` rewrites both tables in place (each from its header line to the next blank line).
 """
 

@@ -113,8 +113,22 @@ HloModule s, is_scheduled=true
   ROOT %a = f32[8,256]{1,0:T(8,128)} add(%p0, %p1)
 }
 
+%wrapped_slice (q0: f32[64,256]) -> f32[8,256] {
+  %q0 = f32[64,256]{1,0:T(8,128)} parameter(0)
+  ROOT %piece = f32[8,256]{1,0:T(8,128)} slice(%q0), slice={[16:24], [0:256]}
+}
+
+%sliced_and_whole (r0: f32[64,256]) -> (f32[8,256], f32[64,256]) {
+  %r0 = f32[64,256]{1,0:T(8,128)} parameter(0)
+  %part = f32[8,256]{1,0:T(8,128)} slice(%r0), slice={[16:24], [0:256]}
+  %all = f32[64,256]{1,0:T(8,128)} negate(%r0)
+  ROOT %both = (f32[8,256]{1,0:T(8,128)}, f32[64,256]{1,0:T(8,128)}) tuple(%part, %all)
+}
+
 ENTRY %main (big: f32[64,256]) -> f32[8,256] {
   %big = f32[64,256]{1,0:T(8,128)} parameter(0)
+  %ws = f32[8,256]{1,0:T(8,128)} fusion(%big), kind=kLoop, calls=%wrapped_slice
+  %sw = (f32[8,256]{1,0:T(8,128)}, f32[64,256]{1,0:T(8,128)}) fusion(%big), kind=kLoop, calls=%sliced_and_whole
   %ss = ((f32[64,256]{1,0:T(8,128)}), f32[8,256]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%big), slice={[8:16], [0:256]}
   %sd = f32[8,256]{1,0:T(8,128)S(1)} slice-done(%ss)
   %s = f32[8,256]{1,0:T(8,128)} slice(%big), slice={[0:8], [0:256]}
@@ -124,8 +138,9 @@ ENTRY %main (big: f32[64,256]) -> f32[8,256] {
 
 
 def test_slices_read_the_slice_and_inherit_metadata():
-    """A top-level slice (and an async ``slice-start``) reads only its slice, not the whole
-    operand; instructions without metadata are named after the instruction using them."""
+    """A top-level slice (and an async ``slice-start``, and a fusion that only slices an
+    operand) reads only its slice, not the whole operand; instructions without metadata are
+    named after the instruction using them."""
     rows = {r.name: r for r in traffic.of_hlo(SLICES).rows}
     piece = 8 * 256 * 4  # f32[8,256]: one row of (8,128) tiles; the operand is 8× that
     assert (rows["ss"].read, rows["ss"].written) == ({0: piece}, {})
@@ -133,6 +148,9 @@ def test_slices_read_the_slice_and_inherit_metadata():
     assert (rows["s"].read, rows["s"].written) == ({0: piece}, {0: piece})
     for name in ("ss", "sd", "s"):
         assert rows[name].op_name == "jit(f)/jvp(M)/decode_head/add", name
+    # A fusion whose parameter is only sliced reads the slice; used whole too, the operand.
+    assert (rows["ws"].read, rows["ws"].written) == ({0: piece}, {0: piece})
+    assert rows["sw"].read == {0: 8 * piece}
 
 
 GPU_LIBRARY_CALLS = """\
@@ -163,7 +181,9 @@ def test_gpu_library_calls_count_as_the_ops_they_replace():
     rows = {r.name: r for r in traffic.of_hlo(GPU_LIBRARY_CALLS).rows}
     assert set(rows) == {"gemm", "fwd", "bwi", "bwf"}
     x, y, w = 4 * 32 * 32 * 32 * 2, 4 * 32 * 32 * 64 * 2, 64 * 9 * 32 * 2
-    conv = 2 * (4 * 32 * 32 * 64) * (3 * 3 * 32)  # 2 · forward output · taps · C_in
+    # 2 · batch · C_out · (output, tap) pairs on data · C_in: a 3-wide window over 32
+    # positions with SAME padding meets data 32·3 − 2 = 94 times per dimension.
+    conv = 2 * 4 * 64 * 94 * 94 * 32
     assert rows["gemm"].flops == 2 * 64 * 256 * 128
     assert rows["gemm"].hbm_bytes == (64 * 128 + 128 * 256 + 64 * 256) * 2  # no workspace
     assert [rows[n].flops for n in ("fwd", "bwi", "bwf")] == [conv] * 3
@@ -192,7 +212,8 @@ def test_gpu_program_matmul_flops():
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
     _, compiled, _ = aot.compile_step(step, args, target)
     model = compiled_figures.traffic(compiled)
-    conv, depthwise = 2 * 4 * 32 * 32 * 64 * 9 * 32, 2 * 4 * 32 * 32 * 64 * 9
+    # Taps on the SAME padding do no work: 32·3 − 2 = 94 (output, tap) pairs per dimension.
+    conv, depthwise = 2 * 4 * 64 * 94 * 94 * 32, 2 * 4 * 64 * 94 * 94
     # Forward and both gradients of each convolution (x is differentiated too); the GEMM's
     # two gradients (its forward value is not needed) on 4 rows, which XLA:GPU pads to 8.
     gemm = 2 * 2 * 8 * 64 * 128
@@ -256,9 +277,20 @@ def test_tpu_convolutions(tpu_programs, name, weight):
     assert p["hbm_bytes"] == 2 * x + 2 * weight + 512 + 24 * 128
     # XLA's count takes the on-chip buffers for HBM traffic: over 7× the real figure.
     assert p["xla_bytes_accessed"] > 7 * p["hbm_bytes"]
-    # The compiled convolution computes 17 rows for every 16 (window blocks of the output).
-    per_tap = 128 if name == "conv" else 1
-    assert p["matmul_flops"] == 2 * 4 * 128 * 128 * 128 * 9 * per_tap * 17 / 16
+    # XLA:TPU convolves column blocks with their halo: input (128, 4·8, 19, 128) = rows,
+    # images × blocks of 16 columns, 16 + 3 columns, channels; output (128, 32, 17, 128).
+    # Taps on the rows' padding do no work (128·3 − 2 (row, tap) pairs); the halo columns are
+    # data (17·3 pairs): 2 · 32 · 128 features · 382 · 51 · input features per group.
+    per_group = 128 if name == "conv" else 1
+    assert p["matmul_flops"] == 2 * 32 * 128 * (128 * 3 - 2) * (17 * 3) * per_group
+
+
+def test_tpu_batched_matmul_as_convolution(tpu_programs):
+    # xla.space_to_depth: einsum bhwc,hir->bircw then bircw,wjq->bijrqc, one contraction of
+    # length 96 per output element each. XLA:TPU computes them as convolutions whose windows
+    # run over the batch dimensions padded by their size − 1; only the taps on data count.
+    b, h, w, c = 4, 96, 96, 3
+    assert tpu_programs["space_to_depth"]["matmul_flops"] == 2 * b * h * w * c * (h + w)
 
 
 def _row(op_name: str, stack: tuple = (), hbm: int = 0) -> traffic.Row:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
 from fgtbt_jax import compiled as compiled_figures
+from fgtbt_jax.ops import xla
 from fgtbt_jax.train import aot
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -32,6 +33,8 @@ PROGRAMS = {
     "conv": (conv, [(4, 128, 128, 128), (3, 3, 128, 128)]),
     "depthwise": (lambda x, w: conv(x, w, 128), [(4, 128, 128, 128), (3, 3, 1, 128)]),
     "transpose": (lambda x: x.T, [(1024, 2048)]),
+    # Two one-hot batched matmuls, which XLA:TPU rewrites as convolutions over padded windows.
+    "space_to_depth": (lambda x: xla.space_to_depth(x, 4), [(4, 96, 96, 3)]),
 }
 
 

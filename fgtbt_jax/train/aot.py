@@ -19,7 +19,9 @@ off (:data:`GPU_COMPILER_OPTIONS`). The executable has no ``cost_analysis()``:
 FLOPs are XLA's HLO cost analysis of the unoptimized program divided by the device count (the
 optimized GPU module hides GEMMs/convolutions in cuBLAS/cuDNN custom calls, which that analysis
 does not count); bytes accessed are that analysis of the optimized per-device module plus the
-operands and results of its custom calls (:func:`fgtbt_jax.compiled.optimized_cost`).
+operands and results of its custom calls (:func:`fgtbt_jax.compiled.optimized_cost`). GPU rows
+carry the traffic model too (every fusion boundary in device memory, cuBLAS/cuDNN calls as the
+GEMMs and convolutions they are; L2 is not modelled).
 :func:`export_cuda` still serializes a ``jax.export`` artefact (StableHLO with the shardings)
 for a real CUDA host (``--export_dir``).
 
@@ -552,12 +554,11 @@ def measure(
         figures = compiled_figures_of(target, lowered, compiled, mesh.size)
         total = figures["memory_bytes"]["total"]
         flops, traffic = figures["flops"], figures["bytes_accessed"]
-        if target.platform == "tpu":  # the traffic model reads XLA:TPU's tiled layouts
-            hbm = compiled_figures.traffic(compiled)
-            row.update(
-                hbm_traffic=hbm.summary(),
-                roofline_hbm=roofline(flops, hbm.hbm_bytes, batch_per_device, target.chip, dtype),
-            )
+        hbm = compiled_figures.traffic(compiled)
+        row.update(
+            hbm_traffic=hbm.summary(),
+            roofline_hbm=roofline(flops, hbm.hbm_bytes, batch_per_device, target.chip, dtype),
+        )
         row.update(
             compiled=True,
             fits=total <= target.chip.hbm_bytes,

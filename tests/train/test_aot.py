@@ -153,6 +153,13 @@ def test_gpu_compile_tiny(tmp_path):
     # them, the unoptimized program's does not.
     assert row["flops"] > 2 * row["flops_optimized_module"] > 0
     assert row["bytes_accessed"] > 0 and row["autotuned"] is False
+    # The traffic model: no on-chip memory space on GPU; its matmul FLOPs count the cuBLAS /
+    # cuDNN calls (on the shapes XLA:GPU pads for tensor cores: above XLA's count, which is on
+    # the unpadded program, for this tiny model's narrow layers).
+    hbm = row["hbm_traffic"]
+    assert hbm["hbm_bytes"] > 0 and hbm["on_chip_bytes"] == 0
+    assert 0.5 * row["flops"] < hbm["matmul_flops"] < 1.5 * row["flops"]
+    assert row["roofline_hbm"]["images_per_second_per_chip_upper_bound"] > 0
     roof = row["roofline"]
     assert roof["peak_flops"] == 495e12  # float32 matmuls run as TF32 on H100
     assert roof["step_seconds_lower_bound"] >= row["flops"] / roof["peak_flops"]
