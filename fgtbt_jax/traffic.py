@@ -494,10 +494,10 @@ def _flops_of(ins: Instruction, shapes: dict[str, list[Array]]) -> float:
             dims = [int(d) for d in re.findall(r"\d+", m.group(1))]
             k = math.prod(operands[0].dims[d] for d in dims)
             return 2.0 * math.prod(out[0].dims) * k
-    elif ins.opcode == "convolution" or target in _CONVS:
+    elif (ins.opcode == "convolution" or target in _CONVS) and len(operands) > 1:
         arrays = [*operands[:2], out[0]]
         lhs, kernel, output = (arrays[i] for i in _CONVS.get(target, (0, 1, 2)))
-        if len(operands) > 1 and lhs is not None and kernel is not None:
+        if lhs is not None and kernel is not None:
             return _conv_flops(lhs, kernel, output, ins.attributes)
     return 0.0
 
