@@ -482,11 +482,13 @@ def _conv_flops(lhs: Array, kernel: Array, out: Array, attributes: str) -> float
 def _flops_of(ins: Instruction, shapes: dict[str, list[Array]]) -> float:
     """``2 · output elements · contraction`` of one ``dot``, ``convolution`` or cuBLAS /
     cuDNN custom call (else 0)."""
+    target = _library_call(ins)
+    if ins.opcode not in ("dot", "convolution") and not target:
+        return 0.0
     out = ins.arrays
     if not out:
         return 0.0
     operands = [(shapes.get(o) or [None])[0] for o in ins.operands]
-    target = _library_call(ins)
     if ins.opcode == "dot" or target in _GEMMS:
         key = "lhs_contracting_dims=" if ins.opcode == "dot" else '"lhs_contracting_dimensions":'
         m = re.search(re.escape(key) + r"[{\[]([^}\]]*)[}\]]", ins.attributes)

@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from fgtbt_jax import landmarks
+from fgtbt_jax.train import aot
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -154,6 +156,13 @@ def assert_one_error_line(res, *needles: str) -> str:
     for needle in needles:
         assert needle in res.stderr, res.stderr[-3000:]
     return last
+
+
+needs_cuda_plugin = pytest.mark.skipif(
+    not aot.cuda_plugin_installed(),
+    reason="the CUDA plugin is not installed (pip install -e '.[gpu-aot]'); deviceless GPU "
+    "compiles need it",
+)
 
 
 def free_port() -> int:

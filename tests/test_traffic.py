@@ -15,17 +15,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import ROOT, run_script, subprocess_env
+from helpers import ROOT, needs_cuda_plugin, run_script, subprocess_env
 
 from fgtbt_jax import attribution, traffic
 from fgtbt_jax import compiled as compiled_figures
 from fgtbt_jax.train import aot
 
 MiB = 2**20
-needs_cuda_plugin = pytest.mark.skipif(
-    not aot.cuda_plugin_installed(),
-    reason="the CUDA plugin is not installed (pip install -e '.[gpu-aot]')",
-)
 
 
 def test_tiled_sizes():

@@ -16,7 +16,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import ROOT, run_script
+from helpers import ROOT, needs_cuda_plugin, run_script
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,12 +26,6 @@ from fgtbt_jax import traffic
 from fgtbt_jax.models.fgtbt import build_model
 from fgtbt_jax.train import aot, sharding
 from fgtbt_jax.train import state as train_state
-
-needs_cuda_plugin = pytest.mark.skipif(
-    not aot.cuda_plugin_installed(),
-    reason="the CUDA plugin is not installed (pip install -e '.[gpu-aot]'); deviceless GPU "
-    "compiles need it",
-)
 
 
 def _run(tmp_path: pathlib.Path, *args: str, **env: str) -> list[dict]:
